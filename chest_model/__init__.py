@@ -1,0 +1,23 @@
+"""chest-xray-classifier: a VGG19 chest X-ray classifier (Normal / Covid / Viral Pneumonia).
+
+Research demo, not for clinical use.
+"""
+from .backbones import PretrainedWeightsUnavailable
+from .config import ChestXrayConfig, ConfigError
+from .hub import ModelLoadError
+from .model import ChestXrayClassifier
+from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChestXrayClassifier",
+    "ChestXrayConfig",
+    "ConfigError",
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "ModelLoadError",
+    "Preprocessor",
+    "PretrainedWeightsUnavailable",
+    "load_image",
+]

@@ -1,0 +1,81 @@
+"""DICOM decoding with pydicom: modality LUT, VOI LUT or window, MONOCHROME1 inversion."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+
+
+def decode_dicom(data: bytes, label: str, *, max_pixels: int, error: type[Exception]) -> np.ndarray:
+    """Return a single-frame DICOM image as ``uint8`` (H×W grayscale or H×W×3 RGB)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom is a core dependency
+        raise error(f"{label}: is DICOM, but pydicom is not installed (pip install pydicom)") from None
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every oddity of a broken header
+            ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken files
+        raise error(f"{label}: corrupt DICOM file ({err})") from None
+    if "PixelData" not in ds:
+        raise error(f"{label}: DICOM file has no pixel data (it may be a report or structured document)")
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise error(f"{label}: multi-frame DICOM ({frames} frames) is not supported; export a single frame")
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    if rows * cols > max_pixels:
+        raise error(f"{label}: too many pixels: DICOM header declares {cols}x{rows}, over the {max_pixels / 1e6:.0f} MP limit")
+    try:
+        pixels = ds.pixel_array
+    except Exception as err:  # noqa: BLE001
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", None) or str(syntax)
+        if syntax is not None and getattr(syntax, "is_compressed", False):
+            raise error(
+                f"{label}: unsupported DICOM transfer syntax '{name}': no decoder installed for it "
+                f"(install pylibjpeg with its plugins, or decompress the file) [{err}]"
+            ) from None
+        raise error(f"{label}: cannot read DICOM pixel data ({err})") from None
+
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        return _scale_to_uint8(pixels.astype(np.float64))  # colour DICOM (secondary capture)
+    if pixels.ndim != 2:
+        raise error(f"{label}: unexpected DICOM pixel array shape {pixels.shape}")
+
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        image = _window(apply_modality_lut(pixels, ds).astype(np.float64), ds)
+    elif "VOILUTSequence" in ds:
+        image = _scale_to_uint8(apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64))
+    elif "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds:
+        image = _scale_to_uint8(apply_modality_lut(pixels, ds).astype(np.float64))
+    else:
+        # Raw detector values: scale by the stored bit depth, as for a 16-bit PNG.
+        bits = int(getattr(ds, "BitsStored", 0) or pixels.dtype.itemsize * 8)
+        low = -(1 << (bits - 1)) if int(getattr(ds, "PixelRepresentation", 0) or 0) else 0
+        image = np.rint((pixels.astype(np.float64) - low) * (255.0 / ((1 << bits) - 1))).clip(0, 255).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        image = 255 - image  # MONOCHROME1 stores bright as low values
+    return image
+
+
+def _first(value) -> float:
+    return float(value[0] if hasattr(value, "__len__") and not isinstance(value, str) else value)
+
+
+def _window(image: np.ndarray, ds) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 linear window: the window's range maps onto 0..255."""
+    center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+    scaled = ((image - (center - 0.5)) / (width - 1) + 0.5).clip(0, 1)
+    return np.rint(scaled * 255).astype(np.uint8)
+
+
+def _scale_to_uint8(image: np.ndarray) -> np.ndarray:
+    lo, hi = float(image.min()), float(image.max())
+    if hi <= lo:
+        return np.zeros(image.shape, np.uint8)
+    return np.rint((image - lo) * (255.0 / (hi - lo))).astype(np.uint8)

@@ -1,0 +1,208 @@
+"""Saving, loading and sharing model folders: ``config.json`` + ``model.safetensors`` + ``README.md``.
+
+These replace the sharp edges of huggingface_hub's ``PyTorchModelHubMixin``: it loads non-strictly,
+can fall back to ``pytorch_model.bin`` through ``torch.load``, writes config.json only from init
+arguments and uploads its own generic model card. Here loading is strict, safetensors-only and
+validated; saving is atomic; and the card on the Hub is ours.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_directory
+from .config import ChestXrayConfig, ConfigError
+
+if TYPE_CHECKING:
+    from .model import ChestXrayClassifier
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class ModelLoadError(ValueError):
+    """A model folder or Hub repo that cannot be loaded safely; the message says why."""
+
+
+def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card_context: dict | None = None) -> Path:
+    """Write config.json, model.safetensors and the model card, atomically."""
+    from .card import render_card
+
+    directory = Path(directory)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        _chmod_like_new_file(tmp / WEIGHTS_NAME)
+        model.config.save(tmp / CONFIG_NAME)
+        (tmp / CARD_NAME).write_text(render_card(model.config, card_context), encoding="utf-8")
+    return directory
+
+
+def _chmod_like_new_file(path: Path) -> None:
+    """safetensors writes through a private temporary file (0600); give it normal permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def resolve_model_folder(
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+) -> Path:
+    """A local folder as is, or a Hub repo downloaded (config, weights and card only) to the cache."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise ModelLoadError(f"{text}: is a file; pass the model folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    # Hub ids are "name" or "owner/name"; anything else that does not exist is a mistyped path.
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local:
+        raise ModelLoadError(f"{text}: no such model folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            allow_patterns=list(MODEL_FILES),
+        )
+    except HFValidationError:
+        raise ModelLoadError(f"{text}: neither a local folder nor a valid Hugging Face Hub repo id") from None
+    except Exception as err:  # noqa: BLE001 - offline, 404, auth: all end here with advice
+        raise ModelLoadError(
+            f"{text}: could not download from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "If it is a local folder, check the path; if it is a Hub repo, check the name, your network "
+            "and your token (`hf auth login`); models already in the cache load with HF_HUB_OFFLINE=1."
+        ) from None
+    return Path(folder)
+
+
+def load_model(
+    cls: type[ChestXrayClassifier],
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    map_location: str | torch.device = "cpu",
+    **config_overrides: Any,
+) -> ChestXrayClassifier:
+    folder = resolve_model_folder(
+        name_or_path,
+        revision=revision,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        local_files_only=local_files_only,
+        token=token,
+    )
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        found = f" It has {', '.join(pickles)}, which" if pickles else " Pickle checkpoints (.bin, .pt, .pth, .ckpt)"
+        raise ModelLoadError(
+            f"{name_or_path}: no {WEIGHTS_NAME}.{found} are never loaded, because unpickling can run "
+            "arbitrary code. Convert the weights to safetensors (safetensors.torch.save_file) in a "
+            "trusted environment."
+        )
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ModelLoadError(f"{name_or_path}: no {CONFIG_NAME} next to {WEIGHTS_NAME}")
+    try:
+        config = ChestXrayConfig.load(config_path)
+        if config_overrides:
+            config = ChestXrayConfig.from_dict({**config.to_dict(), **config_overrides}, source=str(config_path))
+    except ConfigError as err:
+        raise ModelLoadError(str(err)) from None
+
+    model = cls(config)
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{weights}: corrupt safetensors file ({err})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing tensors {missing}")
+        if unexpected:
+            details.append(f"unexpected tensors {unexpected}")
+        if mismatched:
+            details.append(
+                "shape mismatch " + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched)
+            )
+        raise ModelLoadError(f"{weights}: does not match {CONFIG_NAME}: " + "; ".join(details))
+    # Weights may be stored in half precision to keep the file small; compute in fp32.
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    model.to(map_location)
+    model.source = str(name_or_path)
+    model.revision = revision
+    return model.eval()
+
+
+def push_model(
+    model: ChestXrayClassifier,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload chest X-ray classifier",
+    private: bool | None = None,
+    token: str | None = None,
+    branch: str | None = None,
+    create_pr: bool | None = None,
+    folder: str | Path | None = None,
+    card_context: dict | None = None,
+) -> str:
+    """Upload exactly config.json, model.safetensors and our model card (as README.md).
+
+    ``folder``: upload this already-saved model folder as is (training pushes its output folder);
+    otherwise the model is saved to a temporary folder first, like timm's ``push_to_hf_hub``.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        if folder is None:
+            folder = save_model_folder(model, Path(tmp) / "model", card_context=card_context)
+        folder = Path(folder)
+        for name in MODEL_FILES:
+            if not (folder / name).is_file():
+                raise ModelLoadError(f"{folder}: missing {name}; save the model before pushing it")
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=branch,
+            create_pr=create_pr,
+            allow_patterns=list(MODEL_FILES),
+        )
+    return str(commit)

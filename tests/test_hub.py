@@ -1,0 +1,190 @@
+"""Saving, strict loading, pickle refusal and the Hub boundary (the only thing faked)."""
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import chest_model.hub as hub
+from chest_model import ChestXrayClassifier, ChestXrayConfig, ModelLoadError
+from conftest import synthetic_xray
+
+MODEL_FILES = {"config.json", "model.safetensors", "README.md"}
+
+
+def test_save_writes_exactly_config_weights_and_card(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == MODEL_FILES
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["image_size"] == 32
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "Research demo, not for clinical use" in card and "pipeline_tag: image-classification" in card
+    assert not list(tmp_path.glob(".*")), "no temporary folders left behind"
+
+
+def test_default_model_saves_a_config_too(tmp_path):
+    ChestXrayClassifier().save_pretrained(tmp_path / "m")
+    assert ChestXrayConfig.load(tmp_path / "m" / "config.json") == ChestXrayConfig()
+
+
+def test_round_trip_gives_bit_identical_logits(tiny_model, tmp_path):
+    tiny_model.config.temperature = 1.5
+    tiny_model.save_pretrained(tmp_path / "m")
+    loaded = ChestXrayClassifier.from_pretrained(tmp_path / "m")
+    assert not loaded.training
+    assert loaded.config == tiny_model.config
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tiny_model(x), loaded(x))
+    image = synthetic_xray(50, 40)
+    assert tiny_model.predict(image) == loaded.predict(image)
+
+
+def test_loading_is_strict_and_names_the_keys(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(weights)
+    state.pop("head.5.bias")
+    state["head.9.weight"] = torch.zeros(1)
+    save_file(state, weights)
+    with pytest.raises(ModelLoadError) as info:
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+    assert "head.5.bias" in str(info.value) and "head.9.weight" in str(info.value)
+
+
+def test_shape_mismatch_between_config_and_weights(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["class_names"] = ["A", "B"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="head.5.weight"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("content, message", [('{"image_size": "big"}', "image_size"), ("not json", "JSON"), ('{"layers": 3}', "unknown key")])
+def test_bad_config_json_is_rejected(tiny_model, tmp_path, content, message):
+    tiny_model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(content)
+    with pytest.raises(ModelLoadError, match=message):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+
+
+def test_corrupt_safetensors_is_reported(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="corrupt safetensors"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+
+
+class _Exploit:
+    """Unpickling this creates a file: proof that the pickle ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("filename", ["pytorch_model.bin", "model.pt", "model.pth", "last.ckpt"])
+def test_pickle_checkpoints_are_never_loaded(tiny_model, tmp_path, filename):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    with open(folder / filename, "wb") as handle:
+        pickle.dump(_Exploit(str(marker)), handle)
+    torch.save({"payload": _Exploit(str(marker))}, folder / "also.bin")
+    with pytest.raises(ModelLoadError) as info:
+        ChestXrayClassifier.from_pretrained(folder)
+    assert "safetensors" in str(info.value) and filename in str(info.value)
+    assert not marker.exists()
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model folder"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_interrupted_save_leaves_the_previous_model_intact(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder)
+    (folder / "history.json").write_text("[]")  # a training run's other files must survive saves
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(hub, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_model.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"], "temporary folder cleaned up"
+    monkeypatch.undo()
+    tiny_model.save_pretrained(folder)
+    assert (folder / "history.json").read_text() == "[]"
+
+
+class FakeHfApi:
+    """Stands in for the network boundary: records what would be uploaded."""
+
+    uploads: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, **kwargs):
+        folder = Path(folder_path)
+        files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        if allow_patterns:
+            files = {k: v for k, v in files.items() if k in allow_patterns}
+        FakeHfApi.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
+        return f"https://huggingface.co/{repo_id}/commit/abc"
+
+
+def test_push_to_hub_uploads_our_three_files_and_our_card(tiny_model, monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.uploads = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    url = tiny_model.push_to_hub("me/chest-xray", private=True)
+    assert url.endswith("/commit/abc")
+    (upload,) = FakeHfApi.uploads
+    assert upload["repo_id"] == "me/chest-xray"
+    assert set(upload["files"]) == MODEL_FILES
+    card = upload["files"]["README.md"].decode()
+    assert "Research demo, not for clinical use" in card
+    assert "This is a model that has been pushed to the Hub using the [PyTorchModelHubMixin]" not in card
+    assert json.loads(upload["files"]["config.json"]) == tiny_model.config.to_dict()
+
+
+def test_from_pretrained_hub_repo_goes_through_snapshot_download(tiny_model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    tiny_model.save_pretrained(tmp_path / "cache" / "snap")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, sorted(allow_patterns)))
+        return str(tmp_path / "cache" / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = ChestXrayClassifier.from_pretrained("me/chest-xray", revision="v1")
+    assert calls == [("me/chest-xray", "v1", sorted(MODEL_FILES))]
+    assert model.revision == "v1" and not model.training
+
+
+def test_hub_offline_fails_with_advice(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelLoadError, match="could not download from the Hugging Face Hub"):
+        ChestXrayClassifier.from_pretrained("someone/not-cached")

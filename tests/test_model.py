@@ -1,0 +1,109 @@
+"""The network, the ImageNet factory and prediction."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from chest_model import ChestXrayClassifier, ChestXrayConfig, PretrainedWeightsUnavailable
+from conftest import EXAMPLES, synthetic_xray
+
+
+@pytest.mark.parametrize("backbone, builder", [("vgg19", torchvision.models.vgg19), ("vgg19_bn", torchvision.models.vgg19_bn)])
+def test_backbone_names_and_shapes_match_torchvision(backbone, builder):
+    ours = ChestXrayClassifier(backbone=backbone).state_dict()
+    reference = {f"features.{k}": v for k, v in builder().features.state_dict().items()}
+    assert [k for k in ours if k.startswith("features.")] == list(reference)
+    for key, value in reference.items():
+        assert ours[key].shape == value.shape, key
+
+
+def test_head_is_the_tutorials_and_forward_returns_logits():
+    model = ChestXrayClassifier(hidden_size=256, dropout=0.3).eval()
+    kinds = [type(m) for m in model.head]
+    assert kinds == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert model.head[2].in_features == 512 and model.head[2].out_features == 256 and model.head[5].out_features == 3
+    assert not any(isinstance(m, (nn.Softmax, nn.Sigmoid, nn.LogSoftmax)) for m in model.modules())
+    logits = model(torch.randn(2, 3, 64, 64) * 5)
+    assert logits.shape == (2, 3)
+    assert not torch.allclose(logits.sum(dim=1), torch.ones(2))  # not probabilities
+
+
+def test_default_model_downloads_nothing(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("ChestXrayClassifier() must not download")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    model = ChestXrayClassifier()
+    assert model.config.class_names == ["Normal", "Covid", "Viral Pneumonia"]
+    assert model.config.backbone_init == "random"
+
+
+def test_imagenet_factory_offline_names_the_file_the_cache_and_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(PretrainedWeightsUnavailable) as info:
+        ChestXrayClassifier.from_imagenet(image_size=64)
+    message = str(info.value)
+    assert "vgg19-dcbb9e9d.pth" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "--weights none" in message
+
+
+def test_imagenet_factory_loads_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    donor = ChestXrayClassifier(backbone="vgg19_bn", image_size=64)
+    state = {k: v for k, v in donor.state_dict().items() if k.startswith("features.")}
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(state, cache / "vgg19_bn-c79401a0.pth")  # stands in for torchvision's file
+    model = ChestXrayClassifier.from_imagenet(backbone="vgg19_bn", image_size=64)
+    torch.testing.assert_close(model.features[0].weight, donor.features[0].weight)
+    assert "IMAGENET1K_V1" in model.config.backbone_init
+
+
+def test_predict_single_and_batch(tiny_model):
+    images = [synthetic_xray(80, 70, seed=i, kind=i % 3) for i in range(5)]
+    one = tiny_model.predict(images[0])
+    assert isinstance(one, dict) and list(one) == tiny_model.class_names
+    assert abs(sum(one.values()) - 1) < 1e-5
+    many = tiny_model.predict(images, batch_size=2)
+    assert isinstance(many, list) and len(many) == 5
+    for a, b in zip(one.values(), many[0].values()):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert tiny_model.predict([]) == []
+
+
+def test_predict_uses_eval_mode_and_restores_the_previous_mode(tiny_model):
+    image = synthetic_xray(64, 64)
+    tiny_model.train()
+    first = tiny_model.predict(image)
+    second = tiny_model.predict(image)
+    assert tiny_model.training, "predict must restore train mode"
+    assert first == second, "dropout must be off inside predict"
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_predict_applies_temperature(tiny_model):
+    image = synthetic_xray(64, 64)
+    base = tiny_model.predict(image)
+    tiny_model.config.temperature = 1000.0
+    flat = tiny_model.predict(image)
+    assert max(flat.values()) - min(flat.values()) < max(base.values()) - min(base.values()) + 1e-9
+    assert all(abs(p - 1 / 3) < 1e-3 for p in flat.values())
+
+
+def test_bf16_prediction_stays_close_to_fp32(tiny_model):
+    image = synthetic_xray(64, 64)
+    fp32 = tiny_model.predict(image)
+    bf16 = tiny_model.predict(image, precision="bf16")
+    assert max(fp32, key=fp32.get) == max(bf16, key=bf16.get)
+    assert max(abs(fp32[k] - bf16[k]) for k in fp32) < 0.02
+
+
+def test_predict_files(tiny_model):
+    files = sorted(EXAMPLES.glob("*.jpeg"))
+    assert len(files) == 3
+    results = tiny_model.predict(files)
+    assert all(abs(sum(r.values()) - 1) < 1e-5 for r in results)

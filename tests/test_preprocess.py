@@ -1,0 +1,190 @@
+"""load_image and the Preprocessor: every supported input, every failure, on real encoded files."""
+import io
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chest_model import ChestXrayConfig, ImageLoadError, Preprocessor, load_image
+from chest_model.preprocess import MAX_PIXELS
+from conftest import DATASET, EXAMPLES, requires_dataset
+from corpus import bad_cases, base_xray, valid_cases
+
+VALID = valid_cases()
+BAD = bad_cases()
+
+
+@pytest.mark.parametrize("case", VALID, ids=[c.name for c in VALID])
+def test_every_supported_encoding_decodes_to_the_same_picture(case, tmp_path):
+    path = tmp_path / case.name
+    path.write_bytes(case.data)
+    image = load_image(path)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.shape[:2] == base_xray().shape, "EXIF orientation must be applied"
+    gray = image.astype(np.float64).mean(axis=2)
+    assert np.abs(gray - base_xray()).mean() < 3.0  # lossless formats ~0; JPEG ~1.5
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c.name for c in BAD])
+def test_every_bad_input_raises_a_clear_error_naming_the_file(case, tmp_path):
+    path = tmp_path / case.name
+    path.write_bytes(case.data)
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert case.error.lower() in message.lower()
+
+
+def test_image_load_error_is_a_value_error():
+    assert issubclass(ImageLoadError, ValueError)
+
+
+def test_decompression_bomb_is_refused_from_the_header_fast():
+    bomb = next(c for c in BAD if c.name == "bomb.png")
+    start = time.perf_counter()
+    with pytest.raises(ImageLoadError, match="too many pixels"):
+        load_image(bomb.data, name="bomb.png")
+    assert time.perf_counter() - start < 1.0
+    assert 100_000 * 100_000 > MAX_PIXELS > 50_000_000  # well above any real radiograph
+
+
+def test_sources_path_str_bytes_fileobj_give_identical_arrays(tmp_path):
+    data = next(c for c in VALID if c.name == "gray.png").data
+    path = tmp_path / "x.png"
+    path.write_bytes(data)
+    results = [load_image(path), load_image(str(path)), load_image(data), load_image(io.BytesIO(data)), load_image(bytearray(data))]
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
+
+
+def test_file_object_name_is_used_in_errors(tmp_path):
+    path = tmp_path / "named.png"
+    path.write_bytes(b"")
+    with open(path, "rb") as handle, pytest.raises(ImageLoadError, match="named.png: empty file"):
+        load_image(handle)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ImageLoadError, match="no such file"):
+        load_image(tmp_path / "nope.png")
+    with pytest.raises(ImageLoadError, match="directory"):
+        load_image(tmp_path)
+    with pytest.raises(ImageLoadError, match="unsupported input type"):
+        load_image(12345)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        base_xray(),
+        base_xray()[:, :, None],
+        np.dstack([base_xray()] * 3),
+        np.dstack([base_xray()] * 3 + [np.zeros_like(base_xray())]),
+        base_xray().astype(np.float32) / 255,
+        base_xray().astype(np.float64) / 255,
+        base_xray().astype(np.uint16) * 257,
+    ],
+    ids=["HxW", "HxWx1", "HxWx3", "HxWx4", "float32", "float64", "uint16"],
+)
+def test_numpy_arrays(array):
+    image = load_image(array)
+    assert image.shape == base_xray().shape + (3,)
+    assert np.abs(image[:, :, 0].astype(int) - base_xray()).max() <= 1
+
+
+def test_16_bit_is_scaled_not_clipped():
+    ramp = np.tile(np.linspace(0, 4095, 256).astype(np.uint16), (64, 1))  # 12-bit data in 16-bit
+    image = load_image(ramp)[:, :, 0]
+    assert image.max() == 255 and image.min() == 0
+    assert len(np.unique(image)) > 200, "levels must be spread over 0..255, not crushed or clipped"
+    full = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (64, 1))
+    image = load_image(full)[:, :, 0]
+    assert image.max() == 255 and (image == 255).mean() < 0.01
+
+
+def test_16_bit_png_file_round_trip(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (40, 1))
+    cv2.imwrite(str(tmp_path / "r.png"), ramp)
+    image = load_image(tmp_path / "r.png")[:, :, 0]
+    np.testing.assert_allclose(image.astype(float), ramp / 257.0, atol=0.51)
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.full((64, 64), np.nan, np.float32), "NaN or inf"),
+        (np.full((64, 64), np.inf), "NaN or inf"),
+        (np.full((64, 64), 2.0), r"\[0, 1\]"),
+        (np.zeros((64, 64, 2), np.uint8), "shape"),
+        (np.zeros((2, 64, 64, 3), np.uint8), "shape"),
+        (np.zeros((0, 64), np.uint8), "empty"),
+        (np.zeros((8, 64), np.uint8), "too small"),
+        (np.full((64, 64), -5, np.int16), "negative"),
+    ],
+)
+def test_bad_arrays(array, message):
+    with pytest.raises(ImageLoadError, match=message):
+        load_image(array)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "I;16", "CMYK", "LA"])
+def test_pil_images(mode):
+    gray = base_xray()
+    if mode == "I;16":
+        pil = Image.fromarray(gray.astype(np.uint16) * 257)
+    else:
+        pil = Image.fromarray(gray).convert(mode)
+    image = load_image(pil)
+    assert image.shape == gray.shape + (3,)
+    assert np.abs(image.astype(float).mean(axis=2) - gray).mean() < 2
+
+
+def test_reduced_jpeg_decode_keeps_at_least_min_size(tmp_path):
+    big = cv2.resize(base_xray(), (1600, 2000), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(str(tmp_path / "big.jpg"), big)
+    full = load_image(tmp_path / "big.jpg")
+    reduced = load_image(tmp_path / "big.jpg", min_size=224)
+    assert full.shape[:2] == (2000, 1600)
+    assert reduced.shape[:2] == (250, 200) or min(reduced.shape[:2]) >= 224
+    assert min(reduced.shape[:2]) >= 224 and reduced.shape[0] < full.shape[0]
+    pre = Preprocessor(ChestXrayConfig(image_size=224))
+    a, b = pre(full), pre(reduced)
+    assert (a - b).abs().mean() < 0.05  # same model input, a fraction of the decode work
+
+
+def test_preprocessor_uses_config_size_and_normalization():
+    config = ChestXrayConfig(image_size=48, mean=[0.5, 0.25, 0.0], std=[0.5, 0.25, 1.0])
+    pre = Preprocessor(config)
+    white = np.full((100, 80, 3), 255, np.uint8)
+    x = pre(white)
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+    torch.testing.assert_close(x[:, 0, 0], torch.tensor([1.0, 3.0, 1.0]))
+    assert pre.resize(white).dtype == np.uint8  # resize happens on uint8
+    with pytest.raises(TypeError):
+        pre.normalize(torch.zeros(3, 48, 48))
+
+
+def test_normalization_constants_live_only_in_the_config():
+    package = Path(__file__).resolve().parents[1] / "chest_model"
+    offenders = [p.name for p in package.glob("*.py") if p.name != "config.py" and ("0.485" in p.read_text() or "0.229" in p.read_text())]
+    assert offenders == []
+
+
+def test_shipped_examples_decode():
+    for path in sorted(EXAMPLES.glob("*.jpeg")):
+        image = load_image(path)
+        assert max(image.shape[:2]) <= 512 and image.dtype == np.uint8
+
+
+@requires_dataset()
+def test_real_dataset_files_decode_with_reduced_size():
+    files = sorted((DATASET / "test").glob("*/*"))
+    assert len(files) == 66
+    for path in files[::6]:
+        image = load_image(path, min_size=224)
+        assert min(image.shape[:2]) >= 224 or min(load_image(path).shape[:2]) < 448
