@@ -1,0 +1,110 @@
+"""Resumable training checkpoints: ``accelerator.save_state`` folders, written atomically and verified.
+
+Each checkpoint is written to a temporary folder, given a ``manifest.json`` with every file's
+SHA-256, and renamed into place, so ``checkpoints/`` only ever holds complete checkpoints. Before a
+resume the manifest is checked, so a damaged checkpoint is reported instead of half-loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupted."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, trainer_state: dict[str, Any], *, keep: int = 2) -> Path | None:
+    """Save model, optimizer, scheduler and RNG states plus ``trainer_state``; all processes must call."""
+    checkpoints_dir = Path(checkpoints_dir)
+    final = checkpoints_dir / f"step_{global_step:08d}"
+    tmp = checkpoints_dir / f".tmp-step_{global_step:08d}-{uuid.uuid4().hex[:6]}"
+    if accelerator.is_main_process:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    tmp_name = accelerator_broadcast_str(accelerator, str(tmp))
+    accelerator.save_state(tmp_name, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp = Path(tmp_name)
+        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def accelerator_broadcast_str(accelerator, text: str) -> str:
+    """The main process's value of ``text`` on every process (temporary names must agree)."""
+    if accelerator.num_processes == 1:
+        return text
+    from accelerate.utils import broadcast_object_list
+
+    box = [text]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete checkpoints (with a manifest), oldest first. Temporary folders are ignored."""
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> Path | None:
+    """``latest`` -> newest complete checkpoint (None if there is none yet); otherwise the given path."""
+    if spec == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    return path
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file against the manifest; return the trainer state."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}); it was interrupted while saving")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: corrupted checkpoint: {name} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(f"{path}: corrupted checkpoint: {name} does not match its checksum")
+    return json.loads((path / TRAINER_STATE).read_text())

@@ -1,0 +1,138 @@
+"""One training epoch and one evaluation pass, in accelerate's idioms.
+
+Loss and accuracy come from the same forward pass and are summed over samples, then reduced
+across processes; evaluation gathers logits with ``gather_for_metrics`` so every sample counts once.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from tqdm.auto import tqdm
+
+from .metrics import classification_metrics
+from .preprocess import Preprocessor
+
+logger = get_logger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stops before any bad weights are saved."""
+
+
+def train_one_epoch(
+    accelerator,
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    preprocessor: Preprocessor,
+    *,
+    epoch: int,
+    class_weights: torch.Tensor | None = None,
+    on_step=None,
+    skip_batches: int = 0,
+    start_step: int = 0,
+) -> dict[str, float]:
+    model.train()
+    device = accelerator.device
+    weights = class_weights.to(device) if class_weights is not None else None
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = torch.zeros((), dtype=torch.long, device=device)
+    start = time.perf_counter()
+    progress = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=None if accelerator.is_local_main_process else True,
+                    initial=skip_batches, total=skip_batches + len(loader))
+    step = start_step
+    for images, labels in progress:
+        inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                logits = model(inputs)
+            loss = F.cross_entropy(logits.float(), labels, weight=weights)
+            _check_finite(accelerator, loss, epoch, step)
+            accelerator.backward(loss)
+            optimizer.step()
+            if accelerator.sync_gradients and scheduler is not None:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss_sum += loss.detach().double() * labels.numel()
+            correct += (logits.argmax(dim=1) == labels).sum()
+            seen += labels.numel()
+        step += 1
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if on_step is not None:
+            on_step(step)
+    elapsed = time.perf_counter() - start
+    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]), reduction="sum")
+    loss_total, correct_total, n = totals.tolist()
+    return {
+        "loss": loss_total / max(n, 1),
+        "accuracy": correct_total / max(n, 1),
+        "n": int(n),
+        "seconds": elapsed,
+        "images_per_s": n / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def _check_finite(accelerator, loss: torch.Tensor, epoch: int, step: int) -> None:
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")  # every process stops together
+    if bad.item() > 0:
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; stopping without saving these weights. "
+            "Lower --lr, check the data, or try --mixed_precision no."
+        )
+
+
+@torch.no_grad()
+def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Preprocessor, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels for a whole dataset, gathered across processes (each sample exactly once)."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None if accelerator.is_local_main_process else True):
+        inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits = model(inputs).float()
+        logits, labels = accelerator.gather_for_metrics((logits, labels))
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(accelerator, model, loader, preprocessor: Preprocessor, class_names: list[str], *,
+             temperature: float = 1.0, desc: str = "eval") -> dict[str, Any]:
+    logits, labels = predict_logits(accelerator, model, loader, preprocessor, desc=desc)
+    return metrics_from_logits(logits, labels, class_names, temperature=temperature)
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, temperature: float = 1.0) -> dict[str, Any]:
+    probabilities = torch.softmax(logits / temperature, dim=1).numpy()
+    metrics = classification_metrics(labels.numpy(), probabilities, class_names)
+    metrics["loss"] = float(F.cross_entropy(logits / temperature, labels).item()) if len(labels) else math.nan
+    return metrics
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 200) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 that minimises NLL of ``logits / T``."""
+    if len(labels) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.exp().item())
+    return float(np.clip(temperature, 0.05, 20.0)) if math.isfinite(temperature) else 1.0

@@ -1,0 +1,9 @@
+"""Train the chest X-ray classifier: `accelerate launch train.py --data-dir DATA/train --output-dir runs/x`.
+
+Runs on CPU, one GPU or several with no code change (`python train.py ...` works too).
+See `python train.py --help`. Research demo, not for clinical use.
+"""
+from chest_model.training import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
