@@ -87,8 +87,15 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     """Indices of a seeded split that keeps each class's share in both parts."""
     from sklearn.model_selection import train_test_split
 
-    indices = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    n, k = len(labels), len(set(labels))
+    size = max(k, int(round(fraction * n)))  # at least one image of each class
+    if not 0 < fraction < 1 or n - size < k or min(np.bincount(labels)) < 2:
+        raise DatasetError(
+            f"cannot split {n} images ({k} classes, smallest class {min(np.bincount(labels))}) into train and "
+            f"validation with --val-split {fraction}; add images or pass --val-dir"
+        )
+    indices = np.arange(n)
+    train_idx, val_idx = train_test_split(indices, test_size=size, stratify=labels, random_state=seed)
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 

@@ -38,7 +38,14 @@ def train_one_epoch(
     on_step=None,
     skip_batches: int = 0,
     start_step: int = 0,
+    seed: int | None = None,
 ) -> dict[str, float]:
+    """Train for one pass over ``loader``.
+
+    With ``seed``, the random state (dropout) of every batch is reseeded from (seed, epoch, batch,
+    rank). Training is then a pure function of the seed, so a run resumed mid-epoch matches an
+    uninterrupted one bit for bit, however many RNG draws the data loader makes when it restarts.
+    """
     model.train()
     device = accelerator.device
     weights = class_weights.to(device) if class_weights is not None else None
@@ -50,6 +57,8 @@ def train_one_epoch(
                     initial=skip_batches, total=skip_batches + len(loader))
     step = start_step
     for images, labels in progress:
+        if seed is not None:
+            torch.manual_seed(hash((seed, epoch, step, accelerator.process_index)) & ((1 << 63) - 1))
         inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             with accelerator.autocast():

@@ -270,7 +270,8 @@ def train(args: argparse.Namespace, command: str) -> int:
                     checkpoint(epoch, step)
 
             train_stats = train_one_epoch(accelerator, model, loader, optimizer, scheduler, preprocessor, epoch=epoch,
-                                          class_weights=class_weights, on_step=on_step, skip_batches=skip, start_step=skip)
+                                          class_weights=class_weights, on_step=on_step, skip_batches=skip, start_step=skip,
+                                          seed=args.seed)
             val = evaluate(accelerator, model, val_loader, preprocessor, class_names, desc=f"epoch {epoch + 1} val")
             row = {
                 "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],

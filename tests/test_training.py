@@ -1,0 +1,189 @@
+"""End-to-end training runs through the real train.py, in subprocesses (accelerate's state is global)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from chest_model import ChestXrayClassifier
+from conftest import CLASS_NAMES, EXAMPLES, ROOT, make_class_folders, write_image, synthetic_xray
+
+pytestmark = pytest.mark.slow
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--seed", "3"]
+
+
+def env():
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+
+def train(*args, launcher=None, check=True, timeout=300):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_class_folders(root / "train", per_class=7, size=48, seed=1)
+    make_class_folders(root / "val", per_class=3, size=48, seed=2)
+    make_class_folders(root / "test", per_class=3, size=48, seed=3)
+    # A few real, downscaled X-rays in the mix.
+    for name, example in zip(CLASS_NAMES, ["normal", "covid", "viral-pneumonia"]):
+        shutil.copy(EXAMPLES / f"{example}.jpeg", root / "test" / name / f"real_{example}.JPEG")
+    return root
+
+
+def test_outputs_of_a_run_with_a_test_dir(data, tmp_path):
+    out = tmp_path / "run"
+    result = train("--data-dir", str(data / "train"), "--test-dir", str(data / "test"), "--output-dir", str(out),
+                   "--epochs", "2", *TINY)
+    log = result.stderr + result.stdout
+    for name in ["config.json", "model.safetensors", "README.md", "history.json", "training_curves.png",
+                 "train_config.json", "eval/metrics.json", "eval/confusion_matrix.png"]:
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.bin")) or all("checkpoints" in str(p) for p in out.rglob("*.bin"))
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert log.count("epoch 1/2 | train loss") == 1 and "macro-F1" in log and "img/s" in log
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["world_size"] == 1 and record["device"] == "cpu"
+    # --val-split 0.15 of 21 images, stratified: 1 per class at least, never a test image.
+    assert sum(record["data_counts"]["val"].values()) == 4 and sum(record["data_counts"]["train"].values()) == 17
+    assert sum(record["data_counts"]["test"].values()) == 12
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "n"):
+        assert key in metrics
+    assert metrics["n"] == 12 and sum(map(sum, metrics["confusion_matrix"])) == 12
+    card = (out / "README.md").read_text()
+    assert record["command"] in card and f"{metrics['accuracy']:.3f}" in card
+    assert "| test | 4 | 4 | 4 | 12 |" in card
+    model = ChestXrayClassifier.from_pretrained(out)
+    assert model.config.image_size == 32 and model.config.temperature == pytest.approx(record["temperature"])
+    assert (out / "checkpoints").is_dir() and len(list((out / "checkpoints").glob("step_*"))) == 2
+
+
+def test_two_processes_on_cpu_count_every_validation_sample_once(data, tmp_path):
+    out = tmp_path / "ddp"
+    # 21 train images, 9 val images: neither splits evenly over 2 processes x batch 4.
+    train("--data-dir", str(data / "train"), "--val-dir", str(data / "val"), "--test-dir", str(data / "test"),
+          "--output-dir", str(out), "--epochs", "1", *TINY,
+          launcher=[ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"])
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["world_size"] == 2 and record["device"] == "cpu"
+    assert record["hyperparameters"]["global_batch_size"] == 8
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == 12
+    card = (out / "README.md").read_text()
+    assert "on 9 images" in card  # validation: exactly the 9 files, no padding duplicates
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_kill_9_after_a_checkpoint_then_resume_gives_identical_weights(data, tmp_path):
+    args = ["--data-dir", str(data / "train"), "--epochs", "3", "--checkpointing-steps", "3", "--checkpoints-total-limit", "10", *TINY]
+    reference = tmp_path / "reference"
+    train(*args, "--output-dir", str(reference))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--output-dir", str(out)], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any((p / "manifest.json").exists() for p in (out / "checkpoints").glob("step_*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list((out / "checkpoints").glob("step_*")), "no checkpoint was written before the kill"
+    assert not (out / "history.json").exists(), "the run was killed before it finished"
+    train(*args, "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    assert _same(_weights(reference / "model.safetensors"), _weights(out / "model.safetensors"))
+    last = sorted((reference / "checkpoints").glob("step_*"))[-1].name
+    assert _same(_weights(reference / "checkpoints" / last / "model.safetensors"), _weights(out / "checkpoints" / last / "model.safetensors"))
+    assert json.loads((reference / "history.json").read_text())[-1]["val_loss"] == json.loads((out / "history.json").read_text())[-1]["val_loss"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_non_zero(data, tmp_path):
+    out = tmp_path / "term"
+    args = ["--data-dir", str(data / "train"), "--epochs", "50", "--checkpointing-steps", "none", *TINY, "--output-dir", str(out)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "model.safetensors").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "SIGTERM received" in output
+    (checkpoint,) = list((out / "checkpoints").glob("step_*"))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    resumed = train(*args[:-4], "--epochs", str(state["epoch"] + 1), "--output-dir", str(out), "--resume-from-checkpoint", "latest")
+    assert "resumed from" in resumed.stderr + resumed.stdout
+    assert len(json.loads((out / "history.json").read_text())) == state["epoch"] + 1
+
+
+def test_bad_data_is_reported_file_by_file_before_training(tmp_path):
+    root = make_class_folders(tmp_path / "train", per_class=3, size=48)
+    shutil.rmtree(root / "Viral Pneumonia")
+    (root / "Pneumonia").mkdir()
+    write_image(root / "Pneumonia" / "a.png", synthetic_xray(48, 48))
+    (root / "Covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    for p in (root / "Normal").iterdir():
+        p.unlink()
+    result = train("--data-dir", str(root), "--output-dir", str(tmp_path / "out"), *TINY, check=False)
+    assert result.returncode != 0
+    err = result.stderr
+    assert "'Pneumonia'" in err and "Viral Pneumonia: missing class folder" in err and "Normal: no image files" in err
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+    shutil.rmtree(root / "Pneumonia")
+    make_class_folders(tmp_path / "fix", per_class=3, size=48)
+    shutil.copytree(tmp_path / "fix" / "Viral Pneumonia", root / "Viral Pneumonia")
+    shutil.copytree(tmp_path / "fix" / "Normal", root / "Normal", dirs_exist_ok=True)
+    result = train("--data-dir", str(root), "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1", check=False)
+    assert result.returncode != 0 and "broken.png" in result.stderr and "--skip-bad-files" in result.stderr
+    result = train("--data-dir", str(root), "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1", "--skip-bad-files")
+    assert "skipped" in result.stderr and "broken.png" in result.stderr
+    assert any("broken.png" in s for s in json.loads((tmp_path / "out" / "train_config.json").read_text())["skipped_files"])
+
+
+def test_non_finite_loss_stops_without_saving(data, tmp_path):
+    out = tmp_path / "nan"
+    result = train("--data-dir", str(data / "train"), "--output-dir", str(out), "--epochs", "2", *TINY, "--lr", "1e30", check=False)
+    assert result.returncode != 0
+    assert "NonFiniteLossError" in result.stderr and "loss became" in result.stderr
+    assert not (out / "model.safetensors").exists()
+
+
+def test_imagenet_weights_offline_fail_fast_with_advice(data, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data / "train"), "--output-dir", str(tmp_path / "o"),
+                             "--image-size", "32"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                            env={**env(), "TORCH_HOME": str(tmp_path / "torch")})
+    assert result.returncode != 0
+    assert "vgg19-dcbb9e9d.pth" in result.stderr and "--weights none" in result.stderr
+
+
+def test_a_learnable_synthetic_task_is_learned(tmp_path):
+    root = make_class_folders(tmp_path / "train", per_class=16, size=48, seed=5)
+    make_class_folders(tmp_path / "val", per_class=6, size=48, seed=6)
+    out = tmp_path / "learn"
+    train("--data-dir", str(root), "--val-dir", str(tmp_path / "val"), "--output-dir", str(out), "--epochs", "8",
+          "--backbone", "vgg19_bn", "--lr", "0.005", "--batch-size", "8", "--image-size", "32", "--weights", "none",
+          "--no-augment", "--checkpointing-steps", "none")
+    best = max(row["val_accuracy"] for row in json.loads((out / "history.json").read_text()))
+    assert best >= 0.8, f"chance is 0.33, best validation accuracy was {best}"
