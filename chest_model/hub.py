@@ -164,6 +164,7 @@ def load_model(
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     model.to(map_location)
     model.source = str(name_or_path)
+    model.folder = str(folder)
     model.revision = revision
     return model.eval()
 

@@ -1,0 +1,80 @@
+"""Grad-CAM (Selvaraju et al., 2017) on the last convolutional block of the VGG backbone.
+
+The map is taken at the output of the last ReLU in ``features`` (14×14 for a 224-px input), the
+finest map that still sees the whole receptive field. VGG's ReLUs run in place, so the activation
+is captured from that ReLU's own output (the tensor the max-pool reads), not from the conv before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from .model import ChestXrayClassifier, eval_mode
+from .preprocess import ImageSource
+
+
+@dataclass
+class Explanation:
+    image: np.ndarray            # the decoded RGB uint8 image (reduced-size decode for big JPEGs)
+    heatmap: np.ndarray          # float32 in [0, 1], same height and width as ``image``
+    target_class: str            # the class the map explains
+    probabilities: dict[str, float]
+
+
+def _last_relu(features: nn.Sequential) -> nn.Module:
+    relus = [m for m in features if isinstance(m, nn.ReLU)]
+    return relus[-1]
+
+
+def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
+    """Grad-CAM for one normalized ``(1, 3, S, S)`` input: (map at feature resolution, logits, target index)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def keep(_module, _inputs, output):
+        captured["activation"] = output
+
+    handle = _last_relu(model.features).register_forward_hook(keep)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            logits = model(pixel_values)
+            index = int(logits[0].argmax()) if target is None else int(target)
+            activation = captured["activation"]
+            (grads,) = torch.autograd.grad(logits[0, index], activation)
+    finally:
+        handle.remove()
+    weights = grads[0].mean(dim=(1, 2))
+    cam = torch.relu((weights[:, None, None] * activation[0]).sum(dim=0)).detach()
+    peak = cam.max()
+    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
+    return cam.float().cpu().numpy(), logits.detach(), index
+
+
+def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class: str | None = None, *, name: str | None = None) -> Explanation:
+    """Probabilities and a Grad-CAM heat map for one image, through the model's own preprocessing.
+
+    ``target_class``: the class to explain (a class name); default, the predicted class.
+    """
+    image = model.preprocessor.load(source, name=name)
+    device = next(model.parameters()).device
+    pixel_values = model.preprocessor(image).unsqueeze(0).to(device)
+    target = None if target_class is None else model.class_names.index(target_class)
+    cam, logits, index = gradcam(model, pixel_values, target)
+    probabilities = torch.softmax(logits.float() / model.config.temperature, dim=1)[0].tolist()
+    heatmap = cv2.resize(cam, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return Explanation(
+        image=image,
+        heatmap=np.clip(heatmap, 0, 1).astype(np.float32),
+        target_class=model.class_names[index],
+        probabilities=dict(zip(model.class_names, probabilities)),
+    )
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.45) -> np.ndarray:
+    """The heat map in the JET colour map blended over the X-ray (RGB uint8)."""
+    colours = cv2.applyColorMap(np.rint(heatmap * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    opacity = float(np.clip(opacity, 0, 1))
+    return cv2.addWeighted(image, 1 - opacity, colours, opacity, 0)

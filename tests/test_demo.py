@@ -1,0 +1,142 @@
+"""The demo as users meet it: a real Gradio server, gradio_client, and a real Chromium."""
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import EXAMPLES, ROOT
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+STARTER = ROOT / "demo" / "starter-model"
+CLASSES = {"Normal", "Covid", "Viral Pneumonia"}
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = STARTER
+    if not (model / "model.safetensors").exists():  # a checkout without the starter model: serve a random one
+        from chest_model import ChestXrayClassifier
+
+        model = tmp_path_factory.mktemp("model") / "m"
+        ChestXrayClassifier(image_size=64, hidden_size=16).save_pretrained(model)
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(model), "--port", str(port),
+                                 "--max-file-size", "1mb"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not start:\n" + log.read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+def _predict(client, path):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), api_name="/predict")
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.jpeg")))
+def test_predict_endpoint_returns_every_class(client, example):
+    result = _predict(client, EXAMPLES / example)
+    confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
+    assert set(confidences) == CLASSES
+    assert abs(sum(confidences.values()) - 1) < 1e-4
+    assert result["label"] == max(confidences, key=confidences.get)
+
+
+def test_bad_files_get_errors_and_the_server_keeps_serving(client, tmp_path):
+    corrupt = tmp_path / "scan.jpg"
+    corrupt.write_bytes((EXAMPLES / "covid.jpeg").read_bytes()[:3000])
+    notes = tmp_path / "notes.png"
+    notes.write_text("this is not an x-ray")
+    for path, reason in ((corrupt, "truncated"), (notes, "not an image")):
+        with pytest.raises(Exception) as info:
+            _predict(client, path)
+        assert reason in str(info.value) and path.name in str(info.value)
+        assert _predict(client, EXAMPLES / "normal.jpeg")["label"] in CLASSES
+
+
+def test_oversize_upload_is_refused(client, tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes((EXAMPLES / "covid.jpeg").read_bytes() + os.urandom(2 * 1024 * 1024))
+    with pytest.raises(Exception) as info:
+        _predict(client, big)
+    assert "413" in str(info.value) or "too large" in str(info.value).lower() or "size" in str(info.value).lower()
+    assert _predict(client, EXAMPLES / "covid.jpeg")["label"] in CLASSES
+
+
+def test_explain_endpoint_returns_a_heat_map(client):
+    from gradio_client import handle_file
+
+    result = client.predict(handle_file(str(EXAMPLES / "covid.jpeg")), "Predicted class", 0.5, api_name="/explain")
+    assert Path(result).is_file() and Path(result).stat().st_size > 1000
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it)")
+def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    expected = _predict(client, EXAMPLES / "covid.jpeg")["label"]
+    data = base64.b64encode((EXAMPLES / "covid.jpeg").read_bytes()).decode()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(server)
+            page.wait_for_selector("#xray-upload")
+            assert "Research demo, not for clinical use" in page.inner_text("body")
+            page.evaluate(
+                """([b64, name]) => {
+                    const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+                    const target = document.querySelector('#xray-upload button') || document.querySelector('#xray-upload');
+                    for (const type of ['dragenter', 'dragover', 'drop'])
+                        target.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: dt}));
+                }""",
+                [data, "covid.jpeg"],
+            )
+            top = page.wait_for_selector("#probabilities h2", timeout=60_000)
+            assert top.inner_text().strip() == expected
+            page.wait_for_selector("#gradcam img", timeout=60_000)
+            assert "89%" in page.inner_text("body")  # the shortcut caveat is on the page
+            page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
