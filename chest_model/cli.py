@@ -23,7 +23,57 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("files", nargs="+", help="image files: JPEG, PNG, BMP, TIFF, GIF, WebP or DICOM")
     predict.set_defaults(func=run_predict)
+
+    evaluate = sub.add_parser("evaluate", help="metrics, confidence intervals, calibration and a shortcut audit on class folders")
+    evaluate.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
+    evaluate.add_argument("--revision", default=None)
+    evaluate.add_argument("--data-dir", required=True, help="class folders to evaluate on (e.g. DATA/test)")
+    evaluate.add_argument("--train-dir", default=None, help="training class folders for the metadata-only baseline (default: a sibling train/)")
+    evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    evaluate.set_defaults(func=run_evaluate)
+
+    card = sub.add_parser("card", help="render a model card from a model folder and a metrics.json")
+    card.add_argument("--model", required=True, help="a local model folder")
+    card.add_argument("--metrics", required=True, help="metrics.json from `chest-model evaluate`")
+    card.add_argument("--output", default=None, help="where to write the card (default: MODEL/README.md)")
+    card.set_defaults(func=run_card)
     return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .data import DatasetError
+    from .evaluation import evaluate_model, summary
+    from .hub import ModelLoadError
+    from .model import ChestXrayClassifier
+
+    try:
+        model = ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
+        metrics = evaluate_model(model, args.data_dir, train_dir=args.train_dir, output_dir=args.output_dir, n_bootstrap=args.bootstrap)
+    except (ModelLoadError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(summary(metrics))
+    if args.output_dir:
+        print(f"wrote {args.output_dir}/metrics.json, confusion_matrix.png, reliability.png, misclassified.png")
+    return 0
+
+
+def run_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .atomic import atomic_write_text
+    from .card import card_context_from_folder, render_card
+    from .config import ChestXrayConfig
+
+    folder = Path(args.model)
+    config = ChestXrayConfig.load(folder / "config.json")
+    context = card_context_from_folder(folder)
+    context["test_metrics"] = json.loads(Path(args.metrics).read_text())
+    output = Path(args.output) if args.output else folder / "README.md"
+    atomic_write_text(output, render_card(config, context))
+    print(f"wrote {output}")
+    return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -44,22 +94,24 @@ def run_predict(args: argparse.Namespace) -> int:
             failures += 1
             _report(args, path, error=str(err))
     if loaded:
-        probabilities = model.predict([image for _, image in loaded], batch_size=args.batch_size)
-        for (path, _), probs in zip(loaded, probabilities):
-            _report(args, path, probs=probs)
+        results = model.analyze([image for _, image in loaded], batch_size=args.batch_size)
+        for (path, _), result in zip(loaded, results):
+            _report(args, path, result=result)
     return 1 if failures else 0
 
 
-def _report(args: argparse.Namespace, path: str, *, probs: dict | None = None, error: str | None = None) -> None:
+def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, error: str | None = None) -> None:
     if args.json:
-        record = {"file": path, "error": error} if error else {"file": path, "prediction": max(probs, key=probs.get), "probabilities": probs}
+        record = {"file": path, "error": error} if error else {
+            "file": path, "prediction": result["label"], "probabilities": result["probabilities"],
+            "uncertain": result["uncertain"], "reasons": result["reasons"]}
         print(json.dumps(record), flush=True)
     elif error:
         print(f"{path}: ERROR {error}", file=sys.stderr, flush=True)
     else:
-        top = max(probs, key=probs.get)
-        scores = "  ".join(f"{name}={p:.3f}" for name, p in probs.items())
-        print(f"{path}: {top}  ({scores})", flush=True)
+        scores = "  ".join(f"{name}={p:.3f}" for name, p in result["probabilities"].items())
+        flag = f"  [uncertain: {'; '.join(result['reasons'])}]" if result["uncertain"] else ""
+        print(f"{path}: {result['label']}  ({scores}){flag}", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,11 @@ class ChestXrayConfig:
     backbone_init: str = "random"
     # Temperature scaling (logits / temperature), fitted on validation data after training.
     temperature: float = 1.0
+    # Out-of-distribution guard: a top probability below this is reported as "uncertain"
+    # (fitted on validation data after training; 0 disables it).
+    min_confidence: float = 0.0
+    # Inputs more colourful than this (mean chroma, 0..1) are flagged; fitted on validation images.
+    max_chroma: float = 0.08
 
     def __post_init__(self) -> None:
         # Accept tuples from Python callers; JSON brings lists. Store lists so equality is stable.
@@ -76,6 +81,10 @@ class ChestXrayConfig:
             problems.append(f"backbone_init must be a string, got {self.backbone_init!r}")
         if not _is_finite_number(self.temperature) or self.temperature <= 0:
             problems.append(f"temperature must be a number > 0, got {self.temperature!r}")
+        if not _is_finite_number(self.min_confidence) or not 0 <= self.min_confidence < 1:
+            problems.append(f"min_confidence must be a number in [0, 1), got {self.min_confidence!r}")
+        if not _is_finite_number(self.max_chroma) or not 0 < self.max_chroma <= 1:
+            problems.append(f"max_chroma must be a number in (0, 1], got {self.max_chroma!r}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 

@@ -96,6 +96,25 @@ class ChestXrayClassifier(
         results = [dict(zip(self.class_names, map(float, row))) for row in probs.tolist()]
         return results[0] if single else results
 
+    def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):
+        """Like :meth:`predict`, plus an out-of-distribution check for each image.
+
+        Returns ``{"label", "probabilities", "uncertain", "reasons"}`` (a list of those for a list
+        of images). An input that does not look like a chest X-ray (colour, blank, document-like,
+        or less confident than 98% of validation X-rays) has ``uncertain=True``, ``label="uncertain"``
+        and the reasons; its probabilities are still given, for inspection.
+        """
+        from .ood import confidence_flag, image_flags
+
+        single = not isinstance(images, (list, tuple))
+        decoded = [self.preprocessor.load(x) for x in ([images] if single else images)]
+        results = []
+        for image, probs in zip(decoded, self.predict(decoded, batch_size=batch_size, precision=precision)):
+            reasons = image_flags(image, self.config.max_chroma) + confidence_flag(probs, self.config.min_confidence)
+            results.append({"label": "uncertain" if reasons else max(probs, key=probs.get),
+                            "probabilities": probs, "uncertain": bool(reasons), "reasons": reasons})
+        return results[0] if single else results
+
     def predict_proba(
         self, images: Iterable[ImageSource], *, batch_size: int = 16, precision: str = "fp32"
     ) -> torch.Tensor:

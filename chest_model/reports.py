@@ -39,3 +39,31 @@ def plot_confusion_matrix(matrix: list[list[int]], class_names: list[str], path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_reliability(bins: list[dict], ece: float | None, path: str | Path) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    if bins:
+        centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
+        ax.bar(centres, [b["accuracy"] for b in bins], width=0.09, alpha=0.7, label="accuracy")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="black", label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"Reliability (ECE {ece:.3f})" if ece is not None else "Reliability")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_contact_sheet(images, captions: list[str], path: str | Path, *, columns: int = 4) -> None:
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -117,8 +117,10 @@ def train(args: argparse.Namespace, command: str) -> int:
     from .atomic import atomic_write_text
     from .data import CachedImageDataset, DatasetError, build_train_augmentation, decode_folder, scan_image_folder, stratified_split
     from .engine import evaluate, fit_temperature, metrics_from_logits, predict_logits, train_one_epoch
+    from .evaluation import evaluate_model
     from .model import ChestXrayClassifier
-    from .reports import plot_confusion_matrix, plot_training_curves
+    from .ood import fit_max_chroma, fit_min_confidence
+    from .reports import plot_training_curves
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -191,17 +193,12 @@ def train(args: argparse.Namespace, command: str) -> int:
     loader_kwargs = {"num_workers": args.num_workers, "persistent_workers": False}
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)
-    test_loader = None
-    if "test" in decoded:
-        test_loader = DataLoader(CachedImageDataset(decoded["test"][0], decoded["test"][1]), batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)
 
     # ---- model, optimiser, schedule ------------------------------------------------------------
     preprocessor = model.preprocessor
     model = model.to(memory_format=torch.channels_last)
     raw_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, raw_optimizer, train_loader, val_loader)
-    if test_loader is not None:
-        test_loader = accelerator.prepare(test_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, _schedule(args, steps_per_epoch))
     accelerator.register_for_checkpointing(scheduler)
@@ -308,19 +305,21 @@ def train(args: argparse.Namespace, command: str) -> int:
     val_metrics = metrics_from_logits(val_logits, val_labels_t, class_names, temperature=temperature)
     val_metrics["ece_before_calibration"] = uncalibrated["ece"]
     logger.info("temperature %.3f: validation ECE %.3f -> %.3f", temperature, uncalibrated["ece"] or 0, val_metrics["ece"] or 0)
+    # Out-of-distribution thresholds from the validation X-rays (see chest_model/ood.py).
+    top = torch.softmax(val_logits / temperature, dim=1).max(dim=1).values
+    unwrapped.config.min_confidence = fit_min_confidence(top.tolist())
+    unwrapped.config.max_chroma = fit_max_chroma([img.permute(1, 2, 0).numpy() for img in val_images])
     test_metrics = None
-    if test_loader is not None:
-        test_metrics = evaluate(accelerator, model, test_loader, preprocessor, class_names, temperature=temperature, desc="test")
-        logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images", state["best"]["epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"])
 
     if main_process:
         record["best_epoch"] = state["best"]["epoch"]
         record["temperature"] = temperature
-        eval_dir = output_dir / "eval"
-        if test_metrics is not None:
-            eval_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(eval_dir / "metrics.json", json.dumps(test_metrics, indent=2))
-            plot_confusion_matrix(test_metrics["confusion_matrix"], class_names, eval_dir / "confusion_matrix.png", title="Test split")
+        if args.test_dir:
+            # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
+            test_metrics = evaluate_model(unwrapped.eval(), args.test_dir, train_dir=args.data_dir, output_dir=output_dir / "eval")
+            logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
+                        state["best"]["epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
+                        test_metrics["audit"]["metadata_baseline_accuracy"])
         atomic_write_text(output_dir / "history.json", json.dumps(state["history"], indent=2))
         atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
         plot_training_curves(state["history"], output_dir / "training_curves.png")

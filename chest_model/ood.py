@@ -1,0 +1,56 @@
+"""Flags inputs that are unlikely to be chest X-rays, with simple, documented signals.
+
+- colour: mean chroma, (max(R,G,B) - min(R,G,B)) / 255, above ``config.max_chroma``. X-rays are
+  grey; photographs are not. HSV saturation is not used: it explodes on dark, noisy grey pixels.
+  The threshold is fitted on the validation images (1.25 × their 99th percentile, at least
+  ``MAX_CHROMA``), because some collections store tinted X-rays;
+- blank: grey-level standard deviation below ``MIN_CONTRAST`` (uniform or empty images);
+- document: more than ``MAX_WHITE_FRACTION`` of the pixels near-white (scanned pages, screenshots);
+- low confidence: top calibrated probability below ``config.min_confidence``, a threshold fitted
+  on the validation split at the end of training (its 2nd percentile).
+
+A flagged input is reported as "uncertain" with the reason instead of a confident class.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+MAX_CHROMA = 0.08
+MIN_CONTRAST = 6.0
+MAX_WHITE_FRACTION = 0.6
+
+
+def chroma(image: np.ndarray) -> float:
+    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+    return float((small.max(axis=2).astype(np.float32) - small.min(axis=2)).mean() / 255)
+
+
+def fit_max_chroma(images) -> float:
+    values = [chroma(im) for im in images]
+    return float(min(1.0, max(MAX_CHROMA, 1.25 * float(np.quantile(values, 0.99))))) if values else MAX_CHROMA
+
+
+def fit_min_confidence(top_probabilities) -> float:
+    values = np.asarray(top_probabilities, dtype=np.float64)
+    return float(np.quantile(values, 0.02)) if len(values) else 0.0
+
+
+def image_flags(image: np.ndarray, max_chroma: float = MAX_CHROMA) -> list[str]:
+    """Reasons (possibly none) why an RGB uint8 image does not look like a chest X-ray."""
+    reasons = []
+    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+    colour = chroma(small)
+    if colour > max_chroma:
+        reasons.append(f"colour image (mean chroma {colour:.2f}); X-rays are greyscale")
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    if gray.std() < MIN_CONTRAST:
+        reasons.append(f"blank or uniform image (contrast {gray.std():.1f})")
+    elif (gray > 235).mean() > MAX_WHITE_FRACTION:
+        reasons.append(f"mostly white ({(gray > 235).mean():.0%} of pixels): looks like a document or screenshot")
+    return reasons
+
+
+def confidence_flag(probabilities: dict[str, float], min_confidence: float) -> list[str]:
+    top = max(probabilities.values())
+    return [f"low confidence ({top:.2f} < {min_confidence:.2f}, rarer than 2% of validation X-rays)"] if top < min_confidence else []
