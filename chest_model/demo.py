@@ -16,6 +16,7 @@ import numpy as np
 from .explain import explain_image, overlay
 from .hub import CARD_NAME
 from .model import ChestXrayClassifier
+from .ood import confidence_flag, image_flags
 from .preprocess import ImageLoadError
 
 logger = logging.getLogger(__name__)
@@ -57,11 +58,16 @@ class DemoService:
         """Class → probability for one uploaded file (the public ``/predict`` endpoint)."""
         return self.model.predict(self._load(path))
 
-    def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any]]:
+    def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any], str]:
+        """Grad-CAM overlay, the state to re-blend it, and the out-of-distribution warning (if any)."""
         image = self._load(path)
         result = explain_image(self.model, image, None if target in (None, "", PREDICTED) else target)
         state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
-        return overlay(result.image, result.heatmap, opacity), state
+        reasons = image_flags(result.image, self.model.config.max_chroma) + confidence_flag(
+            result.probabilities, self.model.config.min_confidence)
+        warning = ("### ⚠️ Uncertain: this may not be a chest X-ray\n" + "\n".join(f"- {r}" for r in reasons)
+                   + "\n\nThe class probabilities above are not meaningful for it.") if reasons else ""
+        return overlay(result.image, result.heatmap, opacity), state, warning
 
     @staticmethod
     def reblend(state: dict[str, Any] | None, opacity: float):
@@ -124,6 +130,7 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
                 target = gr.Dropdown([PREDICTED, *model.class_names], value=PREDICTED, label="Explain which class")
                 opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Heat-map opacity")
             with gr.Column(scale=1):
+                warning = gr.Markdown(elem_id="ood-warning")
                 label = gr.Label(num_top_classes=len(model.class_names), label="Class probabilities", elem_id="probabilities")
                 heat = gr.Image(label="Where the model looked (Grad-CAM)", type="numpy", interactive=False, elem_id="gradcam")
                 gr.Markdown("_The heat map shows which regions raised the chosen class's score. It is not a diagnosis; "
@@ -133,8 +140,8 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
         state = gr.State()
 
         upload.change(service.predict, upload, label, api_name="predict").then(
-            service.explain, [upload, target, opacity], [heat, state], api_name="explain")
-        target.change(service.explain, [upload, target, opacity], [heat, state], api_visibility="private")
+            service.explain, [upload, target, opacity], [heat, state, warning], api_name="explain")
+        target.change(service.explain, [upload, target, opacity], [heat, state, warning], api_visibility="private")
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
 

@@ -101,8 +101,23 @@ def test_oversize_upload_is_refused(client, tmp_path):
 def test_explain_endpoint_returns_a_heat_map(client):
     from gradio_client import handle_file
 
-    result = client.predict(handle_file(str(EXAMPLES / "covid.jpeg")), "Predicted class", 0.5, api_name="/explain")
-    assert Path(result).is_file() and Path(result).stat().st_size > 1000
+    heat, warning = client.predict(handle_file(str(EXAMPLES / "covid.jpeg")), "Predicted class", 0.5, api_name="/explain")
+    assert Path(heat).is_file() and Path(heat).stat().st_size > 1000
+
+
+def test_a_colour_photograph_is_marked_uncertain(client, tmp_path):
+    import cv2
+    import numpy as np
+    from gradio_client import handle_file
+
+    rng = np.random.default_rng(1)
+    photo = cv2.normalize(cv2.GaussianBlur(rng.integers(0, 256, (200, 240, 3), dtype=np.uint8), (0, 0), 8), None, 0, 255, cv2.NORM_MINMAX)
+    cv2.imwrite(str(tmp_path / "holiday.jpg"), photo)
+    _, warning = client.predict(handle_file(str(tmp_path / "holiday.jpg")), "Predicted class", 0.5, api_name="/explain")
+    assert "Uncertain" in warning and "colour" in warning
+    if (STARTER / "model.safetensors").exists():  # its thresholds were fitted on real validation X-rays
+        _, warning = client.predict(handle_file(str(EXAMPLES / "normal.jpeg")), "Predicted class", 0.5, api_name="/explain")
+        assert warning == ""
 
 
 @pytest.mark.browser
