@@ -21,7 +21,6 @@ from .preprocess import ImageLoadError
 
 logger = logging.getLogger(__name__)
 
-UPLOAD_TYPES = [".jpg", ".jpeg", ".png", ".dcm", ".dicom", ".bmp", ".tif", ".tiff", ".webp", ".gif"]
 NOTICE = "**Research demo, not for clinical use.** Do not use it to diagnose, triage or treat anyone."
 SHORTCUT_CAVEAT = (
     "The public dataset behind this model has a known shortcut: its Covid images come from other sources than "
@@ -123,8 +122,9 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
         gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + SHORT_CAVEAT)
         with gr.Row():
             with gr.Column(scale=1):
+                # No file_types filter: DICOM files often have no extension. The decoder checks content.
                 upload = gr.File(label="Chest X-ray: drop a JPEG, PNG or DICOM file here, or click to upload",
-                                 file_types=UPLOAD_TYPES, type="filepath", elem_id="xray-upload")
+                                 type="filepath", elem_id="xray-upload")
                 if examples:
                     gr.Examples(examples=examples, inputs=upload, label="Examples (from the dataset's test split)")
                 target = gr.Dropdown([PREDICTED, *model.class_names], value=PREDICTED, label="Explain which class")

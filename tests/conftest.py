@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -12,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = Path(os.environ.get("CHEST_XRAY_DATASET", ROOT.parent / "shared" / "data" / "covid19-dataset"))
 EXAMPLES = ROOT / "examples"
+STARTER = ROOT / "demo" / "starter-model"
 CLASS_NAMES = ["Normal", "Covid", "Viral Pneumonia"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -75,3 +80,52 @@ def make_class_folders(root: Path, per_class: int = 6, size: int = 64, seed: int
             ext = [".png", ".JPG", ".jpeg"][i % 3]  # mixed-case extensions on purpose
             write_image(root / name / f"img_{i:03d}{ext}", gray)
     return root
+
+
+# ---- a real demo server, shared by the demo and reliability tests -------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    model = STARTER
+    if not (model / "model.safetensors").exists():  # a checkout without the starter model: serve a random one
+        from chest_model import ChestXrayClassifier
+
+        model = tmp_path_factory.mktemp("model") / "m"
+        ChestXrayClassifier(image_size=64, hidden_size=16).save_pretrained(model)
+    port = free_port()
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(model), "--port", str(port),
+                                 "--max-file-size", "1mb"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("server did not start:\n" + log.read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+

@@ -119,6 +119,9 @@ def valid_cases() -> list[Case]:
         Case("windowed.dcm", dicom_bytes(gray.astype(np.uint16) * 16, window=(2048.0, 4096.0)), None),
         Case("no_extension_dicom", dicom_bytes(gray.astype(np.uint16) * 16), None),
         Case("png_named.jpg", _cv2_encode(".png", gray), None),
+        Case("gray16.tiff", _cv2_encode(".tiff", gray.astype(np.uint16) * 257), None),
+        Case("rgba.webp", _cv2_encode(".webp", np.dstack([bgr, np.full_like(gray, 255)]), [cv2.IMWRITE_WEBP_QUALITY, 101]), None),
+        Case("UPPER.PNG", _cv2_encode(".png", gray), None),
     ]
     # EXIF-rotated: stored transposed with Orientation=6 (rotate 90° clockwise on display).
     stored = Image.fromarray(np.ascontiguousarray(np.rot90(gray, 1)))  # counter-clockwise; display turns it back
@@ -155,7 +158,38 @@ def bad_cases() -> list[Case]:
         Case("multiframe.dcm", dicom_bytes(np.zeros((3, 64, 64), np.uint16), frames=3), "multi-frame"),
         Case("jpegls.dcm", dicom_bytes(np.zeros((64, 64), np.uint16), transfer_syntax=JPEGLSLossless, pixel_data=b"\xff\xd8" + bytes(64)), "transfer syntax"),
         Case("broken.dcm", bytes(128) + b"DICM" + b"\x02\x00\x10\x00garbage", "DICOM"),
+        Case("truncated.dcm", dicom_bytes(gray.astype(np.uint16) * 16)[:-5000], "DICOM"),
+        Case("report.dcm", _dicom_without_pixels(), "no pixel data"),
+        Case("jpeg_bomb.jpg", _jpeg_with_header(60_000, 60_000), "too many pixels"),
+        Case("gzip.png", b"\x1f\x8b\x08\x00" + bytes(100), "gzip"),
+        Case("bmp_header_only.bmp", b"BM" + bytes(20), "BMP"),
+        Case("truncated.webp", _cv2_encode(".webp", cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))[:300], "WebP"),
     ]
+
+
+def _jpeg_with_header(width: int, height: int) -> bytes:
+    """A real JPEG whose SOF0 header is rewritten to claim width x height."""
+    data = bytearray(_cv2_encode(".jpg", base_xray()))
+    at = data.find(b"\xff\xc0")
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _dicom_without_pixels() -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = BasicTextSRStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def write_corpus(out: Path) -> None:

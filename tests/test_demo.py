@@ -2,64 +2,15 @@
 import base64
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from conftest import EXAMPLES, STARTER
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
-STARTER = ROOT / "demo" / "starter-model"
 CLASSES = {"Normal", "Covid", "Viral Pneumonia"}
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = STARTER
-    if not (model / "model.safetensors").exists():  # a checkout without the starter model: serve a random one
-        from chest_model import ChestXrayClassifier
-
-        model = tmp_path_factory.mktemp("model") / "m"
-        ChestXrayClassifier(image_size=64, hidden_size=16).save_pretrained(model)
-    port = free_port()
-    log = tmp_path_factory.mktemp("log") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(model), "--port", str(port),
-                                 "--max-file-size", "1mb"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + log.read_text())
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    from gradio_client import Client
-
-    return Client(server, verbose=False)
 
 
 def _predict(client, path):
