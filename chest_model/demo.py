@@ -7,6 +7,7 @@ server keeps serving.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ def launch_options(examples_dir: Path | None, max_file_size: str | int = DEFAULT
     }
 
 
-def configure_queue(demo, *, concurrency: int = 2, max_size: int = 64):
+def configure_queue(demo, *, concurrency: int | None = None, max_size: int = 64):
     # CPU inference: a couple of requests at a time keep both cores busy; the rest wait in a bounded queue.
+    concurrency = concurrency or int(os.environ.get("CHEST_DEMO_CONCURRENCY", "2"))
     return demo.queue(default_concurrency_limit=concurrency, max_size=max_size)
