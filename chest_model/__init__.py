@@ -4,6 +4,7 @@ Research demo, not for clinical use.
 """
 from .backbones import PretrainedWeightsUnavailable
 from .config import ChestXrayConfig, ConfigError
+from .explain import Explanation, explain_image, overlay
 from .hub import ModelLoadError
 from .model import ChestXrayClassifier
 from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image
@@ -14,10 +15,13 @@ __all__ = [
     "ChestXrayClassifier",
     "ChestXrayConfig",
     "ConfigError",
+    "Explanation",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ModelLoadError",
     "Preprocessor",
     "PretrainedWeightsUnavailable",
+    "explain_image",
     "load_image",
+    "overlay",
 ]

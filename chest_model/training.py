@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import platform
 import shlex
 import signal
@@ -167,20 +166,20 @@ def train(args: argparse.Namespace, command: str) -> int:
         images, errors = decode_folder(folder.paths, model.preprocessor)
         keep = [i for i, e in enumerate(errors) if e is None]
         bad += [e for e in errors if e is not None]
-        decoded[split] = (images[keep], [folder.labels[i] for i in keep], [str(folder.paths[i]) for i in keep])
+        decoded[split] = (images[keep], [folder.labels[i] for i in keep])
     if bad and not args.skip_bad_files:
         raise DatasetError(f"cannot train, {len(bad)} file(s) cannot be read (use --skip-bad-files to leave them out):\n  - " + "\n  - ".join(bad))
     for message in bad:
         logger.warning("skipped: %s", message)
     logger.info("decoded %d images in %.1f s", sum(len(v[1]) for v in decoded.values()), time.perf_counter() - decode_start)
 
-    train_images, train_labels, train_paths = decoded["train"]
+    train_images, train_labels = decoded["train"]
     if val_folder is not None:
-        val_images, val_labels, val_paths = decoded["val"]
+        val_images, val_labels = decoded["val"]
     else:
         train_idx, val_idx = stratified_split(train_labels, args.val_split, args.seed)
-        val_images, val_labels, val_paths = train_images[val_idx], [train_labels[i] for i in val_idx], [train_paths[i] for i in val_idx]
-        train_images, train_labels, train_paths = train_images[train_idx], [train_labels[i] for i in train_idx], [train_paths[i] for i in train_idx]
+        val_images, val_labels = train_images[val_idx], [train_labels[i] for i in val_idx]
+        train_images, train_labels = train_images[train_idx], [train_labels[i] for i in train_idx]
     counts = {"train": _counts(train_labels, class_names), "val": _counts(val_labels, class_names)}
     if "test" in decoded:
         counts["test"] = _counts(decoded["test"][1], class_names)
@@ -323,7 +322,9 @@ def train(args: argparse.Namespace, command: str) -> int:
         atomic_write_text(output_dir / "history.json", json.dumps(state["history"], indent=2))
         atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
         plot_training_curves(state["history"], output_dir / "training_curves.png")
-        unwrapped.save_pretrained(output_dir, card_context={"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics})
+        card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics,
+                "repo_id": args.push_to_hub or str(output_dir)}
+        unwrapped.save_pretrained(output_dir, card_context=card)
         logger.info("saved the best model (epoch %d) to %s", state["best"]["epoch"], output_dir)
         if args.push_to_hub:
             url = unwrapped.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)

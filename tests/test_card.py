@@ -1,5 +1,4 @@
 """The model card template and its rendering."""
-from pathlib import Path
 
 import yaml
 

@@ -1,6 +1,5 @@
 """Saving, strict loading, pickle refusal and the Hub boundary (the only thing faked)."""
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -188,3 +187,19 @@ def test_hub_offline_fails_with_advice(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="could not download from the Hugging Face Hub"):
         ChestXrayClassifier.from_pretrained("someone/not-cached")
+
+
+def test_training_folder_push_uploads_only_the_model_files(tiny_model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.uploads = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    run = tmp_path / "run"
+    tiny_model.save_pretrained(run, card_context={"model_name": "my run"})
+    (run / "history.json").write_text("[]")
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001" / "optimizer.bin").write_bytes(b"x")
+    tiny_model.push_to_hub("me/run", folder=run)
+    (upload,) = FakeHfApi.uploads
+    assert set(upload["files"]) == MODEL_FILES
+    assert upload["files"]["README.md"] == (run / "README.md").read_bytes()

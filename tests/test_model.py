@@ -1,13 +1,11 @@
 """The network, the ImageNet factory and prediction."""
-import os
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from chest_model import ChestXrayClassifier, ChestXrayConfig, PretrainedWeightsUnavailable
+from chest_model import ChestXrayClassifier, PretrainedWeightsUnavailable
 from conftest import EXAMPLES, synthetic_xray
 
 
@@ -107,3 +105,18 @@ def test_predict_files(tiny_model):
     assert len(files) == 3
     results = tiny_model.predict(files)
     assert all(abs(sum(r.values()) - 1) < 1e-5 for r in results)
+
+
+@pytest.mark.dataset
+def test_bf16_matches_fp32_on_real_xrays_with_the_starter_model():
+    from conftest import DATASET, STARTER, requires_dataset  # noqa: F401
+
+    if not (DATASET / "test").is_dir() or not (STARTER / "model.safetensors").exists():
+        pytest.skip(f"needs the real dataset at {DATASET} and the starter model")
+    model = ChestXrayClassifier.from_pretrained(STARTER)
+    files = sorted((DATASET / "test").glob("*/*"))[::3]
+    fp32 = model.predict(files)
+    bf16 = model.predict(files, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert max(a, key=a.get) == max(b, key=b.get)
+        assert max(abs(a[k] - b[k]) for k in a) < 0.02
