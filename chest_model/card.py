@@ -69,7 +69,7 @@ def card_context_from_folder(folder: str | Path) -> dict[str, Any]:
     """Rebuild a card's context from a training output folder's JSON records."""
     folder = Path(folder)
     context: dict[str, Any] = {}
-    for key, relative in (("training", "train_config.json"), ("test_metrics", "eval/metrics.json")):
+    for key, relative in (("training", "train_config.json"), ("val_metrics", "val_metrics.json"), ("test_metrics", "eval/metrics.json")):
         path = folder / relative
         if path.is_file():
             context[key] = json.loads(path.read_text(encoding="utf-8"))

@@ -88,7 +88,7 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
     from sklearn.model_selection import train_test_split
 
     n, k = len(labels), len(set(labels))
-    size = max(k, int(round(fraction * n)))  # at least one image of each class
+    size = max(k, int(np.ceil(fraction * n)))  # as scikit-learn rounds; at least one image per class
     if not 0 < fraction < 1 or n - size < k or min(np.bincount(labels)) < 2:
         raise DatasetError(
             f"cannot split {n} images ({k} classes, smallest class {min(np.bincount(labels))}) into train and "

@@ -36,12 +36,18 @@ class ModelLoadError(ValueError):
     """A model folder or Hub repo that cannot be loaded safely; the message says why."""
 
 
-def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card_context: dict | None = None) -> Path:
-    """Write config.json, model.safetensors and the model card, atomically."""
+def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card_context: dict | None = None,
+                      weights_dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and the model card, atomically.
+
+    ``weights_dtype=torch.float16`` halves the file; loading casts back to float32.
+    """
     from .card import render_card
 
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if weights_dtype is not None:
+        state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _chmod_like_new_file(tmp / WEIGHTS_NAME)

@@ -5,7 +5,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
+
+# scikit-learn is imported inside the functions: it costs ~2 s of start-up that training overlaps
+# with its first epoch instead (see training.preimport).
 
 
 def classification_metrics(
@@ -20,6 +22,8 @@ def classification_metrics(
     ``probabilities`` is ``(N, C)``; predictions are its argmax. Keys are stable and documented in
     docs/metrics.md.
     """
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
     labels = np.asarray(labels, dtype=np.int64)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     k = len(class_names)
@@ -57,6 +61,8 @@ def classification_metrics(
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, float | None] | None:
     """One-vs-rest ROC-AUC per class and macro; None for a class absent (or alone) in ``labels``."""
+    from sklearn.metrics import roc_auc_score
+
     if len(labels) == 0:
         return None
     per_class: dict[str, float | None] = {}
@@ -100,6 +106,8 @@ def bootstrap_ci(
     seed: int = 0,
 ) -> dict[str, list[float] | None]:
     """Percentile bootstrap intervals for accuracy, macro-F1 and macro ROC-AUC."""
+    from sklearn.metrics import f1_score
+
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     rng = np.random.default_rng(seed)

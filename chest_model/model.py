@@ -137,12 +137,14 @@ class ChestXrayClassifier(
     # -----------------------------------------------------------------------------------------
     # Saving and loading (see hub.py for why these replace the mixin's defaults)
 
-    def save_pretrained(self, save_directory: str | Path, *, card_context: dict | None = None, **kwargs: Any) -> None:
+    def save_pretrained(self, save_directory: str | Path, *, card_context: dict | None = None,
+                        weights_dtype: torch.dtype | None = None, **kwargs: Any) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` (the model card) atomically."""
         from .hub import save_model_folder
 
         if kwargs.pop("push_to_hub", False):
             raise TypeError("use model.push_to_hub(repo_id) to upload")
-        save_model_folder(self, save_directory, card_context=card_context)
+        save_model_folder(self, save_directory, card_context=card_context, weights_dtype=weights_dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> ChestXrayClassifier:

@@ -115,11 +115,11 @@ def train(args: argparse.Namespace, command: str) -> int:
     from . import checkpoints as ckpt
     from .atomic import atomic_write_text
     from .data import CachedImageDataset, DatasetError, build_train_augmentation, decode_folder, scan_image_folder, stratified_split
-    from .engine import evaluate, fit_temperature, metrics_from_logits, predict_logits, train_one_epoch
-    from .evaluation import evaluate_model
+    from .engine import fit_temperature, metrics_from_logits, predict_logits, train_one_epoch
     from .model import ChestXrayClassifier
     from .ood import fit_max_chroma, fit_min_confidence
-    from .reports import plot_training_curves
+
+    tune_allocator()
 
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -249,6 +249,8 @@ def train(args: argparse.Namespace, command: str) -> int:
         ckpt.save_checkpoint(accelerator, checkpoints_dir, state["global_step"], state, keep=args.checkpoints_total_limit)
 
     # ---- the loop -------------------------------------------------------------------------------
+    best_val_logits = None
+    preimport("sklearn.metrics", "matplotlib.pyplot")
     with GracefulStop() as stop:
         for epoch in range(state["epoch"], args.epochs):
             train_set.set_epoch(epoch)
@@ -268,7 +270,8 @@ def train(args: argparse.Namespace, command: str) -> int:
             train_stats = train_one_epoch(accelerator, model, loader, optimizer, scheduler, preprocessor, epoch=epoch,
                                           class_weights=class_weights, on_step=on_step, skip_batches=skip, start_step=skip,
                                           seed=args.seed)
-            val = evaluate(accelerator, model, val_loader, preprocessor, class_names, desc=f"epoch {epoch + 1} val")
+            val_logits, val_labels_t = predict_logits(accelerator, model, val_loader, preprocessor, desc=f"epoch {epoch + 1} val")
+            val = metrics_from_logits(val_logits, val_labels_t, class_names)
             row = {
                 "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
                 "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -285,7 +288,8 @@ def train(args: argparse.Namespace, command: str) -> int:
             best = state["best"]
             if best is None or (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"]):
                 state["best"] = {"epoch": epoch + 1, "val_macro_f1": row["val_macro_f1"], "val_loss": row["val_loss"]}
-                if main_process:
+                best_val_logits = (val_logits, val_labels_t)  # reused for calibration: no extra pass
+                if main_process and epoch + 1 < args.epochs:  # after the last epoch, the final save below writes it
                     accelerator.unwrap_model(model).save_pretrained(output_dir, card_context={"training": {**record, "best_epoch": epoch + 1}, "val_metrics": val})
                 accelerator.wait_for_everyone()
             if args.checkpointing_steps != "none":
@@ -295,9 +299,11 @@ def train(args: argparse.Namespace, command: str) -> int:
     if state["best"] is None:
         raise RuntimeError("no epoch was trained (is --epochs 0, or was the run already complete?)")
     unwrapped = accelerator.unwrap_model(model)
-    best_model = ChestXrayClassifier.from_pretrained(output_dir)
-    unwrapped.load_state_dict(best_model.state_dict())
-    val_logits, val_labels_t = predict_logits(accelerator, model, val_loader, preprocessor, desc="calibrate")
+    if state["best"]["epoch"] != args.epochs:  # the best weights are the ones saved at that epoch
+        unwrapped.load_state_dict(ChestXrayClassifier.from_pretrained(output_dir).state_dict())
+    if best_val_logits is None:  # the best epoch was before a resume
+        best_val_logits = predict_logits(accelerator, model, val_loader, preprocessor, desc="calibrate")
+    val_logits, val_labels_t = best_val_logits
     uncalibrated = metrics_from_logits(val_logits, val_labels_t, class_names)
     temperature = fit_temperature(val_logits, val_labels_t)
     unwrapped.config.temperature = temperature
@@ -314,13 +320,18 @@ def train(args: argparse.Namespace, command: str) -> int:
         record["best_epoch"] = state["best"]["epoch"]
         record["temperature"] = temperature
         if args.test_dir:
+            from .evaluation import evaluate_model
+
             # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
             test_metrics = evaluate_model(unwrapped.eval(), args.test_dir, train_dir=args.data_dir, output_dir=output_dir / "eval")
             logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                         state["best"]["epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                         test_metrics["audit"]["metadata_baseline_accuracy"])
         atomic_write_text(output_dir / "history.json", json.dumps(state["history"], indent=2))
+        atomic_write_text(output_dir / "val_metrics.json", json.dumps(val_metrics, indent=2))
         atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
+        from .reports import plot_training_curves
+
         plot_training_curves(state["history"], output_dir / "training_curves.png")
         card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics,
                 "repo_id": args.push_to_hub or str(output_dir)}
@@ -333,6 +344,43 @@ def train(args: argparse.Namespace, command: str) -> int:
     if args.report_to != "none":
         accelerator.end_training()
     return 0
+
+
+def preimport(*modules: str) -> None:
+    """Import slow, later-needed modules on a background thread while the first epoch trains.
+
+    scikit-learn and matplotlib take ~2.5 s to import; training runs in torch kernels that release
+    the GIL, so the import overlaps with it instead of delaying the start.
+    """
+    import importlib
+    import threading
+
+    def work() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - the real import later reports any problem
+                pass
+
+    threading.Thread(target=work, name="preimport", daemon=True).start()
+
+
+def tune_allocator() -> None:
+    """Keep freed activation buffers in the heap instead of returning them to the OS.
+
+    glibc hands large blocks back with munmap after every step, so each step page-faults its
+    activations in again; raising the mmap and trim thresholds makes steps ~10% faster on CPU.
+    """
+    if sys.platform != "linux":
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _counts(labels: list[int], class_names: list[str]) -> dict[str, int]:

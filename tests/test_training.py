@@ -48,7 +48,7 @@ def test_outputs_of_a_run_with_a_test_dir(data, tmp_path):
     result = train("--data-dir", str(data / "train"), "--test-dir", str(data / "test"), "--output-dir", str(out),
                    "--epochs", "2", *TINY)
     log = result.stderr + result.stdout
-    for name in ["config.json", "model.safetensors", "README.md", "history.json", "training_curves.png",
+    for name in ["config.json", "model.safetensors", "README.md", "history.json", "training_curves.png", "val_metrics.json",
                  "train_config.json", "eval/metrics.json", "eval/confusion_matrix.png"]:
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.bin")) or all("checkpoints" in str(p) for p in out.rglob("*.bin"))
