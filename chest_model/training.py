@@ -317,6 +317,7 @@ def train(args: argparse.Namespace, command: str) -> int:
     test_metrics = None
 
     if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
         record["best_epoch"] = state["best"]["epoch"]
         record["temperature"] = temperature
         if args.test_dir:
