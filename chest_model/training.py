@@ -298,7 +298,8 @@ def train(args: argparse.Namespace, command: str) -> int:
     # ---- final: best weights, calibration, test, outputs ---------------------------------------
     if state["best"] is None:
         raise RuntimeError("no epoch was trained (is --epochs 0, or was the run already complete?)")
-    unwrapped = accelerator.unwrap_model(model)
+    # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     if state["best"]["epoch"] != args.epochs:  # the best weights are the ones saved at that epoch
         unwrapped.load_state_dict(ChestXrayClassifier.from_pretrained(output_dir).state_dict())
     if best_val_logits is None:  # the best epoch was before a resume
