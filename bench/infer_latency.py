@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BASELINE, DATASET, ROOT, machine, require_inputs  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from chest_model import ChestXrayClassifier  # noqa: E402
+from chest_model import ChestXrayClassifier, load_image  # noqa: E402
 from chest_model.explain import explain_image  # noqa: E402
 
 
@@ -90,9 +90,12 @@ def main() -> None:
         "ours, predict, 224 px, fp32": timed(lambda p: model224.predict(p.read_bytes()), files, args.repeat),
         "ours, predict, 224 px, bf16 (auto)": timed(lambda p: model224.predict(p.read_bytes(), precision="auto"), files, args.repeat),
         f"ours, predict, starter model ({size} px), fp32": timed(lambda p: model.predict(p.read_bytes()), files, args.repeat),
+        f"ours, predict, starter model ({size} px), bf16 (auto; the demo)": timed(lambda p: model.predict(p.read_bytes(), precision="auto"), files, args.repeat),
         f"ours, predict + Grad-CAM, starter model ({size} px)": timed(lambda p: explain_image(model, p.read_bytes()), files, args.repeat),
         "ours, predict + Grad-CAM, 224 px": timed(lambda p: explain_image(model224, p.read_bytes()), files, args.repeat),
     }
+    rows["decode only: load_image, full size"] = timed(lambda p: load_image(p.read_bytes()), files, args.repeat)
+    rows["decode only: load_image(min_size=224), reduced JPEG decode"] = timed(lambda p: load_image(p.read_bytes(), min_size=224), files, args.repeat)
     base = statistics.median(next(iter(rows.values())))
     print(f"\n{'path':58s} {'median ms':>10s} {'p90 ms':>8s} {'× baseline':>11s}")
     for label, times in rows.items():

@@ -35,12 +35,17 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, default=None, help="server-side concurrency limit (default: the demo's)")
+    parser.add_argument("--batch", action="store_true", help="use the batched /predict_batch endpoint (max 8 per batch)")
+    parser.add_argument("--bad-every", type=int, default=10, help="every Nth request sends a non-image (0: never)")
     args = parser.parse_args()
 
     from gradio_client import Client, handle_file
 
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    if args.batch:
+        env["CHEST_DEMO_BATCH_ENDPOINT"] = "1"
+    api = "/predict_batch" if args.batch else "/predict"
     if args.concurrency:
         env["CHEST_DEMO_CONCURRENCY"] = str(args.concurrency)
     server = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", args.model, "--port", str(port)],
@@ -70,11 +75,12 @@ def main() -> None:
             i = index
             while time.time() < stop_at:
                 i += 1
-                send_bad = i % 10 == 0
+                # A bad file would fail its whole batch, so the batched endpoint gets none.
+                send_bad = bool(args.bad_every) and i % args.bad_every == 0 and not args.batch
                 path = bad if send_bad else good[i % len(good)]
                 start = time.perf_counter()
                 try:
-                    result = client.predict(handle_file(str(path)), api_name="/predict")
+                    result = client.predict(handle_file(str(path)), api_name=api)
                     ok = not send_bad and len(result["confidences"]) == 3
                     with lock:
                         if ok:
@@ -107,7 +113,7 @@ def main() -> None:
     latencies.sort()
     quarter = max(1, len(memory) // 4)
     early, late = statistics.mean(memory[1 : 1 + quarter] or memory), statistics.mean(memory[-quarter:])
-    print(f"{args.clients} clients, {elapsed:.0f} s, model {args.model}")
+    print(f"{args.clients} clients, {elapsed:.0f} s, endpoint {api}, model {Path(args.model).name}")
     print(f"successful predictions: {len(latencies)}; expected errors (bad file): {expected_errors}; unexpected errors: {len(unexpected)}")
     if latencies:
         print(f"latency p50 {latencies[len(latencies) // 2] * 1000:.0f} ms, p99 {latencies[int(0.99 * (len(latencies) - 1))] * 1000:.0f} ms; "

@@ -61,6 +61,15 @@ class DemoService:
         """Class → probability for one uploaded file (the public ``/predict`` endpoint)."""
         return self.model.predict(self._load(path), precision=self.precision)
 
+    def predict_batch(self, paths: list[str | None]) -> list[list[dict[str, float]]]:
+        """Gradio's batched form of :meth:`predict` (one forward pass for a whole queue batch).
+
+        Only for measuring: a bad file raises and fails every request in its batch, which is why
+        the public endpoint is not batched (docs/benchmarks.md).
+        """
+        images = [self._load(path) for path in paths]
+        return [self.model.predict(images, precision=self.precision)]
+
     def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any], str]:
         """Grad-CAM overlay, the state to re-blend it, and the out-of-distribution warning (if any)."""
         image = self._load(path)
@@ -145,6 +154,9 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
 
         upload.change(service.predict, upload, label, api_name="predict").then(
             service.explain, [upload, target, opacity], [heat, state, warning], api_name="explain")
+        if os.environ.get("CHEST_DEMO_BATCH_ENDPOINT") == "1":  # benchmark only, see predict_batch
+            batch_button = gr.Button(visible=False)
+            batch_button.click(service.predict_batch, upload, label, api_name="predict_batch", batch=True, max_batch_size=8)
         target.change(service.explain, [upload, target, opacity], [heat, state, warning], api_visibility="private")
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
