@@ -6,7 +6,7 @@ from .backbones import PretrainedWeightsUnavailable
 from .config import ChestXrayConfig, ConfigError
 from .explain import Explanation, explain_image, overlay
 from .hub import ModelLoadError
-from .model import ChestXrayClassifier
+from .model import ChestXrayClassifier, Prediction
 from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image
 
 __version__ = "0.1.0"
@@ -20,6 +20,7 @@ __all__ = [
     "ImageLoadError",
     "ModelLoadError",
     "Preprocessor",
+    "Prediction",
     "PretrainedWeightsUnavailable",
     "explain_image",
     "load_image",

@@ -83,37 +83,35 @@ class ChestXrayClassifier(
         *,
         batch_size: int = 16,
         precision: str = "fp32",
-    ) -> dict[str, float] | list[dict[str, float]]:
+    ) -> Prediction | list[Prediction]:
         """Class probabilities for one image (a dict) or a list of images (a list of dicts).
 
         Images may be anything :func:`chest_model.load_image` accepts. Runs in eval mode under
         ``torch.inference_mode()`` and restores the model's previous mode. ``precision`` is
         ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware runs it natively).
-        """
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        probs = self.predict_proba(items, batch_size=batch_size, precision=precision)
-        results = [dict(zip(self.class_names, map(float, row))) for row in probs.tolist()]
-        return results[0] if single else results
 
-    def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):
-        """Like :meth:`predict`, plus an out-of-distribution check for each image.
-
-        Returns ``{"label", "probabilities", "uncertain", "reasons"}`` (a list of those for a list
-        of images). An input that does not look like a chest X-ray (colour, blank, document-like,
-        or less confident than 98% of validation X-rays) has ``uncertain=True``, ``label="uncertain"``
-        and the reasons; its probabilities are still given, for inspection.
+        Each result is a :class:`Prediction`: a plain ``dict`` of class → probability (summing to 1)
+        that also carries an out-of-distribution check: ``.uncertain`` is True, ``.label`` is
+        ``"uncertain"`` and ``.reasons`` says why, for inputs that do not look like chest X-rays
+        (colour, blank or document-like images, or less confident than 98% of validation X-rays).
         """
         from .ood import confidence_flag, image_flags
 
         single = not isinstance(images, (list, tuple))
         decoded = [self.preprocessor.load(x) for x in ([images] if single else images)]
+        probs = self.predict_proba(decoded, batch_size=batch_size, precision=precision)
         results = []
-        for image, probs in zip(decoded, self.predict(decoded, batch_size=batch_size, precision=precision)):
-            reasons = image_flags(image, self.config.max_chroma) + confidence_flag(probs, self.config.min_confidence)
-            results.append({"label": "uncertain" if reasons else max(probs, key=probs.get),
-                            "probabilities": probs, "uncertain": bool(reasons), "reasons": reasons})
+        for image, row in zip(decoded, probs.tolist()):
+            probabilities = dict(zip(self.class_names, map(float, row)))
+            reasons = image_flags(image, self.config.max_chroma) + confidence_flag(probabilities, self.config.min_confidence)
+            results.append(Prediction(probabilities, reasons))
         return results[0] if single else results
+
+    def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):
+        """:meth:`predict` as plain records: ``{"label", "probabilities", "uncertain", "reasons"}``."""
+        results = self.predict(images, batch_size=batch_size, precision=precision)
+        records = [r.to_record() for r in (results if isinstance(results, list) else [results])]
+        return records if isinstance(results, list) else records[0]
 
     def predict_proba(
         self, images: Iterable[ImageSource], *, batch_size: int = 16, precision: str = "fp32"
@@ -161,6 +159,19 @@ class ChestXrayClassifier(
         from .card import render_card
 
         return render_card(self.config, kwargs.get("card_context"))
+
+
+class Prediction(dict):
+    """Class → probability (a plain dict, summing to 1) with the out-of-distribution verdict."""
+
+    def __init__(self, probabilities: dict[str, float], reasons: list[str] | None = None):
+        super().__init__(probabilities)
+        self.reasons = list(reasons or [])
+        self.uncertain = bool(self.reasons)
+        self.label = "uncertain" if self.uncertain else max(probabilities, key=probabilities.get)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"label": self.label, "probabilities": dict(self), "uncertain": self.uncertain, "reasons": self.reasons}
 
 
 class eval_mode:

@@ -1,5 +1,6 @@
 """The network, the ImageNet factory and prediction."""
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -120,3 +121,19 @@ def test_bf16_matches_fp32_on_real_xrays_with_the_starter_model():
     for a, b in zip(fp32, bf16):
         assert max(a, key=a.get) == max(b, key=b.get)
         assert max(abs(a[k] - b[k]) for k in a) < 0.02
+
+
+def test_predict_marks_non_xrays_uncertain(tiny_model):
+    photo = np.zeros((120, 160, 3), np.uint8)
+    photo[:60] = (90, 170, 235)
+    photo[60:] = (50, 170, 60)
+    result = tiny_model.predict(photo)
+    assert result.uncertain and result.label == "uncertain" and "colour" in result.reasons[0]
+    assert abs(sum(result.values()) - 1) < 1e-5  # still the probabilities, for inspection
+    blank = tiny_model.predict(np.full((64, 64), 128, np.uint8))
+    assert blank.uncertain and "blank" in blank.reasons[0]
+    xray = tiny_model.predict(synthetic_xray(80, 80))
+    assert not xray.uncertain and xray.label == max(xray, key=xray.get) and xray.reasons == []
+    tiny_model.config.min_confidence = 0.99  # nothing a random model says is that confident
+    assert "low confidence" in tiny_model.predict(synthetic_xray(80, 80)).reasons[0]
+    assert tiny_model.analyze([synthetic_xray(64, 64)])[0]["uncertain"] is True

@@ -119,7 +119,7 @@ def test_cli_and_demo_refuse_pickles(tmp_path, model):
 
 # ---- training faults ------------------------------------------------------------------------------
 
-TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--seed", "11", "--epochs", "3",
+TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--seed", "11", "--epochs", "3", "--cpu-threads", "1",
         "--checkpointing-steps", "2", "--checkpoints-total-limit", "3"]
 
 

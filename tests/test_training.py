@@ -16,7 +16,7 @@ from conftest import CLASS_NAMES, EXAMPLES, ROOT, make_class_folders, write_imag
 
 pytestmark = pytest.mark.slow
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--seed", "3"]
+TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--seed", "3", "--cpu-threads", "1"]
 
 
 def env():
