@@ -17,7 +17,7 @@ import numpy as np
 from .explain import explain_image, overlay
 from .hub import CARD_NAME
 from .model import ChestXrayClassifier
-from .ood import confidence_flag, image_flags
+from .ood import ood_reasons
 from .preprocess import ImageLoadError
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,7 @@ class DemoService:
         image = self._load(path)
         result = explain_image(self.model, image, None if target in (None, "", PREDICTED) else target)
         state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
-        reasons = image_flags(result.image, self.model.config.max_chroma) + confidence_flag(
-            result.probabilities, self.model.config.min_confidence)
+        reasons = ood_reasons(result.image, result.probabilities, self.model.config)
         warning = ("### ⚠️ Uncertain: this may not be a chest X-ray\n" + "\n".join(f"- {r}" for r in reasons)
                    + "\n\nThe class probabilities above are not meaningful for it.") if reasons else ""
         return overlay(result.image, result.heatmap, opacity), state, warning

@@ -19,7 +19,7 @@ from .audit import mask_center, metadata_baseline, verdict
 from .data import DatasetError, scan_image_folder
 from .metrics import bootstrap_ci, classification_metrics, reliability_bins
 from .model import ChestXrayClassifier
-from .ood import image_flags
+from .ood import ood_reasons
 from .preprocess import ImageLoadError
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def evaluate_model(
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
-    flagged = [bool(image_flags(im, model.config.max_chroma)) or float(p.max()) < model.config.min_confidence for im, p in zip(images, probs)]
+    flagged = [bool(ood_reasons(im, dict(zip(class_names, p)), model.config)) for im, p in zip(images, probs)]
     metrics["ood"] = {"flagged_rate": float(np.mean(flagged)) if flagged else 0.0, "flagged": int(sum(flagged)),
                       "min_confidence": model.config.min_confidence, "max_chroma": model.config.max_chroma}
     order = np.argsort(-losses)

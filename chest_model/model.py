@@ -95,7 +95,7 @@ class ChestXrayClassifier(
         ``"uncertain"`` and ``.reasons`` says why, for inputs that do not look like chest X-rays
         (colour, blank or document-like images, or less confident than 98% of validation X-rays).
         """
-        from .ood import confidence_flag, image_flags
+        from .ood import ood_reasons
 
         single = not isinstance(images, (list, tuple))
         decoded = [self.preprocessor.load(x) for x in ([images] if single else images)]
@@ -103,8 +103,7 @@ class ChestXrayClassifier(
         results = []
         for image, row in zip(decoded, probs.tolist()):
             probabilities = dict(zip(self.class_names, map(float, row)))
-            reasons = image_flags(image, self.config.max_chroma) + confidence_flag(probabilities, self.config.min_confidence)
-            results.append(Prediction(probabilities, reasons))
+            results.append(Prediction(probabilities, ood_reasons(image, probabilities, self.config)))
         return results[0] if single else results
 
     def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):

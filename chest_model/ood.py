@@ -54,3 +54,8 @@ def image_flags(image: np.ndarray, max_chroma: float = MAX_CHROMA) -> list[str]:
 def confidence_flag(probabilities: dict[str, float], min_confidence: float) -> list[str]:
     top = max(probabilities.values())
     return [f"low confidence ({top:.2f} < {min_confidence:.2f}, rarer than 2% of validation X-rays)"] if top < min_confidence else []
+
+
+def ood_reasons(image: np.ndarray, probabilities: dict[str, float], config) -> list[str]:
+    """Every reason, under ``config``'s fitted thresholds, why this input is not a confident X-ray call."""
+    return image_flags(image, config.max_chroma) + confidence_flag(probabilities, config.min_confidence)
