@@ -17,6 +17,7 @@ DEFAULT_CLASS_NAMES = ("Normal", "Covid", "Viral Pneumonia")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("vgg19", "vgg19_bn")
+CONTRAST = ("none", "standardize", "clahe")
 MIN_IMAGE_SIZE = 32
 
 
@@ -31,6 +32,10 @@ class ChestXrayConfig:
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     backbone: str = "vgg19"
+    # Per-image contrast normalisation after the resize, on the grey level: "standardize" maps each
+    # image's mean and standard deviation to fixed values, "clahe" equalises local histograms. Both
+    # take away the brightness and contrast by which X-ray collections differ from each other.
+    contrast: str = "none"
     hidden_size: int = 256
     dropout: float = 0.5
     # Provenance: how the backbone was initialised before training ("random" or the weights' name).
@@ -42,6 +47,11 @@ class ChestXrayConfig:
     min_confidence: float = 0.0
     # Inputs more colourful than this (mean chroma, 0..1) are flagged; fitted on validation images.
     max_chroma: float = 0.08
+    # Feature-space gate (chest_model/feature_ood.py): inputs scoring above this are flagged; 0 disables it.
+    # When > 0 the fitted training statistics are stored with the weights. ``feature_fpr`` is the
+    # share of validation X-rays above the threshold, the rate it was fitted at.
+    feature_threshold: float = 0.0
+    feature_fpr: float = 0.0
 
     def __post_init__(self) -> None:
         # Accept tuples from Python callers; JSON brings lists. Store lists so equality is stable.
@@ -71,6 +81,8 @@ class ChestXrayConfig:
                 problems.append(f"{key} must be a list of 3 numbers, got {value!r}")
         if isinstance(self.std, list) and all(_is_finite_number(v) for v in self.std) and min(self.std, default=1) <= 0:
             problems.append(f"std values must be > 0, got {self.std!r}")
+        if self.contrast not in CONTRAST:
+            problems.append(f"contrast must be one of {list(CONTRAST)}, got {self.contrast!r}")
         if self.backbone not in BACKBONES:
             problems.append(f"backbone must be one of {list(BACKBONES)}, got {self.backbone!r}")
         if not _is_int(self.hidden_size) or self.hidden_size < 1:
@@ -85,6 +97,10 @@ class ChestXrayConfig:
             problems.append(f"min_confidence must be a number in [0, 1), got {self.min_confidence!r}")
         if not _is_finite_number(self.max_chroma) or not 0 < self.max_chroma <= 1:
             problems.append(f"max_chroma must be a number in (0, 1], got {self.max_chroma!r}")
+        if not _is_finite_number(self.feature_threshold) or self.feature_threshold < 0:
+            problems.append(f"feature_threshold must be a number >= 0, got {self.feature_threshold!r}")
+        if not _is_finite_number(self.feature_fpr) or not 0 <= self.feature_fpr < 1:
+            problems.append(f"feature_fpr must be a number in [0, 1), got {self.feature_fpr!r}")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 

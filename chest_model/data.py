@@ -18,26 +18,58 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .preprocess import ImageLoadError, Preprocessor, load_image
+from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image, sniff_format
 
 logger = logging.getLogger(__name__)
-
-TRAIN_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm")
 
 
 class DatasetError(ValueError):
     """A data folder that cannot be trained on; the message lists every problem, file by file."""
 
 
+# Folder names that say which split a folder is, not which collection it comes from.
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
 @dataclass
 class ImageFolder:
+    """Image files with their class and source (the data root each came from)."""
+
     root: Path
     class_names: list[str]
     paths: list[Path] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+    source_names: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {name: self.labels.count(i) for i, name in enumerate(self.class_names)}
+
+    def counts_by_source(self) -> dict[str, dict[str, int]]:
+        return {source: {name: sum(1 for l, s in zip(self.labels, self.sources) if l == i and s == k)
+                         for i, name in enumerate(self.class_names)}
+                for k, source in enumerate(self.source_names)}
+
+
+def source_name(path: str | Path) -> str:
+    """A data root's default source name: its folder name, or its parent's for split folders (``covid19-dataset/train``)."""
+    path = Path(path).absolute()
+    return path.parent.name if path.name.lower() in SPLIT_NAMES and path.parent.name else path.name
+
+
+def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
+    """``[NAME=]PATH`` arguments -> unique (name, path) pairs."""
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, path = source_name(spec), spec
+        pairs.append((name, Path(path)))
+    names = [name for name, _ in pairs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DatasetError(f"two data folders share the source name(s) {duplicates}; name them with NAME=PATH")
+    return pairs
 
 
 def _is_dicom_by_content(path: Path) -> bool:
@@ -46,21 +78,25 @@ def _is_dicom_by_content(path: Path) -> bool:
             head = handle.read(132)
     except OSError:
         return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    return sniff_format(head) == "DICOM"
 
 
 def is_image_file(path: Path) -> bool:
     """Known image extensions in any case, plus DICOM files recognised by content (they often have none)."""
     if path.name.startswith(".") or not path.is_file():
         return False
-    return path.suffix.lower() in TRAIN_EXTENSIONS or _is_dicom_by_content(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom_by_content(path)
 
 
-def scan_image_folder(root: str | Path, class_names: list[str]) -> tuple[ImageFolder, list[str]]:
-    """List ``root/<class>/<image>`` files; return the folder and a list of problems (empty when fine)."""
+def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool = False,
+                      name: str | None = None) -> tuple[ImageFolder, list[str]]:
+    """List ``root/<class>/<image>`` files; return the folder and a list of problems (empty when fine).
+
+    With ``partial``, a root may hold only some of the classes (an external set of adult normals).
+    """
     root = Path(root)
     problems: list[str] = []
-    folder = ImageFolder(root, list(class_names))
+    folder = ImageFolder(root, list(class_names), source_names=[name or source_name(root)])
     if not root.is_dir():
         return folder, [f"{root}: data folder does not exist"]
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -70,24 +106,60 @@ def scan_image_folder(root: str | Path, class_names: list[str]) -> tuple[ImageFo
             f"{root}: class folder(s) {extra} do not match the model's classes {list(class_names)} "
             "(rename them, or pass --class-names to train another set)"
         )
-    for label, name in enumerate(class_names):
-        class_dir = root / name
+    if partial and not any(n in class_names for n in present):
+        problems.append(f"{root}: none of the class folders {list(class_names)} is here")
+    for label, class_name in enumerate(class_names):
+        class_dir = root / class_name
         if not class_dir.is_dir():
-            problems.append(f"{class_dir}: missing class folder for '{name}'")
+            if not partial:
+                problems.append(f"{class_dir}: missing class folder for '{class_name}'")
             continue
         files = sorted(p for p in class_dir.rglob("*") if is_image_file(p))
         if not files:
-            problems.append(f"{class_dir}: no image files ({', '.join(TRAIN_EXTENSIONS)}, any case)")
+            problems.append(f"{class_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}, any case)")
         folder.paths.extend(files)
         folder.labels.extend([label] * len(files))
+    folder.sources = [0] * len(folder.paths)
     return folder, problems
 
 
-def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Indices of a seeded split that keeps each class's share in both parts."""
+def scan_sources(sources: list[tuple[str, Path]], class_names: list[str]) -> tuple[ImageFolder, list[str]]:
+    """Several data roots merged by class folder name; each file keeps its source.
+
+    One root must hold every class (the tutorial's layout). With several, a root may hold only some
+    classes, but every class needs images in at least one of them.
+    """
+    if len(sources) == 1:
+        name, root = sources[0]
+        return scan_image_folder(root, class_names, name=name)
+    merged = ImageFolder(Path(sources[0][1]), list(class_names), source_names=[name for name, _ in sources])
+    problems: list[str] = []
+    for index, (name, root) in enumerate(sources):
+        folder, more = scan_image_folder(root, class_names, partial=True, name=name)
+        problems += more
+        merged.paths += folder.paths
+        merged.labels += folder.labels
+        merged.sources += [index] * len(folder.paths)
+    if not problems:
+        empty = [name for i, name in enumerate(class_names) if i not in merged.labels]
+        if empty:
+            roots = ", ".join(str(root) for _, root in sources)
+            problems.append(f"no images for class(es) {empty} in any of {roots}")
+    return merged, problems
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int, sources: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Indices of a seeded split that keeps each class's share in both parts (each class x source's with ``sources``).
+
+    A class x source group with a single image is stratified with its class alone.
+    """
     from sklearn.model_selection import train_test_split
 
     n, k = len(labels), len(set(labels))
+    strata = list(labels)
+    if sources is not None and len(set(sources)) > 1:
+        groups = [(label, source) for label, source in zip(labels, sources)]
+        strata = [f"{l}/{s}" if groups.count((l, s)) >= 2 else str(l) for l, s in groups]
     size = max(k, int(np.ceil(fraction * n)))  # as scikit-learn rounds; at least one image per class
     if not 0 < fraction < 1 or n - size < k or min(np.bincount(labels)) < 2:
         raise DatasetError(
@@ -95,44 +167,141 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[lis
             f"validation with --val-split {fraction}; add images or pass --val-dir"
         )
     indices = np.arange(n)
-    train_idx, val_idx = train_test_split(indices, test_size=size, stratify=labels, random_state=seed)
+    train_idx, val_idx = train_test_split(indices, test_size=size, stratify=strata, random_state=seed)
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
 
 
 def decode_folder(
     paths: list[Path], preprocessor: Preprocessor, *, num_threads: int | None = None
-) -> tuple[torch.Tensor, list[str | None]]:
-    """Decode and resize every file once: a ``(N, 3, S, S)`` uint8 tensor and per-file errors (None if ok)."""
+) -> tuple[torch.Tensor, list[str | None], list[float]]:
+    """Decode and resize every file once: a ``(N, 3, S, S)`` uint8 tensor, per-file errors (None if ok),
+    and each decoded image's mean chroma (measured before any contrast normalisation greys it)."""
+    from .ood import chroma
+
     size = preprocessor.image_size
     images = torch.zeros((len(paths), 3, size, size), dtype=torch.uint8)
     errors: list[str | None] = [None] * len(paths)
+    chromas = [0.0] * len(paths)
 
     def work(i: int) -> None:
         try:
-            images[i] = preprocessor.to_uint8_tensor(load_image(paths[i], min_size=size))
+            image = load_image(paths[i], min_size=size)
+            chromas[i] = chroma(image)
+            images[i] = preprocessor.to_uint8_tensor(image)
         except ImageLoadError as err:
             errors[i] = str(err)
 
     # OpenCV releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(max_workers=num_threads or min(8, os.cpu_count() or 1)) as pool:
         list(pool.map(work, range(len(paths))))
-    return images, errors
+    return images, errors, chromas
 
 
-def build_train_augmentation():
-    """Small, anatomy-preserving changes on uint8 tensors (torchvision transforms v2).
+def build_train_augmentation(kind: str = "standard"):
+    """Training augmentation on uint8 ``(3, S, S)`` tensors (torchvision transforms v2), or None for ``"none"``.
 
+    ``"standard"``: small, anatomy-preserving changes.
     - RandomAffine: patient position and framing differ between radiographs by a few degrees and a
       few percent; larger rotations or flips would create anatomy (heart on the right) that never occurs.
     - ColorJitter on brightness/contrast: exposure and detector response vary between machines.
       Hue/saturation jitter is meaningless on grayscale X-rays.
+
+    ``"acquisition"`` adds what differs between *sources* rather than patients, so that the model
+    cannot tell the collections apart by it: tighter or looser framing (crops), detector and
+    processing curves (gamma, stronger contrast), resolution (blur), noise and JPEG compression.
     """
+    if kind == "none":
+        return None
     from torchvision.transforms import v2
 
+    if kind == "standard":
+        return v2.Compose([
+            v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+        ])
+    if kind != "acquisition":
+        raise ValueError(f"unknown augmentation {kind!r}; expected 'standard', 'acquisition' or 'none'")
     return v2.Compose([
-        v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-        v2.ColorJitter(brightness=0.2, contrast=0.2),
+        RandomCropResize(scale=(0.7, 1.0), ratio=(0.8, 1.25)),
+        v2.RandomAffine(degrees=7, translate=(0.03, 0.03)),
+        v2.ColorJitter(brightness=0.3, contrast=0.4),
+        RandomGamma((0.7, 1.4), p=0.5),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.3, 1.5))], p=0.3),
+        RandomNoise(max_std=8.0, p=0.3),
+        v2.RandomApply([v2.JPEG((30, 95))], p=0.3),
     ])
+
+
+class RandomCropResize:
+    """RandomResizedCrop back to the image's own size (it is cached at the model's input size)."""
+
+    def __init__(self, scale: tuple[float, float], ratio: tuple[float, float]):
+        self.scale, self.ratio = scale, ratio
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        return v2.RandomResizedCrop(tuple(image.shape[-2:]), scale=self.scale, ratio=self.ratio, antialias=True)(image)
+
+
+class RandomGamma:
+    """A random gamma curve: detectors and their post-processing map dose to grey differently."""
+
+    def __init__(self, gamma: tuple[float, float], p: float):
+        self.gamma, self.p = gamma, p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return image
+        from torchvision.transforms.v2 import functional as F
+
+        return F.adjust_gamma(image, float(torch.empty(()).uniform_(*self.gamma)))
+
+
+class RandomNoise:
+    """Additive Gaussian noise on uint8 images (quantum noise differs with dose and detector)."""
+
+    def __init__(self, max_std: float, p: float):
+        self.max_std, self.p = max_std, p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return image
+        std = float(torch.empty(()).uniform_(0, self.max_std))
+        return (image.float() + torch.randn(image.shape) * std).round().clamp(0, 255).to(torch.uint8)
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """Draws classes equally often and, within a class, each source equally often (with replacement).
+
+    Without it a pool that is mostly one source's Normal images teaches "mostly Normal". The draw
+    of epoch ``e`` depends only on ``(seed, e)``, so every process and a resumed run see the same order.
+    """
+
+    def __init__(self, labels: list[int], sources: list[int], seed: int = 0, num_samples: int | None = None):
+        self.weights = balanced_weights(labels, sources)
+        self.num_samples = num_samples or len(labels)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
+
+
+def balanced_weights(labels: list[int], sources: list[int]) -> torch.Tensor:
+    """Per-sample weights giving each class equal mass, split equally between the sources that have it."""
+    groups: dict[tuple[int, int], int] = {}
+    for group in zip(labels, sources):
+        groups[group] = groups.get(group, 0) + 1
+    sources_per_class = {label: sum(1 for (l, _) in groups if l == label) for label in set(labels)}
+    return torch.tensor([1.0 / (sources_per_class[l] * groups[(l, s)]) for l, s in zip(labels, sources)], dtype=torch.float64)
 
 
 class CachedImageDataset(Dataset):

@@ -281,6 +281,14 @@ def _finish(image: np.ndarray, label: str) -> np.ndarray:
 # Tensor transform
 
 
+# CLAHE as commonly used on chest radiographs: a mild clip, an 8 x 8 grid of tiles.
+CLAHE_CLIP = 2.0
+CLAHE_TILES = 8
+# "standardize": every image's grey level gets this mean and standard deviation (uint8 scale).
+STANDARD_MEAN = 128.0
+STANDARD_STD = 48.0
+
+
 class Preprocessor:
     """Resize and normalize RGB uint8 images exactly as the model expects, from its config.
 
@@ -290,9 +298,19 @@ class Preprocessor:
     """
 
     def __init__(self, config: ChestXrayConfig):
-        self.image_size = config.image_size
-        self.mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1) * 255
-        self.std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1) * 255
+        self.config = config  # read at each use, so a changed config changes the preprocessing too
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.tensor(self.config.mean, dtype=torch.float32).view(3, 1, 1) * 255
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.tensor(self.config.std, dtype=torch.float32).view(3, 1, 1) * 255
 
     def resize(self, image: np.ndarray) -> np.ndarray:
         size = self.image_size
@@ -303,9 +321,23 @@ class Preprocessor:
         interpolation = cv2.INTER_AREA if (h >= size and w >= size) else cv2.INTER_LINEAR
         return cv2.resize(image, (size, size), interpolation=interpolation)
 
+    def normalize_contrast(self, image: np.ndarray) -> np.ndarray:
+        """The config's per-image contrast normalisation of a resized RGB uint8 image (grey out)."""
+        mode = self.config.contrast
+        if mode == "none":
+            return image
+        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        if mode == "clahe":
+            gray = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(gray)
+        else:  # "standardize"
+            values = gray.astype(np.float32)
+            std = max(float(values.std()), 1.0)  # a blank image stays blank instead of exploding its noise
+            gray = np.clip((values - values.mean()) * (STANDARD_STD / std) + STANDARD_MEAN, 0, 255).round().astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+
     def to_uint8_tensor(self, image: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 array -> resized (3, S, S) uint8 tensor."""
-        return torch.from_numpy(np.ascontiguousarray(self.resize(image).transpose(2, 0, 1)))
+        """(H, W, 3) uint8 array -> resized, contrast-normalised (3, S, S) uint8 tensor."""
+        return torch.from_numpy(np.ascontiguousarray(self.normalize_contrast(self.resize(image)).transpose(2, 0, 1)))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:

@@ -1,7 +1,8 @@
-"""The training recipe behind ``train.py``: arguments, data, the loop, checkpoints and outputs.
+"""The training recipe behind ``train.py``: arguments, then ``main`` composing small steps.
 
 Runs unchanged on CPU, one GPU or several (``accelerate launch``). Reads top to bottom as
-``get_args_parser()`` + ``main(argv)``, in the style of torchvision's reference trainer.
+``get_args_parser()`` + ``main(argv)``, in the style of torchvision's reference trainer:
+data -> model -> loop -> choose -> calibrate -> save.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = p.add_argument_group("data")
-    data.add_argument("--data-dir", required=True, help="folder of class subfolders (Normal/, Covid/, Viral Pneumonia/)")
+    data.add_argument("--data-dir", required=True, action="append", metavar="[NAME=]PATH",
+                      help="folder of class subfolders (Normal/, Covid/, Viral Pneumonia/); repeat it to train on several "
+                           "sources, merged by class folder name (a source may hold only some classes)")
     data.add_argument("--val-dir", default=None, help="validation class folders; without it, --val-split of --data-dir")
-    data.add_argument("--val-split", type=float, default=0.15, help="stratified, seeded validation fraction when there is no --val-dir")
+    data.add_argument("--val-split", type=float, default=0.15,
+                      help="seeded validation fraction when there is no --val-dir, stratified by class and source")
     data.add_argument("--test-dir", default=None, help="evaluated once at the end with the best model; never chooses epochs")
+    data.add_argument("--external-dir", action="append", default=[], metavar="NAME=PATH",
+                      help="a set from a source not trained on (may hold only some classes), evaluated once at the end; repeatable")
     data.add_argument("--output-dir", required=True)
     data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {list(DEFAULT_CLASS_NAMES)})")
     data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
+    data.add_argument("--sampling", choices=["shuffle", "balanced"], default="shuffle",
+                      help="'balanced' draws every class equally often and, within a class, every source equally often")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10)
     opt.add_argument("--batch-size", type=int, default=4, help="per process")
@@ -49,12 +58,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
     opt.add_argument("--class-weights", choices=["none", "balanced"], default="none")
     opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
+                     help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
+                          "(source, class) group, so no source or class can be sacrificed; 'auto' uses it with several sources")
     mdl = p.add_argument_group("model")
     mdl.add_argument("--image-size", type=int, default=224)
     mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19")
     mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
     mdl.add_argument("--dropout", type=float, default=0.5)
-    mdl.add_argument("--no-augment", action="store_true", help="train on the cached images as they are")
+    mdl.add_argument("--contrast", choices=["none", "standardize", "clahe"], default="none",
+                     help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
+                          "which collections differ (stored in config.json, so inference does the same)")
+    mdl.add_argument("--augment", choices=["standard", "acquisition", "none"], default="standard",
+                     help="'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how and where an image was taken")
+    mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
+    mdl.add_argument("--ood-fpr", type=float, default=0.02,
+                     help="share of validation X-rays the feature-space out-of-distribution gate may flag")
     run = p.add_argument_group("run")
     run.add_argument("--cpu-threads", type=int, default=0,
                      help="torch threads per process on CPU (0: the available cores divided by the local processes)")
@@ -101,36 +120,63 @@ class GracefulStop:
         return int(flag.item())
 
 
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    command = "train.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = launch_command(sys.argv[1:] if argv is None else argv)
     try:
         return train(args, command)
     except Interrupted as stop:
         return 128 + stop.signum
 
 
-def train(args: argparse.Namespace, command: str) -> int:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-    from torch.utils.data import DataLoader
+def launch_command(argv: list[str]) -> str:
+    """The command that reproduces this run, the launcher and its flags included."""
+    script = "train.py " + " ".join(shlex.quote(a) for a in argv)
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ:  # set by `accelerate launch`, not by `python`
+        return "python " + script
+    flags = []
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:
+        flags += ["--multi_gpu", "--num_processes", str(world_size)]
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision != "no":
+        flags += ["--mixed_precision", precision]
+    return " ".join(["accelerate launch", *flags, script])
 
-    from . import checkpoints as ckpt
-    from .atomic import atomic_write_text
-    from .data import CachedImageDataset, DatasetError, build_train_augmentation, decode_folder, scan_image_folder, stratified_split
-    from .engine import fit_temperature, metrics_from_logits, predict_logits, train_one_epoch
-    from .model import ChestXrayClassifier
-    from .ood import fit_max_chroma, fit_min_confidence
+
+def train(args: argparse.Namespace, command: str) -> int:
+    from accelerate.utils import set_seed
+
+    from .data import parse_data_dirs
 
     tune_allocator()
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)
+    class_names = list(args.class_names or DEFAULT_CLASS_NAMES)
+    config = ChestXrayConfig(class_names=class_names, image_size=args.image_size, backbone=args.backbone, dropout=args.dropout,
+                             contrast=args.contrast)
+    sources = parse_data_dirs(args.data_dir)
+    folders = scan_data(args, sources, class_names)
+    model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
+    data = decode_data(args, folders, model.preprocessor)
+    run = prepare_run(args, accelerator, model, data, command)
+    best_val = run_epochs(run)
+    finish(run, best_val)
+    return 0
 
-    output_dir = Path(args.output_dir)
+
+def make_accelerator(args: argparse.Namespace):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
     accelerator = Accelerator(
         # Without a GPU, run on the CPU even under `--multi_gpu`: each process then joins a gloo group.
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=args.grad_accum,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_dir=str(output_dir),
+        project_dir=str(args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
@@ -139,68 +185,136 @@ def train(args: argparse.Namespace, command: str) -> int:
         # `accelerate launch` without a config sets OMP_NUM_THREADS=1, which halves CPU training speed.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(args.cpu_threads or max(1, _available_cores() // local))
-    main_process = accelerator.is_main_process
     if accelerator.device.type == "cuda":
         warnings.warn("On GPU, VGG's adaptive-pool backward is nondeterministic: runs with the same seed can differ slightly.")
-    set_seed(args.seed)
+    return accelerator
 
-    # ---- data: find every problem before training starts --------------------------------------
-    class_names = list(args.class_names or DEFAULT_CLASS_NAMES)
-    config = ChestXrayConfig(class_names=class_names, image_size=args.image_size, backbone=args.backbone, dropout=args.dropout)
-    train_folder, problems = scan_image_folder(args.data_dir, class_names)
-    val_folder = test_folder = None
-    if args.val_dir:
-        val_folder, more = scan_image_folder(args.val_dir, class_names)
-        problems += more
-    if args.test_dir:
-        test_folder, more = scan_image_folder(args.test_dir, class_names)
-        problems += more
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """Decoded, resized uint8 images of one split, with their classes and sources."""
+
+    images: torch.Tensor
+    labels: list[int]
+    sources: list[int]
+    source_names: list[str]
+    chroma: list[float]  # of each decoded image, for the colour check's threshold
+
+    def take(self, indices: list[int]) -> Split:
+        return Split(self.images[indices], [self.labels[i] for i in indices], [self.sources[i] for i in indices],
+                     self.source_names, [self.chroma[i] for i in indices])
+
+    def counts(self, class_names: list[str]) -> dict[str, int]:
+        return {name: self.labels.count(i) for i, name in enumerate(class_names)}
+
+    def counts_by_source(self, class_names: list[str]) -> dict[str, dict[str, int]]:
+        return {source: {name: sum(1 for l, s in zip(self.labels, self.sources) if (l, s) == (i, k)) for i, name in enumerate(class_names)}
+                for k, source in enumerate(self.source_names) if k in self.sources}
+
+
+@dataclass
+class TrainingData:
+    train: Split
+    val: Split
+    skipped: list[str] = field(default_factory=list)
+
+
+def scan_data(args: argparse.Namespace, sources, class_names: list[str]) -> dict[str, Any]:
+    """Every folder of the run, scanned; all problems reported together before any decoding."""
+    from .data import DatasetError, scan_image_folder, scan_sources
+
+    folders, problems = {}, []
+    folders["train"], problems = scan_sources(sources, class_names)
+    for split in ("val", "test"):
+        path = getattr(args, f"{split}_dir")
+        if path:
+            folders[split], more = scan_image_folder(path, class_names)
+            problems += more
     if problems:
         raise DatasetError("cannot train, the data has problems:\n  - " + "\n  - ".join(problems))
+    return folders
 
-    # Fail fast on weights before spending time decoding.
-    if args.weights == "imagenet":
-        model = ChestXrayClassifier.from_imagenet(config)
-    else:
-        model = ChestXrayClassifier(config)
 
-    decode_start = time.perf_counter()
-    splits = {"train": train_folder, "val": val_folder, "test": test_folder}
-    decoded, bad = {}, []
-    for split, folder in splits.items():
+def decode_data(args: argparse.Namespace, folders: dict[str, Any], preprocessor) -> TrainingData:
+    """Decode and resize every training and validation file once; split off validation if needed."""
+    from .data import DatasetError, decode_folder, stratified_split
+
+    start = time.perf_counter()
+    splits, bad = {}, []
+    for name in ("train", "val"):
+        folder = folders.get(name)
         if folder is None:
             continue
-        images, errors = decode_folder(folder.paths, model.preprocessor)
+        images, errors, chromas = decode_folder(folder.paths, preprocessor)
         keep = [i for i, e in enumerate(errors) if e is None]
         bad += [e for e in errors if e is not None]
-        decoded[split] = (images[keep], [folder.labels[i] for i in keep])
+        splits[name] = Split(images[keep], [folder.labels[i] for i in keep], [folder.sources[i] for i in keep],
+                             folder.source_names, [chromas[i] for i in keep])
     if bad and not args.skip_bad_files:
         raise DatasetError(f"cannot train, {len(bad)} file(s) cannot be read (use --skip-bad-files to leave them out):\n  - " + "\n  - ".join(bad))
     for message in bad:
         logger.warning("skipped: %s", message)
-    logger.info("decoded %d images in %.1f s", sum(len(v[1]) for v in decoded.values()), time.perf_counter() - decode_start)
+    logger.info("decoded %d images in %.1f s", sum(len(s.labels) for s in splits.values()), time.perf_counter() - start)
+    if "val" not in splits:
+        pool = splits["train"]
+        train_idx, val_idx = stratified_split(pool.labels, args.val_split, args.seed, sources=pool.sources)
+        splits["train"], splits["val"] = pool.take(train_idx), pool.take(val_idx)
+    return TrainingData(splits["train"], splits["val"], bad)
 
-    train_images, train_labels = decoded["train"]
-    if val_folder is not None:
-        val_images, val_labels = decoded["val"]
-    else:
-        train_idx, val_idx = stratified_split(train_labels, args.val_split, args.seed)
-        val_images, val_labels = train_images[val_idx], [train_labels[i] for i in val_idx]
-        train_images, train_labels = train_images[train_idx], [train_labels[i] for i in train_idx]
-    counts = {"train": _counts(train_labels, class_names), "val": _counts(val_labels, class_names)}
-    if "test" in decoded:
-        counts["test"] = _counts(decoded["test"][1], class_names)
-    for split, c in counts.items():
-        logger.info("%s: %s", split, c)
 
-    augment = None if args.no_augment else build_train_augmentation()
-    train_set = CachedImageDataset(train_images, train_labels, transform=augment, seed=args.seed)
-    val_set = CachedImageDataset(val_images, val_labels)
+def build_model(args: argparse.Namespace, config: ChestXrayConfig):
+    from .model import ChestXrayClassifier
+
+    return ChestXrayClassifier.from_imagenet(config) if args.weights == "imagenet" else ChestXrayClassifier(config)
+
+
+# ---- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything the loop and the final steps share."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    model: Any
+    preprocessor: Any
+    optimizer: Any
+    scheduler: Any
+    train_set: Any
+    train_loader: Any
+    val_loader: Any
+    data: TrainingData
+    class_weights: torch.Tensor | None
+    record: dict[str, Any]
+    state: dict[str, Any]
+    select_metric: str
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.record["class_names"]
+
+
+def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData, command: str) -> Run:
+    from torch.utils.data import DataLoader
+
+    from .data import BalancedSampler, CachedImageDataset, build_train_augmentation
+
+    class_names = model.class_names
+    train_set = CachedImageDataset(data.train.images, data.train.labels, transform=build_train_augmentation(args.augment), seed=args.seed)
+    val_set = CachedImageDataset(data.val.images, data.val.labels)
+    sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed) if args.sampling == "balanced" else None
     loader_kwargs = {"num_workers": args.num_workers, "persistent_workers": False}
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, **loader_kwargs)
+    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)
 
-    # ---- model, optimiser, schedule ------------------------------------------------------------
     preprocessor = model.preprocessor
     model = model.to(memory_format=torch.channels_last)
     raw_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -210,150 +324,230 @@ def train(args: argparse.Namespace, command: str) -> int:
     accelerator.register_for_checkpointing(scheduler)
     class_weights = None
     if args.class_weights == "balanced":
-        n = torch.bincount(torch.tensor(train_labels), minlength=len(class_names)).float()
+        n = torch.bincount(torch.tensor(data.train.labels), minlength=len(class_names)).float()
         class_weights = n.sum() / (len(class_names) * n.clamp(min=1))
     if args.report_to != "none":
         accelerator.init_trackers("chest-xray-classifier", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+    select = args.select_metric
+    if select == "auto":
+        select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
+    record = run_record(args, accelerator, data, class_names, command, select)
+    run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
+              class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select)
+    resume(run)
+    return run
 
-    # ---- resume ---------------------------------------------------------------------------------
-    checkpoints_dir = output_dir / "checkpoints"
-    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}
-    if args.resume_from_checkpoint:
-        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
-        if path is None:
-            logger.info("no checkpoint in %s yet; starting from scratch", checkpoints_dir)
-        else:
-            state = ckpt.verify_checkpoint(path)
-            accelerator.load_state(str(path))
-            logger.info("resumed from %s (epoch %d, batch %d)", path, state["epoch"] + 1, state["step_in_epoch"])
-    every = None if args.checkpointing_steps in ("epoch", "none") else int(args.checkpointing_steps)
 
-    record = {
+def run_record(args, accelerator, data: TrainingData, class_names: list[str], command: str, select: str) -> dict[str, Any]:
+    """What the run was, for train_config.json and the model card."""
+    counts = {"train": data.train.counts(class_names), "val": data.val.counts(class_names)}
+    if args.test_dir:
+        from .data import scan_image_folder
+
+        counts["test"] = scan_image_folder(args.test_dir, class_names)[0].counts()
+    for split, c in counts.items():
+        logger.info("%s: %s", split, c)
+    return {
         "command": command,
-        "data_dir": str(args.data_dir),
+        "data_dir": [str(d) for d in args.data_dir] if len(args.data_dir) > 1 else str(args.data_dir[0]),
+        "sources": data.train.source_names,
         "val_dir": args.val_dir,
         "test_dir": args.test_dir,
+        "external_dirs": list(args.external_dir),
         "data_counts": counts,
+        "data_counts_by_source": {"train": data.train.counts_by_source(class_names), "val": data.val.counts_by_source(class_names)},
         "class_names": class_names,
         "world_size": accelerator.num_processes,
         "device": str(accelerator.device.type),
-        "distributed_type": str(accelerator.distributed_type.value if hasattr(accelerator.distributed_type, "value") else accelerator.distributed_type),
+        "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
         "mixed_precision": accelerator.mixed_precision,
         "cpu_threads_per_process": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "epochs": args.epochs,
+        "selection_metric": select,
         "hyperparameters": {
-            "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size,
+            "backbone": args.backbone, "weights": args.weights, "image_size": args.image_size, "contrast": args.contrast,
             "batch_size_per_process": args.batch_size, "global_batch_size": args.batch_size * accelerator.num_processes * args.grad_accum,
             "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
             "warmup_epochs": args.warmup_epochs, "class_weights": args.class_weights, "grad_accum": args.grad_accum,
-            "dropout": args.dropout, "augment": not args.no_augment, "seed": args.seed, "optimizer": "SGD",
+            "dropout": args.dropout, "augment": args.augment, "sampling": args.sampling, "seed": args.seed, "optimizer": "SGD",
         },
-        "skipped_files": bad,
+        "skipped_files": data.skipped,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
-        state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * len(train_loader) + step_in_epoch)
-        ckpt.save_checkpoint(accelerator, checkpoints_dir, state["global_step"], state, keep=args.checkpoints_total_limit)
 
-    # ---- the loop -------------------------------------------------------------------------------
-    best_val_logits = None
+def resume(run: Run) -> None:
+    from . import checkpoints as ckpt
+
+    if not run.args.resume_from_checkpoint:
+        return
+    checkpoints_dir = run.output_dir / "checkpoints"
+    path = ckpt.resolve_checkpoint(run.args.resume_from_checkpoint, checkpoints_dir)
+    if path is None:
+        logger.info("no checkpoint in %s yet; starting from scratch", checkpoints_dir)
+        return
+    run.state = ckpt.verify_checkpoint(path)
+    run.accelerator.load_state(str(path))
+    logger.info("resumed from %s (epoch %d, batch %d)", path, run.state["epoch"] + 1, run.state["step_in_epoch"])
+
+
+def checkpoint(run: Run, epoch: int, step_in_epoch: int) -> None:
+    from . import checkpoints as ckpt
+
+    run.state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * len(run.train_loader) + step_in_epoch)
+    ckpt.save_checkpoint(run.accelerator, run.output_dir / "checkpoints", run.state["global_step"], run.state,
+                         keep=run.args.checkpoints_total_limit)
+
+
+def run_epochs(run: Run):
+    """Train every remaining epoch; keep the best by the selection metric. Returns its validation logits (or None)."""
+    best_val = None
     preimport("sklearn.metrics", "matplotlib.pyplot")
     with GracefulStop() as stop:
-        for epoch in range(state["epoch"], args.epochs):
-            train_set.set_epoch(epoch)
-            train_loader.set_epoch(epoch)
-            skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
-            loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-
-            def on_step(step: int, epoch: int = epoch) -> None:
-                signum = stop.requested(accelerator)
-                if signum:
-                    logger.warning("%s received: saving a checkpoint at epoch %d, batch %d, then stopping", signal.Signals(signum).name, epoch + 1, step)
-                    checkpoint(epoch, step)
-                    raise Interrupted(signum)
-                if every and (epoch * len(train_loader) + step) % every == 0 and step < len(train_loader):
-                    checkpoint(epoch, step)
-
-            train_stats = train_one_epoch(accelerator, model, loader, optimizer, scheduler, preprocessor, epoch=epoch,
-                                          class_weights=class_weights, on_step=on_step, skip_batches=skip, start_step=skip,
-                                          seed=args.seed)
-            val_logits, val_labels_t = predict_logits(accelerator, model, val_loader, preprocessor, desc=f"epoch {epoch + 1} val")
-            val = metrics_from_logits(val_logits, val_labels_t, class_names)
-            row = {
-                "epoch": epoch + 1, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
-                "lr": scheduler.get_last_lr()[0], "seconds": train_stats["seconds"], "images_per_s": train_stats["images_per_s"],
-            }
-            state["history"].append(row)
-            logger.info(
-                "epoch %d/%d | train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f | lr %.2e | %.1f s | %.1f img/s",
-                epoch + 1, args.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"],
-                row["val_macro_f1"], row["lr"], row["seconds"], row["images_per_s"],
-            )
-            if args.report_to != "none":
-                accelerator.log({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
-            best = state["best"]
-            if best is None or (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"]):
-                state["best"] = {"epoch": epoch + 1, "val_macro_f1": row["val_macro_f1"], "val_loss": row["val_loss"]}
-                best_val_logits = (val_logits, val_labels_t)  # reused for calibration: no extra pass
-                if main_process and epoch + 1 < args.epochs:  # after the last epoch, the final save below writes it
-                    accelerator.unwrap_model(model).save_pretrained(output_dir, card_context={"training": {**record, "best_epoch": epoch + 1}, "val_metrics": val})
-                accelerator.wait_for_everyone()
-            if args.checkpointing_steps != "none":
-                checkpoint(epoch + 1, 0)
-
-    # ---- final: best weights, calibration, test, outputs ---------------------------------------
-    if state["best"] is None:
+        for epoch in range(run.state["epoch"], run.args.epochs):
+            row, val_logits = one_epoch(run, epoch, stop)
+            if is_better(row, run.state["best"], run.select_metric):
+                run.state["best"] = {"epoch": epoch + 1, "metric": run.select_metric, "value": row[f"val_{run.select_metric}"],
+                                     "val_loss": row["val_loss"]}
+                best_val = val_logits  # reused for calibration: no extra pass
+                if run.accelerator.is_main_process and epoch + 1 < run.args.epochs:  # the final save writes the last epoch
+                    run.accelerator.unwrap_model(run.model).save_pretrained(
+                        run.output_dir, card_context={"training": {**run.record, "best_epoch": epoch + 1}})
+                run.accelerator.wait_for_everyone()
+            if run.args.checkpointing_steps != "none":
+                checkpoint(run, epoch + 1, 0)
+    if run.state["best"] is None:
         raise RuntimeError("no epoch was trained (is --epochs 0, or was the run already complete?)")
-    # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
-    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
-    if state["best"]["epoch"] != args.epochs:  # the best weights are the ones saved at that epoch
-        unwrapped.load_state_dict(ChestXrayClassifier.from_pretrained(output_dir).state_dict())
-    if best_val_logits is None:  # the best epoch was before a resume
-        best_val_logits = predict_logits(accelerator, model, val_loader, preprocessor, desc="calibrate")
-    val_logits, val_labels_t = best_val_logits
-    uncalibrated = metrics_from_logits(val_logits, val_labels_t, class_names)
-    temperature = fit_temperature(val_logits, val_labels_t)
-    unwrapped.config.temperature = temperature
-    val_metrics = metrics_from_logits(val_logits, val_labels_t, class_names, temperature=temperature)
-    val_metrics["ece_before_calibration"] = uncalibrated["ece"]
-    logger.info("temperature %.3f: validation ECE %.3f -> %.3f", temperature, uncalibrated["ece"] or 0, val_metrics["ece"] or 0)
-    # Out-of-distribution thresholds from the validation X-rays (see chest_model/ood.py).
-    top = torch.softmax(val_logits / temperature, dim=1).max(dim=1).values
-    unwrapped.config.min_confidence = fit_min_confidence(top.tolist())
-    unwrapped.config.max_chroma = fit_max_chroma([img.permute(1, 2, 0).numpy() for img in val_images])
-    test_metrics = None
+    return best_val
 
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        record["best_epoch"] = state["best"]["epoch"]
-        record["temperature"] = temperature
-        if args.test_dir:
-            from .evaluation import evaluate_model
 
-            # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
-            test_metrics = evaluate_model(unwrapped.eval(), args.test_dir, train_dir=args.data_dir, output_dir=output_dir / "eval")
-            logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
-                        state["best"]["epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
-                        test_metrics["audit"]["metadata_baseline_accuracy"])
-        atomic_write_text(output_dir / "history.json", json.dumps(state["history"], indent=2))
-        atomic_write_text(output_dir / "val_metrics.json", json.dumps(val_metrics, indent=2))
-        atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
-        from .reports import plot_training_curves
+def is_better(row: dict[str, Any], best: dict[str, Any] | None, metric: str) -> bool:
+    """Higher selection metric wins; ties go to the lower validation loss."""
+    if best is None:
+        return True
+    return (row[f"val_{metric}"], -row["val_loss"]) > (best.get("value", best.get("val_macro_f1")), -best["val_loss"])
 
-        plot_training_curves(state["history"], output_dir / "training_curves.png")
-        card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics,
-                "repo_id": args.push_to_hub or str(output_dir)}
-        unwrapped.save_pretrained(output_dir, card_context=card)
-        logger.info("saved the best model (epoch %d) to %s", state["best"]["epoch"], output_dir)
-        if args.push_to_hub:
-            url = unwrapped.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
-            logger.info("pushed to %s", url)
-    accelerator.wait_for_everyone()
+
+def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+    from .engine import predict_logits, train_one_epoch
+
+    args, accelerator = run.args, run.accelerator
+    run.train_set.set_epoch(epoch)
+    run.train_loader.set_epoch(epoch)
+    skip = run.state["step_in_epoch"] if epoch == run.state["epoch"] else 0
+    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    every = None if args.checkpointing_steps in ("epoch", "none") else int(args.checkpointing_steps)
+
+    def on_step(step: int) -> None:
+        signum = stop.requested(accelerator)
+        if signum:
+            logger.warning("%s received: saving a checkpoint at epoch %d, batch %d, then stopping", signal.Signals(signum).name, epoch + 1, step)
+            checkpoint(run, epoch, step)
+            raise Interrupted(signum)
+        if every and (epoch * len(run.train_loader) + step) % every == 0 and step < len(run.train_loader):
+            checkpoint(run, epoch, step)
+
+    stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
+                            class_weights=run.class_weights, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed)
+    val_logits, val_labels = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val")
+    val = validation_metrics(run, val_logits, val_labels)
+    row = {
+        "epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+        "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+        "val_group_recall": val["group_recall"], "val_by_source": val["by_source"],
+        "lr": run.scheduler.get_last_lr()[0], "seconds": stats["seconds"], "images_per_s": stats["images_per_s"],
+    }
+    run.state["history"].append(row)
+    by_source = " ".join(f"{name} {m['accuracy']:.2f}" for name, m in val["by_source"].items()) if len(val["by_source"]) > 1 else ""
+    logger.info(
+        "epoch %d/%d | train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f group-recall %.3f%s | lr %.2e | %.1f s | %.1f img/s",
+        epoch + 1, args.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_macro_f1"],
+        row["val_group_recall"], f" | by source: {by_source}" if by_source else "", row["lr"], row["seconds"], row["images_per_s"],
+    )
     if args.report_to != "none":
+        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
+    return row, (val_logits, val_labels)
+
+
+def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> dict[str, Any]:
+    from .engine import grouped_metrics, metrics_from_logits
+
+    metrics = metrics_from_logits(logits, labels, run.class_names, temperature=temperature)
+    val = run.data.val
+    if labels.tolist() != val.labels:  # gather_for_metrics keeps dataset order; check rather than assume
+        raise RuntimeError("validation logits are not in dataset order")
+    metrics.update(grouped_metrics(logits, labels, torch.tensor(val.sources), val.source_names, run.class_names))
+    return metrics
+
+
+# ---- the end: best weights, calibration, test, outputs -------------------------------------------
+
+
+def finish(run: Run, best_val) -> None:
+    from .engine import predict_logits
+
+    accelerator = run.accelerator
+    # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
+    model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
+    if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
+        from .model import ChestXrayClassifier
+
+        model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
+    if best_val is None:  # the best epoch was before a resume
+        best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate")
+    if accelerator.is_main_process:
+        save_outputs(run, model.eval(), *best_val)
+    accelerator.wait_for_everyone()
+    if run.args.report_to != "none":
         accelerator.end_training()
-    return 0
+
+
+def save_outputs(run: Run, model, val_logits: torch.Tensor, val_labels: torch.Tensor) -> None:
+    from .atomic import atomic_write_text
+    from .calibrate import calibrate
+    from .evaluation import evaluate_external, evaluate_model
+    from .reports import plot_training_curves
+
+    args, record, output_dir = run.args, run.record, run.output_dir
+    val_metrics = calibrate(model, val_logits, val_labels, run.data.val, run.data.train.images, fpr=args.ood_fpr)
+    val_metrics.update(validation_metrics(run, val_logits, val_labels, temperature=model.config.temperature))
+    record["best_epoch"] = run.state["best"]["epoch"]
+    record["temperature"] = model.config.temperature
+    record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded
+    test_metrics, external = None, {}
+    if args.test_dir:
+        # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
+        train_dir = _named(args.data_dir)[0][1]  # the metadata baseline learns from the first source's files
+        test_metrics = evaluate_model(model, args.test_dir, train_dir=train_dir, output_dir=output_dir / "eval")
+        logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
+                    record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
+                    test_metrics["audit"]["metadata_baseline_accuracy"])
+    for name, path in _named(args.external_dir):
+        external[name] = evaluate_external(model, path, name=name)
+        logger.info("external %s: %s", name, external[name]["summary"])
+    if external:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "eval").mkdir(exist_ok=True)
+        atomic_write_text(output_dir / "eval" / "external.json", json.dumps(external, indent=2))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "history.json", json.dumps(run.state["history"], indent=2))
+    atomic_write_text(output_dir / "val_metrics.json", json.dumps(val_metrics, indent=2))
+    atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
+    plot_training_curves(run.state["history"], output_dir / "training_curves.png")
+    card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics, "external_metrics": external or None,
+            "repo_id": args.push_to_hub}
+    model.save_pretrained(output_dir, card_context=card)
+    logger.info("saved the best model (epoch %d) to %s", record["best_epoch"], output_dir)
+    if args.push_to_hub:
+        url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
+        logger.info("pushed to %s", url)
+
+
+def _named(specs: list[str]) -> list[tuple[str, Path]]:
+    from .data import parse_data_dirs
+
+    return parse_data_dirs(specs) if specs else []
 
 
 def preimport(*modules: str) -> None:

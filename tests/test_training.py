@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from chest_model import ChestXrayClassifier
-from conftest import CLASS_NAMES, EXAMPLES, ROOT, make_class_folders, write_image, synthetic_xray
+from helpers import CLASS_NAMES, EXAMPLES, ROOT, make_class_folders, write_image, synthetic_xray
 
 pytestmark = pytest.mark.slow
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
@@ -81,6 +81,7 @@ def test_two_processes_on_cpu_count_every_validation_sample_once(data, tmp_path)
                     "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"])
     record = json.loads((out / "train_config.json").read_text())
     assert record["world_size"] == 2 and record["device"] == "cpu"
+    assert record["command"].startswith("accelerate launch --multi_gpu --num_processes 2 train.py --data-dir ")
     assert record["hyperparameters"]["global_batch_size"] == 8
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert metrics["n"] == 12
@@ -188,3 +189,33 @@ def test_a_learnable_synthetic_task_is_learned(tmp_path):
           "--no-augment", "--checkpointing-steps", "none")
     best = max(row["val_accuracy"] for row in json.loads((out / "history.json").read_text()))
     assert best >= 0.8, f"chance is 0.33, best validation accuracy was {best}"
+
+
+def test_two_sources_are_merged_split_by_source_and_reported_per_source(tmp_path):
+    kids = make_class_folders(tmp_path / "kids" / "train", per_class=8, size=48, seed=11)
+    adults = make_class_folders(tmp_path / "adults", per_class=10, size=48, seed=12)
+    external = make_class_folders(tmp_path / "elsewhere", per_class=4, size=48, seed=13)
+    for root in (adults, external):
+        for name in ("Covid", "Viral Pneumonia"):
+            shutil.rmtree(root / name)
+    out = tmp_path / "multi"
+    result = train("--data-dir", str(kids), "--data-dir", f"adult-normals={adults}", "--external-dir", f"elsewhere={external}",
+                   "--output-dir", str(out), "--epochs", "2", "--sampling", "balanced", "--augment", "acquisition",
+                   "--checkpointing-steps", "none", *TINY)
+    assert "by source: kids" in result.stderr and "adult-normals" in result.stderr
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["sources"] == ["kids", "adult-normals"] and record["selection_metric"] == "group_recall"
+    assert record["command"].startswith("python train.py --data-dir ")
+    by_source = record["data_counts_by_source"]
+    assert by_source["val"]["adult-normals"]["Normal"] >= 1 and by_source["val"]["kids"]["Covid"] >= 1
+    assert by_source["train"]["adult-normals"] == {"Normal": by_source["train"]["adult-normals"]["Normal"], "Covid": 0, "Viral Pneumonia": 0}
+    assert sum(by_source["train"]["kids"].values()) + sum(by_source["val"]["kids"].values()) == 24
+    history = json.loads((out / "history.json").read_text())
+    assert set(history[-1]["val_by_source"]) == {"kids", "adult-normals"} and 0 <= history[-1]["val_group_recall"] <= 1
+    external_metrics = json.loads((out / "eval" / "external.json").read_text())["elsewhere"]
+    assert external_metrics["n"] == 4 and external_metrics["true_counts"] == {"Normal": 4}
+    assert sum(external_metrics["predicted_share"].values()) == pytest.approx(1)
+    card = (out / "README.md").read_text()
+    assert "External validation" in card and "| train | adult-normals | " in card and "children only" in card
+    model = ChestXrayClassifier.from_pretrained(out)
+    assert model.config.feature_threshold > 0 and model.config.feature_fpr == 0.02

@@ -1,0 +1,69 @@
+"""After training: fit everything a model needs to report honest probabilities and to say "uncertain".
+
+- temperature scaling on the validation logits (engine.fit_temperature);
+- the low-confidence and colour thresholds of ood.py, on the validation X-rays;
+- the feature-space statistics of feature_ood.py on the training images, and their threshold on the
+  validation X-rays at a stated false-positive rate.
+
+Nothing here sees a test image or a non-X-ray image.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import feature_ood
+from .engine import fit_temperature, metrics_from_logits
+from .model import ChestXrayClassifier, calibrated_probabilities, eval_mode
+from .ood import fit_max_chroma_values, fit_min_confidence
+
+logger = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def block_summaries(model: ChestXrayClassifier, images: torch.Tensor, *, batch_size: int = 32) -> list[np.ndarray]:
+    """Each block's ``(N, 2C)`` summary for cached uint8 ``(N, 3, S, S)`` images, in fp32."""
+    device = next(model.parameters()).device
+    n_blocks = len(feature_ood.block_ends(model.features))
+    with eval_mode(model), feature_ood.capture_block_stats(model.features) as captured:
+        for start in range(0, len(images), batch_size):
+            batch = model.preprocessor.normalize(images[start : start + batch_size].to(device))
+            model.forward_features(batch.contiguous(memory_format=torch.channels_last))
+    return [torch.cat(block).cpu().numpy() for block in feature_ood.split_blocks(captured, n_blocks)]
+
+
+def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val_images: torch.Tensor,
+                     *, fpr: float = feature_ood.DEFAULT_FPR) -> dict[str, Any]:
+    """Fit the statistics on training images and the threshold on validation X-rays; store both in the model."""
+    means, precisions, scales = feature_ood.fit_statistics(block_summaries(model, train_images))
+    model.set_feature_statistics(means, precisions, scales, threshold=float("inf"), fpr=fpr)
+    val_scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, val_images)])
+    threshold = feature_ood.fit_threshold(val_scores.numpy(), fpr)
+    model.config.feature_threshold = threshold
+    flagged = float((val_scores > threshold).double().mean())
+    logger.info("feature gate: threshold %.3f at a %.0f%% validation false-positive rate (%.1f%% of validation flagged)",
+                threshold, 100 * fpr, 100 * flagged)
+    return {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged, "n_train": len(train_images)}
+
+
+def calibrate(model: ChestXrayClassifier, val_logits: torch.Tensor, val_labels: torch.Tensor, val,
+              train_images: torch.Tensor, *, fpr: float = feature_ood.DEFAULT_FPR) -> dict[str, Any]:
+    """Fit temperature and every out-of-distribution threshold; return the calibrated validation metrics.
+
+    ``val`` is the validation split: its cached ``images`` and each decoded image's ``chroma``.
+    """
+    class_names = model.class_names
+    uncalibrated = metrics_from_logits(val_logits, val_labels, class_names)
+    temperature = fit_temperature(val_logits, val_labels)
+    model.config.temperature = temperature
+    val_metrics = metrics_from_logits(val_logits, val_labels, class_names, temperature=temperature)
+    val_metrics["ece_before_calibration"] = uncalibrated["ece"]
+    logger.info("temperature %.3f: validation ECE %.3f -> %.3f", temperature, uncalibrated["ece"] or 0, val_metrics["ece"] or 0)
+    top = calibrated_probabilities(val_logits, temperature).max(dim=1).values
+    model.config.min_confidence = fit_min_confidence(top.tolist())
+    model.config.max_chroma = fit_max_chroma_values(val.chroma)
+    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val.images, fpr=fpr)
+    return val_metrics

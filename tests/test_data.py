@@ -1,0 +1,104 @@
+"""Class-folder discovery across several sources, the source-stratified split and balanced sampling."""
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from chest_model.data import (BalancedSampler, DatasetError, balanced_weights, build_train_augmentation, parse_data_dirs,
+                              scan_image_folder, scan_sources, source_name, stratified_split)
+from helpers import CLASS_NAMES, make_class_folders
+
+
+@pytest.fixture
+def two_roots(tmp_path):
+    kids = make_class_folders(tmp_path / "kids" / "train", per_class=6, size=40, seed=1)
+    adults = make_class_folders(tmp_path / "adults", per_class=8, size=40, seed=2)
+    for name in ("Covid", "Viral Pneumonia"):
+        shutil.rmtree(adults / name)
+    return kids, adults
+
+
+def test_source_names_come_from_folders_or_are_given(tmp_path):
+    assert source_name(tmp_path / "covid19-dataset" / "train") == "covid19-dataset"
+    assert source_name(tmp_path / "nih-adults") == "nih-adults"
+    pairs = parse_data_dirs([str(tmp_path / "a" / "train"), f"rsna={tmp_path / 'b'}"])
+    assert [name for name, _ in pairs] == ["a", "rsna"] and pairs[1][1] == tmp_path / "b"
+    with pytest.raises(DatasetError, match="NAME=PATH"):
+        parse_data_dirs([str(tmp_path / "x" / "train"), str(tmp_path / "x" / "test")])
+
+
+def test_one_root_must_hold_every_class(two_roots):
+    _, adults = two_roots
+    _, problems = scan_image_folder(adults, CLASS_NAMES)
+    assert any("missing class folder for 'Covid'" in p for p in problems)
+    folder, problems = scan_image_folder(adults, CLASS_NAMES, partial=True)
+    assert not problems and folder.counts() == {"Normal": 8, "Covid": 0, "Viral Pneumonia": 0}
+
+
+def test_several_roots_merge_by_class_name_and_keep_their_source(two_roots):
+    kids, adults = two_roots
+    folder, problems = scan_sources(parse_data_dirs([str(kids), str(adults)]), CLASS_NAMES)
+    assert not problems
+    assert folder.source_names == ["kids", "adults"]
+    assert folder.counts() == {"Normal": 14, "Covid": 6, "Viral Pneumonia": 6}
+    assert folder.counts_by_source()["adults"] == {"Normal": 8, "Covid": 0, "Viral Pneumonia": 0}
+    assert all(folder.sources[i] == 1 for i, p in enumerate(folder.paths) if "adults" in p.parts)
+
+
+def test_several_roots_still_need_every_class_somewhere(two_roots, tmp_path):
+    _, adults = two_roots
+    other = make_class_folders(tmp_path / "other", per_class=2, size=40)
+    shutil.rmtree(other / "Viral Pneumonia")
+    _, problems = scan_sources(parse_data_dirs([str(adults), str(other)]), CLASS_NAMES)
+    assert problems == [f"no images for class(es) ['Viral Pneumonia'] in any of {adults}, {other}"]
+    (tmp_path / "empty").mkdir()
+    _, problems = scan_sources(parse_data_dirs([str(adults), str(tmp_path / "empty")]), CLASS_NAMES)
+    assert any("none of the class folders" in p for p in problems)
+
+
+def test_single_source_split_is_the_class_stratified_one():
+    labels = [0] * 20 + [1] * 10 + [2] * 10
+    assert stratified_split(labels, 0.2, 7) == stratified_split(labels, 0.2, 7, sources=[0] * 40)
+
+
+def test_split_is_stratified_by_class_and_source():
+    # Normal comes from two sources of very different size; Covid and VP from the first only.
+    labels = [0] * 20 + [1] * 20 + [2] * 20 + [0] * 60
+    sources = [0] * 60 + [1] * 60
+    train, val = stratified_split(labels, 0.25, 3, sources=sources)
+    groups = Counter((labels[i], sources[i]) for i in val)
+    assert groups == {(0, 0): 5, (1, 0): 5, (2, 0): 5, (0, 1): 15}
+    assert not set(train) & set(val) and len(train) + len(val) == len(labels)
+
+
+def test_balanced_weights_give_classes_equal_mass_split_between_sources():
+    labels = [0] * 10 + [1] * 30 + [0] * 90
+    sources = [0] * 40 + [1] * 90
+    w = balanced_weights(labels, sources)
+    mass = lambda mask: float(w[torch.tensor(mask)].sum())  # noqa: E731
+    assert mass([l == 1 for l in labels]) == pytest.approx(mass([l == 0 for l in labels]))
+    assert mass([l == 0 and s == 0 for l, s in zip(labels, sources)]) == pytest.approx(mass([s == 1 for s in sources]))
+
+
+def test_balanced_sampler_is_reproducible_per_epoch_and_balanced():
+    labels = [0] * 10 + [1] * 100
+    sampler = BalancedSampler(labels, [0] * 110, seed=1, num_samples=2000)
+    sampler.set_epoch(3)
+    first = list(sampler)
+    assert list(sampler) == first and len(first) == 2000
+    sampler.set_epoch(4)
+    assert list(sampler) != first
+    share = sum(labels[i] == 0 for i in first) / len(first)
+    assert 0.45 < share < 0.55, share
+
+
+@pytest.mark.parametrize("kind", ["standard", "acquisition"])
+def test_augmentations_keep_uint8_images_and_their_size(kind):
+    augment = build_train_augmentation(kind)
+    image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    torch.manual_seed(0)
+    outputs = [augment(image) for _ in range(10)]
+    assert all(o.dtype == torch.uint8 and o.shape == image.shape for o in outputs)
+    assert any(not torch.equal(o, image) for o in outputs)
+    assert build_train_augmentation("none") is None
