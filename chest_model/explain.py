@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model import ChestXrayClassifier, eval_mode
+from .model import ChestXrayClassifier, calibrated_probabilities, eval_mode
 from .preprocess import ImageSource
 
 
@@ -63,7 +63,7 @@ def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class:
     pixel_values = model.preprocessor(image).unsqueeze(0).to(device)
     target = None if target_class is None else model.class_names.index(target_class)
     cam, logits, index = gradcam(model, pixel_values, target)
-    probabilities = torch.softmax(logits.float() / model.config.temperature, dim=1)[0].tolist()
+    probabilities = calibrated_probabilities(logits, model.config.temperature)[0].tolist()
     heatmap = cv2.resize(cam, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
     return Explanation(
         image=image,

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory
 from .config import ChestXrayConfig, ConfigError
+from .feature_ood import BUFFER_PREFIX
 
 if TYPE_CHECKING:
     from .model import ChestXrayClassifier
@@ -47,7 +48,9 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
     directory = Path(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if weights_dtype is not None:
-        state = {k: v.to(weights_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        # Feature statistics stay fp32: a precision matrix's entries can overflow float16.
+        state = {k: v.to(weights_dtype) if v.is_floating_point() and not k.startswith(BUFFER_PREFIX) else v
+                 for k, v in state.items()}
     with atomic_directory(directory) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _chmod_like_new_file(tmp / WEIGHTS_NAME)

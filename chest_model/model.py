@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from . import feature_ood
+from .card import LIBRARY_NAME, LICENSE, PIPELINE_TAG, TAGS
 from .backbones import FEATURE_CHANNELS, build_features, imagenet_features_state_dict, imagenet_weights_name
 from .config import ChestXrayConfig
 from .preprocess import ImageSource, Preprocessor
@@ -20,10 +23,10 @@ logger = logging.getLogger(__name__)
 class ChestXrayClassifier(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="chest-xray-classifier",
-    pipeline_tag="image-classification",
-    license="mit",
-    tags=["chest-x-ray", "medical-imaging", "vgg19", "research-only"],
+    library_name=LIBRARY_NAME,
+    pipeline_tag=PIPELINE_TAG,
+    license=LICENSE,
+    tags=TAGS,
 ):
     """VGG19 chest X-ray classifier (Normal / Covid / Viral Pneumonia by default).
 
@@ -56,6 +59,8 @@ class ChestXrayClassifier(
                 nn.init.normal_(module.weight, 0, 0.01)
                 nn.init.zeros_(module.bias)
         self.preprocessor = Preprocessor(config)
+        if config.feature_threshold > 0:  # statistics fitted after training; placeholders until loaded
+            self._register_feature_buffers()
 
     @classmethod
     def from_imagenet(cls, config: ChestXrayConfig | dict | None = None, **overrides: Any) -> ChestXrayClassifier:
@@ -71,8 +76,45 @@ class ChestXrayClassifier(
     def class_names(self) -> list[str]:
         return list(self.config.class_names)
 
+    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's last feature map; Grad-CAM and the feature-space OOD gate hook into it."""
+        return self.features(pixel_values)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixel_values))
+        return self.forward_head(self.forward_features(pixel_values))
+
+    # -----------------------------------------------------------------------------------------
+    # Feature-space out-of-distribution statistics (feature_ood.py), stored as buffers
+
+    def _register_feature_buffers(self, means=None, precisions=None, scales=None) -> None:
+        dims = feature_ood.block_dims(self.features)
+        device = next(self.parameters()).device
+
+        def tensor(value, shape):
+            return torch.zeros(shape, device=device) if value is None else torch.as_tensor(value, dtype=torch.float32, device=device)
+
+        for b, d in enumerate(dims):
+            self.register_buffer(f"{feature_ood.BUFFER_PREFIX}mean_{b}", tensor(None if means is None else means[b], (d,)))
+            self.register_buffer(f"{feature_ood.BUFFER_PREFIX}precision_{b}", tensor(None if precisions is None else precisions[b], (d, d)))
+        self.register_buffer(f"{feature_ood.BUFFER_PREFIX}scale", tensor(scales, (len(dims),)))
+
+    def set_feature_statistics(self, means, precisions, scales, *, threshold: float, fpr: float) -> None:
+        """Store fitted training statistics and the validation threshold (see feature_ood.py)."""
+        self._register_feature_buffers(means, precisions, scales)
+        self.config.feature_threshold = float(threshold)
+        self.config.feature_fpr = float(fpr)
+
+    def feature_scores(self, block_summaries: list[torch.Tensor]) -> torch.Tensor | None:
+        """``(N,)`` feature-space distances, or None for a model without fitted statistics."""
+        if not hasattr(self, f"{feature_ood.BUFFER_PREFIX}scale"):
+            return None
+        n = len(block_summaries)
+        means = [getattr(self, f"{feature_ood.BUFFER_PREFIX}mean_{b}") for b in range(n)]
+        precisions = [getattr(self, f"{feature_ood.BUFFER_PREFIX}precision_{b}") for b in range(n)]
+        return feature_ood.scores(block_summaries, means, precisions, getattr(self, f"{feature_ood.BUFFER_PREFIX}scale"))
 
     # -----------------------------------------------------------------------------------------
     # Inference
@@ -93,17 +135,14 @@ class ChestXrayClassifier(
         Each result is a :class:`Prediction`: a plain ``dict`` of class → probability (summing to 1)
         that also carries an out-of-distribution check: ``.uncertain`` is True, ``.label`` is
         ``"uncertain"`` and ``.reasons`` says why, for inputs that do not look like chest X-rays
-        (colour, blank or document-like images, or less confident than 98% of validation X-rays).
+        (far from the training X-rays in feature space, colour, blank or document-like images, or
+        less confident than 98% of validation X-rays, and without a majority class).
         """
-        from .ood import ood_reasons
-
         single = not isinstance(images, (list, tuple))
         decoded = [self.preprocessor.load(x) for x in ([images] if single else images)]
-        probs = self.predict_proba(decoded, batch_size=batch_size, precision=precision)
-        results = []
-        for image, row in zip(decoded, probs.tolist()):
-            probabilities = dict(zip(self.class_names, map(float, row)))
-            results.append(Prediction(probabilities, ood_reasons(image, probabilities, self.config)))
+        inference = self.infer(decoded, batch_size=batch_size, precision=precision)
+        results = [Prediction(dict(zip(self.class_names, map(float, row))), reasons)
+                   for row, reasons in zip(inference.probabilities.tolist(), inference.reasons(decoded, self.config))]
         return results[0] if single else results
 
     def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):
@@ -116,20 +155,29 @@ class ChestXrayClassifier(
         self, images: Iterable[ImageSource], *, batch_size: int = 16, precision: str = "fp32"
     ) -> torch.Tensor:
         """An ``(N, num_classes)`` float tensor of calibrated probabilities."""
+        return self.infer(images, batch_size=batch_size, precision=precision).probabilities
+
+    def infer(self, images: Iterable[ImageSource], *, batch_size: int = 16, precision: str = "fp32") -> Inference:
+        """Calibrated probabilities and feature-space scores, from one forward pass per batch."""
         items = list(images)
         device = next(self.parameters()).device
-        rows = []
+        rows, distances = [], []
         with eval_mode(self), torch.inference_mode():
             for start in range(0, len(items), batch_size):
                 batch = torch.stack([self.preprocessor(self.preprocessor.load(x)) for x in items[start : start + batch_size]])
-                rows.append(self.probabilities(batch.to(device), precision=precision).float().cpu())
-        return torch.cat(rows) if rows else torch.empty(0, self.config.num_classes)
+                with feature_ood.capture_block_stats(self.features) as captured:
+                    rows.append(self.probabilities(batch.to(device), precision=precision).float().cpu())
+                score = self.feature_scores(captured)
+                if score is not None:
+                    distances.append(score.cpu())
+        probabilities = torch.cat(rows) if rows else torch.empty(0, self.config.num_classes)
+        return Inference(probabilities, torch.cat(distances) if distances else None)
 
     def probabilities(self, pixel_values: torch.Tensor, *, precision: str = "fp32") -> torch.Tensor:
         """Softmax of temperature-scaled logits for already-normalized inputs."""
         with autocast_context(pixel_values.device, precision):
             logits = self(pixel_values.contiguous(memory_format=torch.channels_last))
-        return torch.softmax(logits.float() / self.config.temperature, dim=1)
+        return calibrated_probabilities(logits, self.config.temperature)
 
     # -----------------------------------------------------------------------------------------
     # Saving and loading (see hub.py for why these replace the mixin's defaults)
@@ -158,6 +206,28 @@ class ChestXrayClassifier(
         from .card import render_card
 
         return render_card(self.config, kwargs.get("card_context"))
+
+
+def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The one formula from logits to probabilities: a temperature-scaled softmax, in fp32."""
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
+@dataclass
+class Inference:
+    """What one forward pass over a list of images gives: probabilities and feature-space scores."""
+
+    probabilities: torch.Tensor            # (N, num_classes), calibrated
+    feature_scores: torch.Tensor | None    # (N,), None for a model without fitted statistics
+
+    def reasons(self, images: Sequence, config: ChestXrayConfig) -> list[list[str]]:
+        """Every out-of-distribution reason for each image, under the config's fitted thresholds."""
+        from .ood import ood_reasons
+
+        names = config.class_names
+        scores = [None] * len(images) if self.feature_scores is None else self.feature_scores.tolist()
+        return [ood_reasons(image, dict(zip(names, row)), config, feature_score=score)
+                for image, row, score in zip(images, self.probabilities.tolist(), scores)]
 
 
 class Prediction(dict):

@@ -6,8 +6,10 @@
   ``MAX_CHROMA``), because some collections store tinted X-rays;
 - blank: grey-level standard deviation below ``MIN_CONTRAST`` (uniform or empty images);
 - document: more than ``MAX_WHITE_FRACTION`` of the pixels near-white (scanned pages, screenshots);
+- feature distance: far from the training X-rays in the backbone's feature space (feature_ood.py),
+  above ``config.feature_threshold``, fitted on validation X-rays at a stated false-positive rate;
 - low confidence: top calibrated probability below ``config.min_confidence``, a threshold fitted
-  on the validation split at the end of training (its 2nd percentile).
+  on the validation split at the end of training (its 2nd percentile, at most 0.5).
 
 A flagged input is reported as "uncertain" with the reason instead of a confident class.
 """
@@ -19,6 +21,10 @@ import numpy as np
 MAX_CHROMA = 0.08
 MIN_CONTRAST = 6.0
 MAX_WHITE_FRACTION = 0.6
+# A top class holding a majority is never "low confidence": a few dozen confident validation X-rays put
+# their 2nd percentile near 0.9, which flags ordinary hard X-rays; telling those from non-X-rays is the
+# feature gate's job.
+MAX_MIN_CONFIDENCE = 0.5
 
 
 def chroma(image: np.ndarray) -> float:
@@ -27,13 +33,18 @@ def chroma(image: np.ndarray) -> float:
 
 
 def fit_max_chroma(images) -> float:
-    values = [chroma(im) for im in images]
+    return fit_max_chroma_values([chroma(im) for im in images])
+
+
+def fit_max_chroma_values(values) -> float:
+    """1.25 x the 99th percentile of the validation images' mean chroma, at least ``MAX_CHROMA``."""
     return float(min(1.0, max(MAX_CHROMA, 1.25 * float(np.quantile(values, 0.99))))) if values else MAX_CHROMA
 
 
 def fit_min_confidence(top_probabilities) -> float:
+    """The validation X-rays' 2nd percentile of top probability, at most ``MAX_MIN_CONFIDENCE``."""
     values = np.asarray(top_probabilities, dtype=np.float64)
-    return float(np.quantile(values, 0.02)) if len(values) else 0.0
+    return float(min(np.quantile(values, 0.02), MAX_MIN_CONFIDENCE)) if len(values) else 0.0
 
 
 def image_flags(image: np.ndarray, max_chroma: float = MAX_CHROMA) -> list[str]:
@@ -53,9 +64,18 @@ def image_flags(image: np.ndarray, max_chroma: float = MAX_CHROMA) -> list[str]:
 
 def confidence_flag(probabilities: dict[str, float], min_confidence: float) -> list[str]:
     top = max(probabilities.values())
-    return [f"low confidence ({top:.2f} < {min_confidence:.2f}, rarer than 2% of validation X-rays)"] if top < min_confidence else []
+    return [f"low confidence ({top:.2f} < {min_confidence:.2f}: no class has a clear majority)"] if top < min_confidence else []
 
 
-def ood_reasons(image: np.ndarray, probabilities: dict[str, float], config) -> list[str]:
+def feature_flag(score: float | None, config) -> list[str]:
+    if score is None or not config.feature_threshold or score <= config.feature_threshold:
+        return []
+    from .feature_ood import reason
+
+    return [reason(score, config.feature_threshold, config.feature_fpr)]
+
+
+def ood_reasons(image: np.ndarray, probabilities: dict[str, float], config, *, feature_score: float | None = None) -> list[str]:
     """Every reason, under ``config``'s fitted thresholds, why this input is not a confident X-ray call."""
-    return image_flags(image, config.max_chroma) + confidence_flag(probabilities, config.min_confidence)
+    return (feature_flag(feature_score, config) + image_flags(image, config.max_chroma)
+            + confidence_flag(probabilities, config.min_confidence))

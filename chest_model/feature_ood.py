@@ -1,0 +1,108 @@
+"""Feature-space out-of-distribution score: how far an input's backbone activations lie from the training X-rays'.
+
+Each VGG block's output is summarised by its per-channel mean and standard deviation (the image's
+texture statistics at that scale). For every block, the Mahalanobis distance of that summary to the
+training X-rays (Ledoit-Wolf shrunk covariance, since there are fewer images than dimensions) is
+divided by the 99th percentile of the training images' own distances. An input's score is the
+largest of these ratios over the blocks: photographs, documents and other modalities stand out at
+some scale even when the head is confident.
+
+The statistics are fitted on training images and stored as buffers in ``model.safetensors``; the
+threshold is the ``1 - fpr`` quantile of the validation X-rays' scores, stored in ``config.json``
+with that rate, so about ``fpr`` of in-distribution X-rays are flagged by construction. No
+non-X-ray image is used to fit anything.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+BUFFER_PREFIX = "ood_"
+# 99th percentile of the training distances: each block's distance is expressed in these units.
+TRAIN_QUANTILE = 0.99
+DEFAULT_FPR = 0.02
+
+
+def block_ends(features: nn.Sequential) -> list[nn.Module]:
+    """The max-pools that close VGG's five blocks; their inputs are the blocks' outputs."""
+    return [m for m in features if isinstance(m, nn.MaxPool2d)]
+
+
+def block_dims(features: nn.Sequential) -> list[int]:
+    """Summary size per block: mean and standard deviation of each of the block's channels."""
+    dims, channels = [], 3
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            channels = module.out_channels
+        elif isinstance(module, nn.MaxPool2d):
+            dims.append(2 * channels)
+    return dims
+
+
+@contextlib.contextmanager
+def capture_block_stats(features: nn.Sequential) -> Iterator[list[torch.Tensor]]:
+    """Collect each block's ``(N, 2C)`` summary during the forward passes run inside the block."""
+    captured: list[torch.Tensor] = []
+
+    def keep(_module, inputs):
+        x = inputs[0].detach().float()
+        captured.append(torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1))
+
+    handles = [pool.register_forward_pre_hook(keep) for pool in block_ends(features)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def split_blocks(captured: list[torch.Tensor], n_blocks: int) -> list[list[torch.Tensor]]:
+    """Hooks append block by block, batch after batch: regroup into one list per block."""
+    return [captured[b::n_blocks] for b in range(n_blocks)]
+
+
+def fit_statistics(block_summaries: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per block: mean, precision matrix (Ledoit-Wolf) and the training distances' 99th percentile."""
+    from sklearn.covariance import LedoitWolf
+
+    means, precisions, scales = [], [], []
+    for x in block_summaries:
+        x = np.asarray(x, dtype=np.float64)
+        estimator = LedoitWolf().fit(x)
+        means.append(estimator.location_)
+        precisions.append(estimator.precision_)
+        scales.append(float(np.quantile(_distances(x, estimator.location_, estimator.precision_), TRAIN_QUANTILE)))
+    return means, precisions, np.asarray(scales)
+
+
+def _distances(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    centred = x - mean
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, precision, centred), 0))
+
+
+def scores(block_summaries: list[torch.Tensor], means: list[torch.Tensor], precisions: list[torch.Tensor],
+           scales: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` scores: the largest over blocks of distance / training 99th percentile."""
+    ratios = []
+    for b, x in enumerate(block_summaries):
+        centred = x.double() - means[b].double()
+        squared = torch.einsum("ij,jk,ik->i", centred, precisions[b].double(), centred).clamp(min=0)
+        ratios.append(squared.sqrt() / scales[b].double())
+    return torch.stack(ratios, dim=1).max(dim=1).values.float()
+
+
+def fit_threshold(validation_scores, fpr: float = DEFAULT_FPR) -> float:
+    """The score above which only ``fpr`` of the validation X-rays lie."""
+    values = np.asarray(validation_scores, dtype=np.float64)
+    if not len(values):
+        raise ValueError("cannot fit the feature threshold without validation images")
+    return float(np.quantile(values, 1 - fpr))
+
+
+def reason(score: float, threshold: float, fpr: float) -> str:
+    return (f"unlike the training X-rays (feature distance {score:.2f} > {threshold:.2f}, "
+            f"a level {fpr:.0%} of validation X-rays exceed)")

@@ -1,0 +1,70 @@
+"""The feature-space out-of-distribution gate: fitted on training images, thresholded on validation X-rays."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chest_model import ChestXrayClassifier, feature_ood
+from chest_model.calibrate import block_summaries, fit_feature_gate
+from helpers import synthetic_xray
+
+
+def cached(n, seed, kind=0, size=32):
+    images = [np.stack([synthetic_xray(size, size, seed=seed + i, kind=i % 3 if kind is None else kind)] * 3) for i in range(n)]
+    return torch.from_numpy(np.stack(images))
+
+
+@pytest.fixture(scope="module")
+def gated_model():
+    torch.manual_seed(0)
+    model = ChestXrayClassifier(image_size=32, hidden_size=16).eval()
+    report = fit_feature_gate(model, cached(60, 0, kind=None), cached(30, 500, kind=None), fpr=0.1)
+    return model, report
+
+
+def test_block_summaries_hold_the_mean_and_std_of_every_channel_of_each_block(tiny_model):
+    summaries = block_summaries(tiny_model, cached(5, 0))
+    assert [s.shape for s in summaries] == [(5, d) for d in feature_ood.block_dims(tiny_model.features)]
+    assert feature_ood.block_dims(tiny_model.features) == [128, 256, 512, 1024, 1024]
+
+
+def test_threshold_is_the_validation_quantile_at_the_stated_rate(gated_model):
+    model, report = gated_model
+    assert model.config.feature_fpr == 0.1 and model.config.feature_threshold == report["threshold"] > 0
+    assert report["validation_flagged_rate"] <= 0.1 + 1e-9
+    val_scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, cached(30, 500, kind=None))])
+    assert float(np.quantile(val_scores.numpy(), 0.9)) == pytest.approx(report["threshold"], rel=1e-5)
+
+
+def test_far_inputs_are_flagged_and_in_distribution_ones_mostly_not(gated_model):
+    model, _ = gated_model
+    xrays = [synthetic_xray(32, 32, seed=900 + i, kind=i % 3) for i in range(12)]  # drawn like the training images
+    rng = np.random.default_rng(0)
+    strangers = [rng.integers(0, 256, (32, 32), dtype=np.uint8), np.tile(np.arange(32, dtype=np.uint8) * 8, (32, 1)),
+                 ((np.indices((32, 32)).sum(0) // 4) % 2 * 255).astype(np.uint8)]
+    inference = model.infer(xrays + strangers)
+    scores = inference.feature_scores.numpy()
+    threshold = model.config.feature_threshold
+    assert (scores[:12] > threshold).mean() <= 0.25
+    assert (scores[12:] > threshold).all(), scores[12:]
+    prediction = model.predict(strangers[0])
+    assert prediction.uncertain and any("unlike the training X-rays" in r for r in prediction.reasons)
+
+
+def test_statistics_round_trip_through_safetensors_and_stay_fp32(gated_model, tmp_path):
+    model, _ = gated_model
+    model.save_pretrained(tmp_path / "m", weights_dtype=torch.float16)
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert stored["features.0.weight"].dtype == torch.float16
+    assert all(v.dtype == torch.float32 for k, v in stored.items() if k.startswith(feature_ood.BUFFER_PREFIX))
+    loaded = ChestXrayClassifier.from_pretrained(tmp_path / "m")
+    assert loaded.config.feature_threshold == model.config.feature_threshold
+    image = synthetic_xray(64, 64, seed=3)
+    a, b = model.infer([image]).feature_scores, loaded.infer([image]).feature_scores
+    assert a is not None and torch.allclose(a, b, rtol=1e-3)
+
+
+def test_a_model_without_statistics_has_no_feature_gate(tiny_model, tmp_path):
+    assert tiny_model.infer([synthetic_xray(64, 64)]).feature_scores is None
+    tiny_model.save_pretrained(tmp_path / "m")
+    assert not any(k.startswith(feature_ood.BUFFER_PREFIX) for k in load_file(str(tmp_path / "m" / "model.safetensors")))
