@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 DEFAULT_MODEL_HELP = "a local model folder or a Hugging Face Hub repo id"
 
@@ -27,11 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="metrics, confidence intervals, calibration and a shortcut audit on class folders")
     evaluate.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
     evaluate.add_argument("--revision", default=None)
-    evaluate.add_argument("--data-dir", required=True, help="class folders to evaluate on (e.g. DATA/test)")
+    evaluate.add_argument("--data-dir", required=True, action="append", metavar="[NAME=]PATH",
+                          help="class folders to evaluate on (e.g. DATA/test); repeat it for several named sets, each reported "
+                               "separately. A set holding only some classes (external adult normals) reports the share "
+                               "predicted as each class")
     evaluate.add_argument("--train-dir", default=None, help="training class folders for the metadata-only baseline (default: a sibling train/)")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(func=run_evaluate)
+
+    ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
+    ood.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
+    ood.add_argument("--revision", default=None)
+    ood.add_argument("--json", action="store_true", help="print the full report, one verdict per image, as JSON")
+    ood.set_defaults(func=run_ood_check)
 
     card = sub.add_parser("card", help="render a model card from a model folder and a metrics.json")
     card.add_argument("--model", required=True, help="a local model folder")
@@ -42,26 +52,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .data import DatasetError
-    from .evaluation import evaluate_model, summary
+    from .data import DatasetError, parse_data_dirs, scan_image_folder
+    from .evaluation import evaluate_external, evaluate_model, external_summary, summary
     from .hub import ModelLoadError
     from .model import ChestXrayClassifier
 
     try:
         model = ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
-        metrics = evaluate_model(model, args.data_dir, train_dir=args.train_dir, output_dir=args.output_dir, n_bootstrap=args.bootstrap)
+        sets = parse_data_dirs(args.data_dir)
+        results = {}
+        for name, path in sets:
+            folder, _ = scan_image_folder(path, model.class_names, partial=True, name=name)
+            complete = all(count > 0 for count in folder.counts().values())
+            out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
+            if complete:
+                results[name] = evaluate_model(model, path, train_dir=args.train_dir, output_dir=out, n_bootstrap=args.bootstrap)
+            else:
+                results[name] = evaluate_external(model, path, name=name)
+            print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
+            print(summary(results[name]) if complete else external_summary(results[name]))
     except (ModelLoadError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(summary(metrics))
     if args.output_dir:
-        print(f"wrote {args.output_dir}/metrics.json, confusion_matrix.png, reliability.png, misclassified.png")
+        from .atomic import atomic_write_text
+
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        document = results[sets[0][0]] if len(sets) == 1 else {"sets": results}
+        atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(document, indent=2))
+        print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
+    return 0
+
+
+def run_ood_check(args: argparse.Namespace) -> int:
+    from .hub import ModelLoadError
+    from .model import ChestXrayClassifier
+    from .ood_check import check
+
+    try:
+        model = ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
+    except ModelLoadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report = check(model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for row in report["images"]:
+        print(f"{'uncertain' if row['uncertain'] else 'MISSED   '}  {row['name']:45s} {row['label']}")
+    for kind, row in report["by_kind"].items():
+        print(f"{kind}: {row['flagged']} of {row['n']} flagged ({row['rate']:.0%})")
+    print(f"all: {report['flagged']} of {report['n']} non-X-ray images flagged as uncertain ({report['rate']:.0%})")
     return 0
 
 
 def run_card(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .atomic import atomic_write_text
     from .card import card_context_from_folder, render_card
     from .config import ChestXrayConfig

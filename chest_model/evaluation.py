@@ -19,7 +19,6 @@ from .audit import mask_center, metadata_baseline, verdict
 from .data import DatasetError, scan_image_folder
 from .metrics import bootstrap_ci, classification_metrics, reliability_bins
 from .model import ChestXrayClassifier
-from .ood import ood_reasons
 from .preprocess import ImageLoadError
 
 logger = logging.getLogger(__name__)
@@ -45,15 +44,9 @@ def evaluate_model(
     folder, problems = scan_image_folder(data_dir, class_names)
     if problems:
         raise DatasetError("cannot evaluate:\n  - " + "\n  - ".join(problems))
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        decoded = list(pool.map(_try_load(model), folder.paths))
-    errors = [d for d in decoded if isinstance(d, str)]
-    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
-    images = [decoded[i] for i in keep]
-    labels = np.array([folder.labels[i] for i in keep])
-    paths = [folder.paths[i] for i in keep]
-
-    probs = _probabilities(model, images, batch_size)
+    images, labels, paths, errors = _decode(model, folder)
+    inference = model.infer(images, batch_size=batch_size)
+    probs = inference.probabilities.numpy().astype(np.float64)
     metrics = classification_metrics(labels, probs, class_names)
     metrics["ci"] = bootstrap_ci(labels, probs, class_names, n_resamples=n_bootstrap, seed=seed)
     metrics["ci"]["confidence"] = 0.95
@@ -77,22 +70,97 @@ def evaluate_model(
         if not train_problems:
             baseline = metadata_baseline(train_folder.paths, train_folder.labels, paths, labels, seed=seed)
             audit.update(metadata_baseline_accuracy=baseline["accuracy"], metadata_baseline_macro_f1=baseline["macro_f1"],
-                         metadata_features=baseline["features"], metadata_train_dir=str(train_dir))
+                         metadata_features=baseline["features"], metadata_train_source=train_folder.source_names[0],
+                         metadata_n_train=baseline["n_train"])
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
-    flagged = [bool(ood_reasons(im, dict(zip(class_names, p)), model.config)) for im, p in zip(images, probs)]
-    metrics["ood"] = {"flagged_rate": float(np.mean(flagged)) if flagged else 0.0, "flagged": int(sum(flagged)),
-                      "min_confidence": model.config.min_confidence, "max_chroma": model.config.max_chroma}
+    metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config)
     order = np.argsort(-losses)
     metrics["hardest"] = [
-        {"file": str(paths[i]), "true": class_names[labels[i]], "predicted": class_names[int(probs[i].argmax())],
+        {"file": _relative(paths[i], data_dir), "true": class_names[labels[i]], "predicted": class_names[int(probs[i].argmax())],
          "p_true": float(probs[i, labels[i]]), "loss": float(losses[i])}
         for i in order[:12]
     ]
     if output_dir is not None:
         write_outputs(metrics, images, probs, labels, order, class_names, Path(output_dir))
     return metrics
+
+
+def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
+                      batch_size: int = 16) -> dict[str, Any]:
+    """How a set from a source the model was not trained on is classified.
+
+    The set may hold only some classes (a folder of adult normals): it reports the share predicted as
+    each class, per true class, the accuracy, and how many inputs the model flagged as uncertain.
+    """
+    class_names = model.class_names
+    folder, problems = scan_image_folder(data_dir, class_names, partial=True, name=name)
+    if problems:
+        raise DatasetError("cannot evaluate:\n  - " + "\n  - ".join(problems))
+    images, labels, _, errors = _decode(model, folder)
+    inference = model.infer(images, batch_size=batch_size)
+    predicted = inference.probabilities.numpy().argmax(axis=1)
+    reasons = inference.reasons(images, model.config)
+    uncertain = np.array([bool(r) for r in reasons])
+    present = [c for c in range(len(class_names)) if (labels == c).any()]
+
+    def shares(mask: np.ndarray) -> dict[str, float]:
+        return {cls: float((predicted[mask] == c).mean()) if mask.any() else 0.0 for c, cls in enumerate(class_names)}
+
+    result = {
+        "name": folder.source_names[0],
+        "n": len(labels),
+        "true_counts": {class_names[c]: int((labels == c).sum()) for c in present},
+        "predicted_share": shares(np.ones(len(labels), bool)),
+        "predicted_share_by_true_class": {class_names[c]: shares(labels == c) for c in present},
+        "accuracy": float((predicted == labels).mean()) if len(labels) else None,
+        "uncertain_rate": float(uncertain.mean()) if len(labels) else None,
+        "predicted_share_when_not_uncertain": shares(~uncertain),
+        "ood": ood_summary(reasons, model.config),
+        "unreadable_files": errors,
+    }
+    called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
+    result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
+                        f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"
+    return result
+
+
+def external_summary(result: dict[str, Any]) -> str:
+    lines = [f"n = {result['n']} ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())})",
+             f"{'true class':18s} " + " ".join(f"{'-> ' + c:>20s}" for c in result["predicted_share"])]
+    for true, shares in result["predicted_share_by_true_class"].items():
+        lines.append(f"{true:18s} " + " ".join(f"{share:20.1%}" for share in shares.values()))
+    lines += [f"accuracy {result['accuracy']:.3f}", f"flagged as uncertain: {result['ood']['flagged']} of {result['n']}"]
+    if result["unreadable_files"]:
+        lines.append(f"unreadable files skipped: {len(result['unreadable_files'])}")
+    return "\n".join(lines)
+
+
+def ood_summary(reasons: list[list[str]], config) -> dict[str, Any]:
+    flagged = [bool(r) for r in reasons]
+    by_feature = [any(x.startswith("unlike the training X-rays") for x in r) for r in reasons]
+    return {"flagged_rate": float(np.mean(flagged)) if flagged else 0.0, "flagged": int(sum(flagged)),
+            "feature_flagged": int(sum(by_feature)), "feature_threshold": config.feature_threshold,
+            "feature_fpr": config.feature_fpr, "min_confidence": config.min_confidence, "max_chroma": config.max_chroma}
+
+
+def _decode(model: ChestXrayClassifier, folder) -> tuple[list[np.ndarray], np.ndarray, list[Path], list[str]]:
+    """Every file decoded once (unreadable ones listed, not fatal): images, labels, paths, errors."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        decoded = list(pool.map(_try_load(model), folder.paths))
+    errors = [d for d in decoded if isinstance(d, str)]
+    keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    return ([decoded[i] for i in keep], np.array([folder.labels[i] for i in keep], dtype=np.int64),
+            [folder.paths[i] for i in keep], errors)
+
+
+def _relative(path: Path, root: str | Path) -> str:
+    """File names relative to the evaluated folder: metrics files and cards carry no local paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return Path(path).name
 
 
 def _try_load(model):

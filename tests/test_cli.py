@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLES, ROOT
+from helpers import EXAMPLES, ROOT
 
 
 @pytest.fixture
@@ -52,3 +52,13 @@ def test_console_script_is_installed():
     assert script.exists(), "pip install -e . must install the chest-model console script"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "predict" in result.stdout
+
+
+def test_ood_check_reports_every_non_xray_image(saved_model):
+    from chest_model.ood_check import non_xray_images
+
+    result = run("ood-check", "--model", str(saved_model))
+    assert result.returncode == 0, result.stderr
+    n = len(non_xray_images())
+    assert f" of {n} non-X-ray images flagged as uncertain" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.startswith(("uncertain", "MISSED"))]) == n
