@@ -6,6 +6,7 @@ server keeps serving.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,22 +18,33 @@ import numpy as np
 from .explain import explain_image, overlay
 from .hub import CARD_NAME
 from .model import ChestXrayClassifier
-from .ood import ood_reasons
 from .preprocess import ImageLoadError
 
 logger = logging.getLogger(__name__)
 
 NOTICE = "**Research demo, not for clinical use.** Do not use it to diagnose, triage or treat anyone."
-SHORTCUT_CAVEAT = (
-    "The public dataset behind this model has a known shortcut: its Covid images come from other sources than "
-    "its Normal and Viral Pneumonia images, and differ in size, aspect ratio and exposure. A classifier that "
-    "never looks at a pixel, only at each file's size and format, scores about 89% on its test split. High "
-    "scores here can mean the model recognises the *source*, not the disease; the heat map shows where it looked."
-)
-SHORT_CAVEAT = (
-    "⚠️ On the public dataset it was trained on, file size and source alone predict the class about 89% of "
-    "the time, so a high score may reflect the image's source rather than the lungs. See *About this model*."
-)
+UNCERTAIN = "Uncertain"
+
+
+def shortcut_caveat(metadata_accuracy: float | None) -> str:
+    """The dataset-shortcut warning, with the model's own measured figure when its folder has one."""
+    figure = (f"scores {metadata_accuracy:.0%} on its test split" if metadata_accuracy is not None
+              else "scores far above chance on its test split")
+    return (
+        "The public dataset behind this model has a known shortcut: its Covid images are adults' (often portable "
+        "films), its Normal and Viral Pneumonia images children's, and they differ in size, aspect ratio and "
+        f"exposure. A classifier that never looks at a pixel, only at each file's size and format, {figure}. "
+        "High scores can mean the model recognises the *source*, not the disease; the heat map shows where it "
+        "looked. Viral Pneumonia was learned from children's X-rays only."
+    )
+
+
+def short_caveat(metadata_accuracy: float | None) -> str:
+    figure = f"about {metadata_accuracy:.0%} of the time" if metadata_accuracy is not None else "far above chance"
+    return (f"⚠️ On the public dataset behind this model, file size and source alone predict the class {figure}, so a "
+            "high score may reflect the image's source rather than the lungs. See *About this model*.")
+
+
 DEFAULT_MAX_FILE_SIZE = "50mb"
 
 
@@ -57,9 +69,14 @@ class DemoService:
         except ImageLoadError as err:
             raise gr.Error(str(err), title="Cannot read this file") from None
 
-    def predict(self, path: str | None) -> dict[str, float]:
-        """Class → probability for one uploaded file (the public ``/predict`` endpoint)."""
-        return self.model.predict(self._load(path), precision=self.precision)
+    def predict(self, path: str | None):
+        """The public ``/predict`` endpoint: class → probability, or the label "Uncertain" with every class's probability."""
+        return self.predict_with_warning(path)[0]
+
+    def predict_with_warning(self, path: str | None):
+        """The label and the out-of-distribution warning, both from one forward pass."""
+        prediction = self.model.predict(self._load(path), precision=self.precision)
+        return label_value(prediction), warning_markdown(prediction.reasons)
 
     def predict_batch(self, paths: list[str | None]) -> list[list[dict[str, float]]]:
         """Gradio's batched form of :meth:`predict` (one forward pass for a whole queue batch).
@@ -68,17 +85,14 @@ class DemoService:
         the public endpoint is not batched (docs/benchmarks.md).
         """
         images = [self._load(path) for path in paths]
-        return [self.model.predict(images, precision=self.precision)]
+        return [[label_value(p) for p in self.model.predict(images, precision=self.precision)]]
 
-    def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any], str]:
-        """Grad-CAM overlay, the state to re-blend it, and the out-of-distribution warning (if any)."""
+    def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any]]:
+        """Grad-CAM overlay and the state to re-blend it."""
         image = self._load(path)
         result = explain_image(self.model, image, None if target in (None, "", PREDICTED) else target)
         state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
-        reasons = ood_reasons(result.image, result.probabilities, self.model.config)
-        warning = ("### ⚠️ Uncertain: this may not be a chest X-ray\n" + "\n".join(f"- {r}" for r in reasons)
-                   + "\n\nThe class probabilities above are not meaningful for it.") if reasons else ""
-        return overlay(result.image, result.heatmap, opacity), state, warning
+        return overlay(result.image, result.heatmap, opacity), state
 
     @staticmethod
     def reblend(state: dict[str, Any] | None, opacity: float):
@@ -93,10 +107,42 @@ class DemoService:
 PREDICTED = "Predicted class"
 
 
+def label_value(prediction):
+    """What the Label shows: the class probabilities, or "Uncertain" on top of them for a flagged input."""
+    if not prediction.uncertain:
+        return dict(prediction)
+    from gradio.components.label import LabelConfidence, LabelData
+
+    ranked = sorted(prediction.items(), key=lambda item: item[1], reverse=True)
+    return LabelData(label=UNCERTAIN, confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked])
+
+
+def warning_markdown(reasons: list[str]) -> str:
+    if not reasons:
+        return ""
+    return ("### ⚠️ Uncertain: this may not be a chest X-ray the model can judge\n" + "\n".join(f"- {r}" for r in reasons)
+            + "\n\nThe class probabilities are shown for transparency; they are not meaningful for this input.")
+
+
+def metadata_baseline_accuracy(model: ChestXrayClassifier) -> float | None:
+    """The shortcut figure measured for this model (metrics.json or eval/metrics.json in its folder), if any."""
+    folder = getattr(model, "folder", None)
+    for relative in ("metrics.json", "eval/metrics.json"):
+        path = Path(folder) / relative if folder else None
+        if path and path.is_file():
+            try:
+                value = json.loads(path.read_text(encoding="utf-8")).get("audit", {}).get("metadata_baseline_accuracy")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, (int, float)):
+                return float(value)
+    return None
+
+
 def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: str | None) -> str:
     config = model.config
     lines = [
-        f"**Model:** `{model_ref}`" + (f" @ `{revision}`" if revision else ""),
+        f"**Model:** `{display_name(model_ref)}`" + (f" @ `{revision}`" if revision else ""),
         f"**Classes:** {', '.join(config.class_names)}  ",
         f"**Input:** {config.image_size}×{config.image_size} px, backbone `{config.backbone}`, initialised from: {config.backbone_init}",
         "",
@@ -105,8 +151,14 @@ def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: s
     for title in ("Training data", "Evaluation"):
         section = _card_section(card, title) if card else None
         lines += [f"#### {title} (from the model card)", section or "_Not recorded in this model's card._", ""]
-    lines += [NOTICE, "", SHORTCUT_CAVEAT]
+    lines += [NOTICE, "", shortcut_caveat(metadata_baseline_accuracy(model))]
     return "\n".join(lines)
+
+
+def display_name(model_ref: str) -> str:
+    """A Hub id as is; a local folder by its name only, so the page shows no path of the serving machine."""
+    path = Path(model_ref).expanduser()
+    return path.name if path.is_absolute() or path.is_dir() else str(model_ref)
 
 
 def _read_card(model: ChestXrayClassifier) -> str | None:
@@ -124,6 +176,17 @@ def _card_section(card: str, title: str) -> str | None:
     return re.sub(r"^#{3,} (.*)$", r"**\1**", match.group(1).strip(), flags=re.M)
 
 
+def accept_label_data(label) -> None:
+    """Let this gr.Label also take a ready LabelData, so "Uncertain" can head every class's confidence.
+
+    Set on the instance: subclassing a Gradio component writes a .pyi stub next to the module.
+    """
+    from gradio.components.label import LabelData
+
+    original = label.postprocess
+    label.postprocess = lambda value: value if isinstance(value, LabelData) else original(value)
+
+
 def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | None = None, examples_dir: Path | None = None):
     import gradio as gr
 
@@ -131,7 +194,7 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
     examples = sorted(str(p) for p in examples_dir.glob("*") if p.is_file()) if examples_dir and examples_dir.is_dir() else []
     # Remove uploads from the cache: check every 10 minutes, delete what is older than an hour.
     with gr.Blocks(title="Chest X-ray classifier (research demo)", delete_cache=(600, 3600)) as demo:
-        gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + SHORT_CAVEAT)
+        gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + short_caveat(metadata_baseline_accuracy(model)))
         with gr.Row():
             with gr.Column(scale=1):
                 # No file_types filter: DICOM files often have no extension. The decoder checks content.
@@ -143,20 +206,23 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
                 opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Heat-map opacity")
             with gr.Column(scale=1):
                 warning = gr.Markdown(elem_id="ood-warning")
-                label = gr.Label(num_top_classes=len(model.class_names), label="Class probabilities", elem_id="probabilities")
+                label = gr.Label(label="Class probabilities", elem_id="probabilities")
+                accept_label_data(label)
                 heat = gr.Image(label="Where the model looked (Grad-CAM)", type="numpy", interactive=False, elem_id="gradcam")
                 gr.Markdown("_The heat map shows which regions raised the chosen class's score. It is not a diagnosis; "
                             "bright areas outside the lungs (labels, borders, devices) suggest a shortcut._")
         with gr.Accordion("About this model", open=True):
             gr.Markdown(service.model_panel(), elem_id="model-panel")
-        state = gr.State()
+        state, pending_warning = gr.State(), gr.State()
 
-        upload.change(service.predict, upload, label, api_name="predict").then(
-            service.explain, [upload, target, opacity], [heat, state, warning], api_name="explain")
+        # State outputs stay out of the API: /predict returns the label alone, the page also gets the warning.
+        upload.change(service.predict_with_warning, upload, [label, pending_warning], api_name="predict").then(
+            lambda text: text, pending_warning, warning, api_visibility="private", queue=False).then(
+            service.explain, [upload, target, opacity], [heat, state], api_name="explain")
         if os.environ.get("CHEST_DEMO_BATCH_ENDPOINT") == "1":  # benchmark only, see predict_batch
             batch_button = gr.Button(visible=False)
             batch_button.click(service.predict_batch, upload, label, api_name="predict_batch", batch=True, max_batch_size=8)
-        target.change(service.explain, [upload, target, opacity], [heat, state, warning], api_visibility="private")
+        target.change(service.explain, [upload, target, opacity], [heat, state], api_visibility="private")
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
 
