@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import synthetic_xray  # noqa: E402
+from helpers import synthetic_xray  # noqa: E402
 
 
 @dataclass

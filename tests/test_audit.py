@@ -2,7 +2,7 @@
 import numpy as np
 
 from chest_model.audit import mask_center, metadata_baseline, verdict
-from conftest import synthetic_xray, write_image
+from helpers import synthetic_xray, write_image
 
 
 def _folder(root, leak: bool, per_class: int, seed: int):

@@ -4,7 +4,7 @@ import yaml
 
 from chest_model import ChestXrayConfig
 from chest_model.card import render_card, template_text
-from conftest import ROOT
+from helpers import ROOT
 
 
 def _front_matter(card: str) -> dict:

@@ -4,7 +4,7 @@ import torch
 
 from chest_model import ChestXrayClassifier, ChestXrayConfig
 from chest_model.explain import explain_image, gradcam, overlay
-from conftest import synthetic_xray
+from helpers import synthetic_xray
 
 
 def test_explanation_shapes_and_ranges(tiny_model):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import chest_model.hub as hub
 from chest_model import ChestXrayClassifier, ChestXrayConfig, ModelLoadError
-from conftest import synthetic_xray
+from helpers import synthetic_xray
 
 MODEL_FILES = {"config.json", "model.safetensors", "README.md"}
 

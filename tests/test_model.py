@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from chest_model import ChestXrayClassifier, PretrainedWeightsUnavailable
-from conftest import EXAMPLES, synthetic_xray
+from helpers import EXAMPLES, synthetic_xray
 
 
 @pytest.mark.parametrize("backbone, builder", [("vgg19", torchvision.models.vgg19), ("vgg19_bn", torchvision.models.vgg19_bn)])
@@ -110,7 +110,7 @@ def test_predict_files(tiny_model):
 
 @pytest.mark.dataset
 def test_bf16_matches_fp32_on_real_xrays_with_the_starter_model():
-    from conftest import DATASET, STARTER, requires_dataset  # noqa: F401
+    from helpers import DATASET, STARTER, requires_dataset  # noqa: F401
 
     if not (DATASET / "test").is_dir() or not (STARTER / "model.safetensors").exists():
         pytest.skip(f"needs the real dataset at {DATASET} and the starter model")

@@ -3,7 +3,7 @@ import cv2
 import numpy as np
 
 from chest_model.ood import fit_max_chroma, fit_min_confidence, image_flags
-from conftest import synthetic_xray
+from helpers import synthetic_xray
 
 
 def non_xrays():

@@ -11,7 +11,7 @@ from PIL import Image
 
 from chest_model import ChestXrayConfig, ImageLoadError, Preprocessor, load_image
 from chest_model.preprocess import MAX_PIXELS
-from conftest import DATASET, EXAMPLES, requires_dataset
+from helpers import DATASET, EXAMPLES, requires_dataset
 from corpus import bad_cases, base_xray, valid_cases
 
 VALID = valid_cases()

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from chest_model import ChestXrayClassifier, ImageLoadError
 from chest_model.checkpoints import CheckpointError, list_checkpoints
-from conftest import ROOT, STARTER, make_class_folders
+from helpers import ROOT, STARTER, make_class_folders
 from corpus import bad_cases, valid_cases, write_corpus
 
 VALID = valid_cases()

@@ -1,0 +1,62 @@
+"""Helpers the tests share: paths, the real dataset's location, small synthetic X-rays written as real files."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASET = Path(os.environ.get("CHEST_XRAY_DATASET", ROOT.parent / "shared" / "data" / "covid19-dataset"))
+EXAMPLES = ROOT / "examples"
+STARTER = ROOT / "demo" / "starter-model"
+CLASS_NAMES = ["Normal", "Covid", "Viral Pneumonia"]
+
+
+def requires_dataset():
+    return pytest.mark.skipif(
+        not (DATASET / "train").is_dir(),
+        reason=f"real dataset not found at {DATASET} (set CHEST_XRAY_DATASET to its folder to run these tests)",
+    )
+
+
+def synthetic_xray(height: int = 96, width: int = 80, seed: int = 0, kind: int = 0) -> np.ndarray:
+    """A grayscale chest-like picture: dark lungs in a bright body, with class-dependent texture."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    image = np.full((height, width), 170.0)
+    for cx in (0.32, 0.68):
+        lung = ((xx / width - cx) / 0.17) ** 2 + ((yy / height - 0.5) / 0.33) ** 2 < 1
+        image[lung] = 60
+    if kind == 1:  # blotchy opacities
+        image += 50 * (np.sin(xx / 3.0) * np.cos(yy / 4.0) > 0.5)
+    elif kind == 2:  # diffuse haze
+        image += 40 * np.exp(-(((yy - height / 2) / (height / 4)) ** 2))
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_image(path: Path, gray: np.ndarray, *, params: list[int] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok = cv2.imwrite(str(path), gray, params or [])
+    assert ok, path
+    return path
+
+
+def make_class_folders(root: Path, per_class: int = 6, size: int = 64, seed: int = 0, class_names=CLASS_NAMES) -> Path:
+    """A learnable synthetic dataset: each class has its own texture."""
+    for label, name in enumerate(class_names):
+        for i in range(per_class):
+            gray = synthetic_xray(size, size, seed=seed * 1000 + label * 100 + i, kind=label)
+            ext = [".png", ".JPG", ".jpeg"][i % 3]  # mixed-case extensions on purpose
+            write_image(root / name / f"img_{i:03d}{ext}", gray)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
