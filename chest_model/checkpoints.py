@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .atomic import fsync_tree
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -47,10 +49,7 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -304,6 +304,12 @@ def balanced_weights(labels: list[int], sources: list[int]) -> torch.Tensor:
     return torch.tensor([1.0 / (sources_per_class[l] * groups[(l, s)]) for l, s in zip(labels, sources)], dtype=torch.float64)
 
 
+def derived_seed(*parts: int) -> int:
+    """A seed that depends only on ``parts`` (unlike ``hash``, stable across Python versions and processes)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 class CachedImageDataset(Dataset):
     """uint8 images in memory with their labels; optional augmentation, reproducible per epoch.
 
@@ -327,8 +333,7 @@ class CachedImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.images[index]
         if self.transform is not None:
-            digest = hashlib.blake2b(f"{self.seed}:{self.epoch}:{index}".encode(), digest_size=8).digest()
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+                torch.manual_seed(derived_seed(self.seed, self.epoch, index))
                 image = self.transform(image)
         return image, self.labels[index]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from .data import derived_seed
 from .metrics import classification_metrics
 from .model import calibrated_probabilities
 from .preprocess import Preprocessor
@@ -59,7 +60,7 @@ def train_one_epoch(
     step = start_step
     for images, labels in progress:
         if seed is not None:
-            torch.manual_seed(hash((seed, epoch, step, accelerator.process_index)) & ((1 << 63) - 1))
+            torch.manual_seed(derived_seed(seed, epoch, step, accelerator.process_index))
         inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
         with accelerator.accumulate(model):
             with accelerator.autocast():
