@@ -75,6 +75,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--ood-fpr", type=float, default=0.02,
                      help="share of validation X-rays the feature-space out-of-distribution gate may flag")
     run = p.add_argument_group("run")
+    run.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
+                     help="'auto': bf16 where the device runs it faster than fp32 (GPUs with bf16 tensor cores, CPUs with "
+                          "AMX), else fp32. `accelerate launch --mixed_precision bf16|fp16` also counts as asking")
     run.add_argument("--cpu-threads", type=int, default=0,
                      help="torch threads per process on CPU (0: the available cores divided by the local processes)")
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
@@ -168,26 +171,46 @@ def train(args: argparse.Namespace, command: str) -> int:
 
 
 def make_accelerator(args: argparse.Namespace):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DataLoaderConfiguration
 
+    # accelerate picks the device (CUDA, MPS, XPU, ...). Only where torch sees no accelerator at all is
+    # the CPU named: `--multi_gpu` then joins the processes in a gloo group instead of running each alone.
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    precision = resolve_precision(args.mixed_precision, state.device)
     accelerator = Accelerator(
-        # Without a GPU, run on the CPU even under `--multi_gpu`: each process then joins a gloo group.
-        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    accelerator.precision_choice = precision
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per checkpoint file is noise
     if accelerator.device.type == "cpu":
         # `accelerate launch` without a config sets OMP_NUM_THREADS=1, which halves CPU training speed.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         torch.set_num_threads(args.cpu_threads or max(1, _available_cores() // local))
+    logger.info("precision: %s (%s)", precision.precision, precision.reason)
+    if precision.precision == "bf16" and not precision.bf16_fast:
+        warnings.warn(f"bf16 was asked for, but it will run slower than fp32 here: {precision.reason}. "
+                      "Leave the precision unset (or pass --mixed-precision no) for the fast choice.")
     if accelerator.device.type == "cuda":
         warnings.warn("On GPU, VGG's adaptive-pool backward is nondeterministic: runs with the same seed can differ slightly.")
     return accelerator
+
+
+def resolve_precision(requested: str, device):
+    """The run's precision: what was asked for (here or through `accelerate launch`), else the fast one."""
+    from .precision import PrecisionChoice, choose_precision
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default, "no", counts as not asked
+    if requested == "auto" and launcher != "no":
+        requested = launcher
+    if requested == "fp16":
+        return PrecisionChoice("fp16", "asked for fp16", False)
+    return choose_precision(device, requested)
 
 
 # ---- data --------------------------------------------------------------------------------------
@@ -361,6 +384,7 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
         "device": str(accelerator.device.type),
         "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
         "mixed_precision": accelerator.mixed_precision,
+        "precision_reason": accelerator.precision_choice.reason,
         "cpu_threads_per_process": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "epochs": args.epochs,
@@ -466,7 +490,10 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
         row["val_group_recall"], f" | by source: {by_source}" if by_source else "", row["lr"], row["seconds"], row["images_per_s"],
     )
     if args.report_to != "none":
-        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}, step=epoch + 1)
+        # On the per-step axis, at the epoch's last step, so the epoch curves line up with the step curves.
+        scalars = {f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
+        scalars.update({f"val_by_source/{name}/accuracy": m["accuracy"] for name, m in row["val_by_source"].items()})
+        accelerator.log(scalars, step=(epoch + 1) * len(run.train_loader))
     return row, (val_logits, val_labels)
 
 
@@ -500,7 +527,27 @@ def finish(run: Run, best_val) -> None:
         save_outputs(run, model.eval(), *best_val)
     accelerator.wait_for_everyone()
     if run.args.report_to != "none":
+        if accelerator.is_main_process:
+            log_figures(accelerator, run.output_dir, step=run.args.epochs * len(run.train_loader))
         accelerator.end_training()
+
+
+def log_figures(accelerator, output_dir: Path, *, step: int) -> None:
+    """The saved figures (training curves, confusion matrix, reliability diagram) to every tracker that takes images."""
+    import cv2
+    import numpy as np
+
+    figures = {path.stem: path for path in [output_dir / "training_curves.png", *sorted((output_dir / "eval").glob("*.png"))]
+               if path.is_file()}
+    images = {f"figures/{name}": np.ascontiguousarray(cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1])[None]
+              for name, path in figures.items()}
+    for tracker in accelerator.trackers:
+        if not images or not hasattr(tracker, "log_images"):
+            continue
+        if tracker.name == "tensorboard":  # SummaryWriter.add_images wants the layout named
+            tracker.log_images(images, step=step, dataformats="NHWC")
+        else:
+            tracker.log_images({k: list(v) for k, v in images.items()}, step=step)
 
 
 def save_outputs(run: Run, model, val_logits: torch.Tensor, val_labels: torch.Tensor) -> None:

@@ -19,13 +19,13 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 TINY = ["--image-size", "32", "--batch-size", "4", "--weights", "none", "--seed", "3", "--cpu-threads", "1"]
 
 
-def env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+def env(**extra):
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **extra}
 
 
-def train(*args, launcher=None, check=True, timeout=300):
+def train(*args, launcher=None, check=True, timeout=300, extra_env=None):
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=timeout)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env(**(extra_env or {})), timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -219,3 +219,40 @@ def test_two_sources_are_merged_split_by_source_and_reported_per_source(tmp_path
     assert "External validation" in card and "| train | adult-normals | " in card and "children only" in card
     model = ChestXrayClassifier.from_pretrained(out)
     assert model.config.feature_threshold > 0 and model.config.feature_fpr == 0.02
+
+
+def test_precision_is_chosen_for_the_machine_and_tensorboard_gets_steps_epochs_and_figures(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from chest_model.precision import choose_precision
+
+    out = tmp_path / "tb"
+    result = train("--data-dir", str(data / "train"), "--test-dir", str(data / "test"), "--output-dir", str(out),
+                   "--epochs", "2", "--report-to", "tensorboard", *TINY)
+    expected = choose_precision("cpu")  # nothing asked for: the fast precision of this CPU
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["mixed_precision"] == expected.mixed_precision and record["precision_reason"] == expected.reason
+    assert f"precision: {expected.precision} ({expected.reason})" in result.stderr + result.stdout
+    assert record["cpu_capability"] in expected.reason
+
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard event file under {out}"
+    accumulator = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars, images = accumulator.Tags()["scalars"], accumulator.Tags()["images"]
+    steps_per_epoch = -(-sum(record["data_counts"]["train"].values()) // 4)
+    assert len(accumulator.Scalars("train/loss")) == 2 * steps_per_epoch  # every step of both epochs
+    assert {"train/lr", "epoch/val_accuracy", "epoch/val_macro_f1", "epoch/train_loss"} <= set(scalars)
+    assert [e.step for e in accumulator.Scalars("epoch/val_loss")] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert {"figures/training_curves", "figures/confusion_matrix"} <= set(images)
+
+
+def test_bf16_asked_for_runs_as_asked_with_a_warning_where_it_is_slow(data, tmp_path):
+    from chest_model.precision import choose_precision
+
+    out = tmp_path / "bf16"
+    result = train("--data-dir", str(data / "train"), "--output-dir", str(out), "--epochs", "1", *TINY,
+                   extra_env={"ACCELERATE_MIXED_PRECISION": "bf16"})  # what `accelerate launch --mixed_precision bf16` sets
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["mixed_precision"] == "bf16" and record["precision_reason"].startswith("asked for bf16")
+    warned = "it will run slower than fp32 here" in result.stderr
+    assert warned == (not choose_precision("cpu").bf16_fast)
