@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--concurrency", type=int, default=None, help="server-side concurrency limit (default: the demo's)")
-    parser.add_argument("--batch", action="store_true", help="use the batched /predict_batch endpoint (max 8 per batch)")
+    parser.add_argument("--batch", action="store_true", help="serve bench/batch_server.py and use its batched /predict_batch endpoint (max 8 per batch)")
     parser.add_argument("--bad-every", type=int, default=10, help="every Nth request sends a non-image (0: never)")
     args = parser.parse_args()
 
@@ -43,12 +43,12 @@ def main() -> None:
 
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    if args.batch:
-        env["CHEST_DEMO_BATCH_ENDPOINT"] = "1"
     api = "/predict_batch" if args.batch else "/predict"
+    # The batched endpoint is not part of the demo: bench/batch_server.py serves the demo plus it.
+    script = ROOT / "bench" / "batch_server.py" if args.batch else ROOT / "demo" / "app.py"
     if args.concurrency:
         env["CHEST_DEMO_CONCURRENCY"] = str(args.concurrency)
-    server = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", args.model, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, str(script), "--model", args.model, "--port", str(port)],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

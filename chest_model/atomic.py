@@ -27,9 +27,7 @@ def atomic_directory(target: str | Path, *, keep_existing: bool = True) -> Itera
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = target.parent / f".{target.name}.tmp-{tag}"
-    old = target.parent / f".{target.name}.old-{tag}"
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -37,6 +35,22 @@ def atomic_directory(target: str | Path, *, keep_existing: bool = True) -> Itera
             for entry in target.iterdir():
                 if not (tmp / entry.name).exists() and not entry.name.startswith(".tmp-"):
                     _link_tree(entry, tmp / entry.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_directory(tmp, target)
+
+
+def replace_directory(tmp: str | Path, target: str | Path) -> None:
+    """Make the finished folder ``tmp`` (a sibling of ``target``) be ``target``: synced, then renamed in.
+
+    An existing ``target`` is renamed aside first and removed only once the new one is in place;
+    if anything fails, it is renamed back and ``tmp`` is removed, so ``target`` is either completely
+    the old folder or completely the new one.
+    """
+    tmp, target = Path(tmp), Path(target)
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    try:
         fsync_tree(tmp)
         if target.exists():
             os.rename(target, old)

@@ -20,17 +20,26 @@ CENTER_BOX = (0.2, 0.8, 0.2, 0.8)
 
 
 def file_metadata(path: str | Path) -> list[float]:
-    """[height, width, aspect, bytes per pixel, one-hot format] from the header, without decoding pixels."""
+    """[height, width, aspect, bytes per pixel, one-hot format] from the header, without decoding pixels.
+
+    Raises :class:`ImageLoadError`, naming the file, for anything that cannot be read as an image.
+    """
     path = Path(path)
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16)
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise ImageLoadError(f"{path}: cannot read file ({err.strerror or err})") from None
     fmt = sniff_format(head) or "other"
     if fmt == "DICOM":
         import pydicom
 
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        height, width = int(ds.Rows), int(ds.Columns)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            height, width = int(ds.Rows), int(ds.Columns)
+        except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken headers
+            raise ImageLoadError(f"{path}: cannot read DICOM header ({err})") from None
     else:
         from PIL import Image
 
@@ -39,26 +48,45 @@ def file_metadata(path: str | Path) -> list[float]:
                 width, height = im.size
         except Exception:  # noqa: BLE001
             raise ImageLoadError(f"{path}: cannot read image header") from None
+    if height <= 0 or width <= 0:
+        raise ImageLoadError(f"{path}: image header declares {width}x{height} pixels")
     onehot = [1.0 if fmt == f else 0.0 for f in FORMATS[:-1]]
     onehot.append(1.0 if fmt not in FORMATS[:-1] else 0.0)
     return [float(height), float(width), width / height, size / (height * width), *onehot]
 
 
 def metadata_baseline(train_paths, train_labels, eval_paths, eval_labels, *, seed: int = 0) -> dict:
-    """Fit a random forest on training-file metadata; score it on the evaluation files."""
+    """Fit a random forest on training-file metadata; score it on the evaluation files.
+
+    Unreadable training files are left out and listed in ``unreadable_train_files`` (one bad file
+    in the training folder must not stop an evaluation); with none readable, the scores are None.
+    """
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import f1_score
 
-    x_train = np.array([file_metadata(p) for p in train_paths])
-    x_eval = np.array([file_metadata(p) for p in eval_paths])
-    forest = RandomForestClassifier(n_estimators=300, random_state=seed).fit(x_train, train_labels)
-    predictions = forest.predict(x_eval)
-    return {
-        "accuracy": float((predictions == np.asarray(eval_labels)).mean()),
-        "macro_f1": float(f1_score(eval_labels, predictions, average="macro")),
+    rows, kept_labels, unreadable = [], [], []
+    for path, label in zip(train_paths, train_labels):
+        try:
+            rows.append(file_metadata(path))
+        except ImageLoadError as err:
+            unreadable.append(str(err))
+            continue
+        kept_labels.append(label)
+    result = {
+        "accuracy": None,
+        "macro_f1": None,
         "features": ["height", "width", "aspect", "bytes_per_pixel", *[f"format_{f.lower()}" for f in FORMATS]],
-        "n_train": len(train_paths),
+        "n_train": len(rows),
+        "unreadable_train_files": unreadable,
     }
+    if not rows:
+        return result
+    x_eval = np.array([file_metadata(p) for p in eval_paths])
+    forest = RandomForestClassifier(n_estimators=300, random_state=seed).fit(np.array(rows), kept_labels)
+    predictions = forest.predict(x_eval)
+    result.update(accuracy=float((predictions == np.asarray(eval_labels)).mean()),
+                  macro_f1=float(f1_score(eval_labels, predictions, average="macro")))
+    return result
 
 
 def mask_center(image: np.ndarray, *, keep: bool) -> np.ndarray:

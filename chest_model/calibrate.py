@@ -1,6 +1,6 @@
 """After training: fit everything a model needs to report honest probabilities and to say "uncertain".
 
-- temperature scaling on the validation logits (engine.fit_temperature);
+- temperature scaling on the validation logits (fit_temperature);
 - the low-confidence and colour thresholds of ood.py, on the validation X-rays;
 - the feature-space statistics of feature_ood.py on the training images, and their threshold on the
   validation X-rays at a stated false-positive rate.
@@ -10,17 +10,37 @@ Nothing here sees a test image or a non-X-ray image.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import feature_ood
-from .engine import fit_temperature, metrics_from_logits
-from .model import ChestXrayClassifier, calibrated_probabilities, eval_mode
+from .engine import metrics_from_logits
+from .model import ChestXrayClassifier, calibrated_log_probabilities, calibrated_probabilities, eval_mode
 from .ood import fit_max_chroma_values, fit_min_confidence
 
 logger = logging.getLogger(__name__)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 200) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 that minimises NLL of ``logits / T``."""
+    if len(labels) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)  # T = exp(log_t) stays positive
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.nll_loss(calibrated_log_probabilities(logits, log_t.exp()), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.exp().item())
+    return float(np.clip(temperature, 0.05, 20.0)) if math.isfinite(temperature) else 1.0
 
 
 @torch.inference_mode()

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
-from .atomic import fsync_tree
+from .atomic import replace_directory
+from .errors import ChestModelError
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ChestModelError, RuntimeError):
     """A checkpoint that is missing, incomplete or corrupted."""
 
 
@@ -41,18 +41,20 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
     tmp = checkpoints_dir / f".tmp-step_{global_step:08d}-{uuid.uuid4().hex[:6]}"
     if accelerator.is_main_process:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    tmp_name = accelerator_broadcast_str(accelerator, str(tmp))
-    accelerator.save_state(tmp_name, safe_serialization=True)
-    accelerator.wait_for_everyone()
+    tmp = Path(accelerator_broadcast_str(accelerator, str(tmp)))
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
+            replace_directory(tmp, final)
+    except BaseException:
+        if accelerator.is_main_process:  # no half-written folder is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        tmp = Path(tmp_name)
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
         for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -55,7 +55,7 @@ class DemoService:
         self.model = model.eval()
         self.model_ref = model_ref
         self.revision = revision
-        # bf16 where the hardware runs it natively: checked against fp32 on real X-rays
+        # bf16 where it is faster than fp32 (chest_model.precision): checked against fp32 on real X-rays
         # (same top class, probabilities within 0.02; tests/test_model.py, docs/benchmarks.md).
         self.precision = precision
 
@@ -77,15 +77,6 @@ class DemoService:
         """The label and the out-of-distribution warning, both from one forward pass."""
         prediction = self.model.predict(self._load(path), precision=self.precision)
         return label_value(prediction), warning_markdown(prediction.reasons)
-
-    def predict_batch(self, paths: list[str | None]) -> list[list[dict[str, float]]]:
-        """Gradio's batched form of :meth:`predict` (one forward pass for a whole queue batch).
-
-        Only for measuring: a bad file raises and fails every request in its batch, which is why
-        the public endpoint is not batched (docs/benchmarks.md).
-        """
-        images = [self._load(path) for path in paths]
-        return [[label_value(p) for p in self.model.predict(images, precision=self.precision)]]
 
     def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any]]:
         """Grad-CAM overlay and the state to re-blend it."""
@@ -219,9 +210,6 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
         upload.change(service.predict_with_warning, upload, [label, pending_warning], api_name="predict").then(
             lambda text: text, pending_warning, warning, api_visibility="private", queue=False).then(
             service.explain, [upload, target, opacity], [heat, state], api_name="explain")
-        if os.environ.get("CHEST_DEMO_BATCH_ENDPOINT") == "1":  # benchmark only, see predict_batch
-            batch_button = gr.Button(visible=False)
-            batch_button.click(service.predict_batch, upload, label, api_name="predict_batch", batch=True, max_batch_size=8)
         target.change(service.explain, [upload, target, opacity], [heat, state], api_visibility="private")
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo

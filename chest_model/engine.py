@@ -16,14 +16,15 @@ from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
 from .data import derived_seed
+from .errors import ChestModelError
 from .metrics import classification_metrics
-from .model import calibrated_probabilities
+from .model import calibrated_log_probabilities, calibrated_probabilities
 from .preprocess import Preprocessor
 
 logger = get_logger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(ChestModelError, RuntimeError):
     """The loss became NaN or inf; training stops before any bad weights are saved."""
 
 
@@ -77,7 +78,11 @@ def train_one_epoch(
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += labels.numel()
         step += 1
-        progress.set_postfix(loss=f"{loss.item():.4f}")
+        loss_value = loss.item()
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        if accelerator.trackers:  # per-step curves for --report-to
+            accelerator.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"]},
+                            step=epoch * (skip_batches + len(loader)) + step)
         if on_step is not None:
             on_step(step)
     elapsed = time.perf_counter() - start
@@ -121,7 +126,7 @@ def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Pr
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, temperature: float = 1.0) -> dict[str, Any]:
     probabilities = calibrated_probabilities(logits, temperature).numpy()
     metrics = classification_metrics(labels.numpy(), probabilities, class_names)
-    metrics["loss"] = float(F.cross_entropy(logits / temperature, labels).item()) if len(labels) else math.nan
+    metrics["loss"] = float(F.nll_loss(calibrated_log_probabilities(logits, temperature), labels).item()) if len(labels) else math.nan
     return metrics
 
 
@@ -147,21 +152,3 @@ def grouped_metrics(logits: torch.Tensor, labels: torch.Tensor, sources: torch.T
         by_source[name] = {"n": int(in_source.sum()), "accuracy": float((predictions[in_source] == labels[in_source]).float().mean()),
                            "recall": recall}
     return {"by_source": by_source, "group_recall": float(np.mean(recalls)) if recalls else math.nan}
-
-
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int = 200) -> float:
-    """Temperature scaling (Guo et al., 2017): the T > 0 that minimises NLL of ``logits / T``."""
-    if len(labels) == 0:
-        return 1.0
-    log_t = torch.zeros(1, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    temperature = float(log_t.exp().item())
-    return float(np.clip(temperature, 0.05, 20.0)) if math.isfinite(temperature) else 1.0

@@ -71,7 +71,9 @@ def evaluate_model(
             baseline = metadata_baseline(train_folder.paths, train_folder.labels, paths, labels, seed=seed)
             audit.update(metadata_baseline_accuracy=baseline["accuracy"], metadata_baseline_macro_f1=baseline["macro_f1"],
                          metadata_features=baseline["features"], metadata_train_source=train_folder.source_names[0],
-                         metadata_n_train=baseline["n_train"])
+                         metadata_n_train=baseline["n_train"], unreadable_train_files=baseline["unreadable_train_files"])
+            if baseline["unreadable_train_files"]:
+                logger.warning("metadata baseline: %d unreadable training files left out", len(baseline["unreadable_train_files"]))
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
@@ -217,4 +219,6 @@ def summary(metrics: dict[str, Any]) -> str:
     ]
     if metrics["unreadable_files"]:
         lines.append(f"unreadable files skipped: {len(metrics['unreadable_files'])}")
+    if audit.get("unreadable_train_files"):
+        lines.append(f"unreadable training files left out of the metadata baseline: {len(audit['unreadable_train_files'])}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Grad-CAM (Selvaraju et al., 2017) on the last convolutional block of the VGG backbone.
 
-The map is taken at the output of the last ReLU in ``features`` (14×14 for a 224-px input), the
-finest map that still sees the whole receptive field. VGG's ReLUs run in place, so the activation
-is captured from that ReLU's own output (the tensor the max-pool reads), not from the conv before it.
+The map is taken at the output of ``model.cam_layer``, the last ReLU in ``features`` (14×14 for a
+224-px input), the finest map that still sees the whole receptive field. VGG's ReLUs run in place, so
+the activation is captured from that ReLU's own output (the tensor the max-pool reads), not from the
+conv before it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import torch
-from torch import nn
 
 from .model import ChestXrayClassifier, calibrated_probabilities, eval_mode
 from .preprocess import ImageSource
@@ -25,11 +25,6 @@ class Explanation:
     probabilities: dict[str, float]
 
 
-def _last_relu(features: nn.Sequential) -> nn.Module:
-    relus = [m for m in features if isinstance(m, nn.ReLU)]
-    return relus[-1]
-
-
 def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int | None = None) -> tuple[np.ndarray, torch.Tensor, int]:
     """Grad-CAM for one normalized ``(1, 3, S, S)`` input: (map at feature resolution, logits, target index)."""
     captured: dict[str, torch.Tensor] = {}
@@ -37,7 +32,7 @@ def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int 
     def keep(_module, _inputs, output):
         captured["activation"] = output
 
-    handle = _last_relu(model.features).register_forward_hook(keep)
+    handle = model.cam_layer.register_forward_hook(keep)
     try:
         with eval_mode(model), torch.enable_grad():
             logits = model(pixel_values)

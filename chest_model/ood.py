@@ -32,10 +32,6 @@ def chroma(image: np.ndarray) -> float:
     return float((small.max(axis=2).astype(np.float32) - small.min(axis=2)).mean() / 255)
 
 
-def fit_max_chroma(images) -> float:
-    return fit_max_chroma_values([chroma(im) for im in images])
-
-
 def fit_max_chroma_values(values) -> float:
     """1.25 x the 99th percentile of the validation images' mean chroma, at least ``MAX_CHROMA``."""
     return float(min(1.0, max(MAX_CHROMA, 1.25 * float(np.quantile(values, 0.99))))) if values else MAX_CHROMA

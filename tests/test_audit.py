@@ -1,8 +1,11 @@
 """The shortcut audit flags a dataset that leaks its labels through image size, and not one that does not."""
 import numpy as np
+import pytest
 
-from chest_model.audit import mask_center, metadata_baseline, verdict
-from helpers import synthetic_xray, write_image
+from chest_model.audit import file_metadata, mask_center, metadata_baseline, verdict
+from chest_model.evaluation import evaluate_model, summary
+from chest_model.preprocess import ImageLoadError
+from helpers import make_class_folders, synthetic_xray, write_image
 
 
 def _folder(root, leak: bool, per_class: int, seed: int):
@@ -43,3 +46,34 @@ def test_masks_hide_or_keep_the_centre():
     assert hidden[50, 50, 0] == 10 and kept[50, 50, 0] == 250
     assert kept[5, 5, 0] == hidden[5, 5, 0] == 10
     assert "lungs hidden" in verdict(0.9, 0.4, 0.88, 1 / 3)
+
+
+def test_an_unreadable_training_file_is_left_out_and_listed(tmp_path):
+    train = _folder(tmp_path / "train", True, 6, 1)
+    test = _folder(tmp_path / "test", True, 3, 2)
+    garbage = tmp_path / "train" / "1" / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    fake_dicom = tmp_path / "train" / "2" / "broken.dcm"
+    fake_dicom.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")  # the DICOM magic, then a truncated header
+    for path in (garbage, fake_dicom):
+        with pytest.raises(ImageLoadError, match=path.name):
+            file_metadata(path)
+    baseline = metadata_baseline([*train[0], garbage, fake_dicom], [*train[1], 1, 2], *test)
+    assert baseline["accuracy"] > 0.9 and baseline["n_train"] == len(train[0])
+    assert len(baseline["unreadable_train_files"]) == 2
+    assert str(garbage) in baseline["unreadable_train_files"][0] and str(fake_dicom) in baseline["unreadable_train_files"][1]
+    nothing = metadata_baseline([garbage], [1], *test)
+    assert nothing["accuracy"] is None and nothing["n_train"] == 0
+
+
+def test_evaluation_reports_a_baseline_despite_a_garbage_training_file(tmp_path, tiny_model):
+    make_class_folders(tmp_path / "data" / "train", per_class=4, size=48, seed=1)
+    make_class_folders(tmp_path / "data" / "test", per_class=3, size=48, seed=2)
+    garbage = tmp_path / "data" / "train" / "Covid" / "garbage.jpg"
+    garbage.write_bytes(b"\xff\xd8 truncated JPEG")
+    metrics = evaluate_model(tiny_model, tmp_path / "data" / "test", n_bootstrap=20)
+    audit = metrics["audit"]
+    assert audit["metadata_baseline_accuracy"] is not None
+    assert audit["metadata_n_train"] == 12
+    assert len(audit["unreadable_train_files"]) == 1 and str(garbage) in audit["unreadable_train_files"][0]
+    assert "unreadable training files" in summary(metrics)

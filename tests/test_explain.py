@@ -1,5 +1,6 @@
 """Grad-CAM: it must point at the evidence when the evidence is known."""
 import numpy as np
+import pytest
 import torch
 
 from chest_model import ChestXrayClassifier, ChestXrayConfig
@@ -47,3 +48,30 @@ def test_gradcam_finds_a_planted_feature():
     y, x_ = np.unravel_index(cam.argmax(), cam.shape)
     h, w = cam.shape
     assert y >= h // 2 and x_ < w // 2, (y, x_, cam.round(2))
+
+
+@pytest.mark.parametrize("backbone", ["vgg19", "vgg19_bn"])
+def test_cam_layer_is_the_last_relu_before_the_final_pool(backbone):
+    """model.cam_layer names the layer Grad-CAM used to find by scanning: the same map comes out."""
+    torch.manual_seed(0)
+    model = ChestXrayClassifier(ChestXrayConfig(image_size=32, hidden_size=8, backbone=backbone)).eval()
+    relus = [m for m in model.features if isinstance(m, torch.nn.ReLU)]
+    assert model.cam_layer is relus[-1]
+    assert isinstance(model.features[-1], torch.nn.MaxPool2d)
+    assert list(model.features).index(model.cam_layer) == len(model.features) - 2
+
+    # The map from a hook on the last ReLU found by scanning, computed here without explain.py.
+    x = torch.randn(1, 3, 32, 32)
+    captured = {}
+    handle = relus[-1].register_forward_hook(lambda _m, _i, out: captured.update(activation=out))
+    try:
+        logits = model(x)
+        (grads,) = torch.autograd.grad(logits[0, 1], captured["activation"])
+    finally:
+        handle.remove()
+    expected = torch.relu((grads[0].mean(dim=(1, 2))[:, None, None] * captured["activation"][0]).sum(dim=0)).detach()
+    assert expected.max() > 0  # a non-trivial map, so the comparison below can fail
+    expected = (expected / expected.max()).numpy()
+    cam, _, index = gradcam(model, x, target=1)
+    assert index == 1 and cam.shape == expected.shape == (2, 2)
+    np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-6)

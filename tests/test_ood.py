@@ -2,7 +2,7 @@
 import cv2
 import numpy as np
 
-from chest_model.ood import fit_max_chroma, fit_min_confidence, image_flags
+from chest_model.ood import chroma, fit_max_chroma_values, fit_min_confidence, image_flags
 from helpers import synthetic_xray
 
 
@@ -31,7 +31,7 @@ def test_grey_xrays_are_not_flagged():
 
 def test_thresholds_fitted_on_validation_data():
     tinted = [np.dstack([g, np.clip(g.astype(int) + 30, 0, 255).astype(np.uint8), g]) for g in (synthetic_xray(80, 80, seed=i) for i in range(8))]
-    limit = fit_max_chroma(tinted)
+    limit = fit_max_chroma_values([chroma(im) for im in tinted])
     assert not any(image_flags(im, limit) for im in tinted)
     assert all(image_flags(im, limit) for im in non_xrays()[:4])
     assert fit_min_confidence([0.9] * 98 + [0.5, 0.4]) < 0.9

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from chest_model import ChestXrayClassifier, ImageLoadError
 from chest_model.checkpoints import CheckpointError, list_checkpoints
-from helpers import ROOT, STARTER, make_class_folders
+from helpers import ROOT, STARTER, flip_a_byte, make_class_folders
 from corpus import bad_cases, valid_cases, write_corpus
 
 VALID = valid_cases()
@@ -169,10 +169,7 @@ def test_a_corrupted_checkpoint_is_detected(tmp_path):
     out = tmp_path / "run"
     assert _train(["--data-dir", str(data), *TINY, "--output-dir", str(out)]).returncode == 0
     latest = list_checkpoints(out / "checkpoints")[-1]
-    weights = latest / "model.safetensors"
-    blob = bytearray(weights.read_bytes())
-    blob[len(blob) // 2] ^= 0xFF
-    weights.write_bytes(bytes(blob))
+    flip_a_byte(latest / "model.safetensors")
     result = _train(["--data-dir", str(data), *TINY, "--output-dir", str(out), "--resume-from-checkpoint", "latest"])
     assert result.returncode != 0
     assert "corrupted checkpoint" in result.stderr and "model.safetensors" in result.stderr

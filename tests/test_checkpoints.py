@@ -1,0 +1,108 @@
+"""Training checkpoints: saved whole or not at all, found by 'latest', verified before a resume, pruned to N."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from chest_model.checkpoints import CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint, verify_checkpoint
+from helpers import flip_a_byte
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.trained = (model, optimizer)  # what _step trains; save_state saves both
+    yield accelerator
+    AcceleratorState._reset_state(reset_partial_state=True)  # the next test builds its own
+
+
+def _step(accelerator) -> None:
+    """One optimizer step, so weights and momentum change between checkpoints."""
+    model, optimizer = accelerator.trained
+    accelerator.backward(model(torch.randn(8, 4)).square().mean())
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_then_resume_from_latest_restores_the_weights(tmp_path, accelerator):
+    root = tmp_path / "checkpoints"
+    assert resolve_checkpoint("latest", root) is None  # nothing saved yet: start from scratch
+    _step(accelerator)
+    save_checkpoint(accelerator, root, 5, {"epoch": 0, "global_step": 5})
+    saved = accelerator.trained[0].weight.detach().clone()
+    _step(accelerator)
+    final = save_checkpoint(accelerator, root, 10, {"epoch": 1, "global_step": 10})
+    assert final == root / "step_00000010"
+    assert list_checkpoints(root) == [root / "step_00000005", final]
+    assert resolve_checkpoint("latest", root) == final
+    assert resolve_checkpoint(str(root / "step_00000005"), root) == root / "step_00000005"
+    assert verify_checkpoint(final) == {"epoch": 1, "global_step": 10}
+    manifest = json.loads((final / "manifest.json").read_text())["files"]
+    assert "model.safetensors" in manifest and "trainer_state.json" in manifest
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+    assert not torch.equal(accelerator.trained[0].weight.detach(), saved)
+    accelerator.load_state(str(root / "step_00000005"))
+    assert torch.equal(accelerator.trained[0].weight.detach(), saved)
+
+
+def test_only_the_newest_n_are_kept_and_a_step_can_be_saved_again(tmp_path, accelerator):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        _step(accelerator)
+        save_checkpoint(accelerator, root, step, {"global_step": step}, keep=2)
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000003", "step_00000004"]
+    save_checkpoint(accelerator, root, 4, {"global_step": 4, "again": True}, keep=2)  # replaces the folder
+    assert verify_checkpoint(root / "step_00000004") == {"global_step": 4, "again": True}
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
+
+
+def test_incomplete_and_temporary_folders_are_not_checkpoints(tmp_path, accelerator):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, {"global_step": 1})
+    (root / ".tmp-step_00000002-abcdef").mkdir()  # a save interrupted before its rename
+    (root / "step_00000003").mkdir()  # no manifest
+    assert list_checkpoints(root) == [root / "step_00000001"]
+    with pytest.raises(CheckpointError, match="incomplete checkpoint"):
+        verify_checkpoint(root / "step_00000003")
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        resolve_checkpoint(str(root / "step_00000099"), root)
+
+
+def test_a_corrupted_or_missing_file_is_detected(tmp_path, accelerator):
+    root = tmp_path / "checkpoints"
+    path = save_checkpoint(accelerator, root, 1, {"global_step": 1})
+    weights = path / "model.safetensors"
+    flip_a_byte(weights)
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its checksum"):
+        verify_checkpoint(path)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        verify_checkpoint(path)
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        verify_checkpoint(path)
+
+
+def test_a_failed_save_leaves_no_folder_and_the_old_checkpoints_intact(tmp_path, accelerator, monkeypatch):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(accelerator, root, 1, {"global_step": 1})
+    real_save_state = accelerator.save_state
+
+    def save_then_fail(output_dir, **kwargs):
+        real_save_state(output_dir, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(accelerator, "save_state", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(accelerator, root, 2, {"global_step": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
+    assert verify_checkpoint(root / "step_00000001") == {"global_step": 1}

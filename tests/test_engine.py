@@ -1,0 +1,67 @@
+"""Metrics from logits, per-source metrics, and temperature scaling, on numbers whose answer is known."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chest_model.calibrate import fit_temperature
+from chest_model.engine import grouped_metrics, metrics_from_logits
+from chest_model.model import calibrated_log_probabilities, calibrated_probabilities
+
+CLASSES = ["Normal", "Covid", "Viral Pneumonia"]
+
+
+def _tempered_sample(temperature: float, n: int = 6000, seed: int = 0):
+    """Logits, and labels drawn from softmax(logits / temperature): the fitted T should be ``temperature``."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = 3.0 * torch.randn(n, 3, generator=generator)
+    labels = torch.multinomial(torch.softmax(logits / temperature, dim=1), 1, generator=generator).squeeze(1)
+    return logits, labels
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_t):
+    logits, labels = _tempered_sample(true_t)
+    assert fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.08)
+
+
+def test_fit_temperature_without_data_is_the_identity():
+    assert fit_temperature(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)) == 1.0
+
+
+def test_calibrated_probabilities_are_the_tempered_softmax():
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 0.0, 10.0]], dtype=torch.bfloat16)
+    expected = torch.softmax(logits.float() / 1.7, dim=1)
+    torch.testing.assert_close(calibrated_probabilities(logits, 1.7), expected)
+    torch.testing.assert_close(calibrated_log_probabilities(logits, 1.7), expected.log())
+    assert calibrated_probabilities(logits, 1.7).dtype == torch.float32
+
+
+def test_metrics_from_logits_loss_is_the_tempered_cross_entropy():
+    logits, labels = _tempered_sample(2.0, n=300, seed=1)
+    for temperature in (1.0, 2.0):
+        metrics = metrics_from_logits(logits, labels, CLASSES, temperature=temperature)
+        assert metrics["loss"] == pytest.approx(F.cross_entropy(logits / temperature, labels).item(), rel=1e-6)
+        assert metrics["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    # At the temperature the labels were drawn at, the loss is lower than uncalibrated.
+    assert metrics_from_logits(logits, labels, CLASSES, temperature=2.0)["loss"] < metrics_from_logits(logits, labels, CLASSES)["loss"]
+
+
+def test_grouped_metrics_give_every_source_and_class_the_same_say():
+    # Source "a": 4 Normal (3 right), 1 Covid (right). Source "b": 2 Covid (0 right). No Viral Pneumonia.
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    predicted = torch.tensor([0, 0, 0, 1, 1, 0, 2])
+    sources = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    logits = F.one_hot(predicted, 3).float()
+    result = grouped_metrics(logits, labels, sources, ["a", "b", "c"], CLASSES)
+    assert set(result["by_source"]) == {"a", "b"}  # "c" has no images
+    a, b = result["by_source"]["a"], result["by_source"]["b"]
+    assert a == {"n": 5, "accuracy": pytest.approx(0.8), "recall": {"Normal": 0.75, "Covid": 1.0}}
+    assert b == {"n": 2, "accuracy": 0.0, "recall": {"Covid": 0.0}}
+    assert result["group_recall"] == pytest.approx((0.75 + 1.0 + 0.0) / 3)  # pooled accuracy would be 4/7
+
+
+def test_grouped_metrics_with_no_source_present_is_nan():
+    result = grouped_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), ["a"], CLASSES)
+    assert result["by_source"] == {} and math.isnan(result["group_recall"])
