@@ -4,6 +4,7 @@ Research demo, not for clinical use.
 """
 from .backbones import PretrainedWeightsUnavailable
 from .config import ChestXrayConfig, ConfigError
+from .errors import ChestModelError
 from .explain import Explanation, explain_image, overlay
 from .hub import ModelLoadError
 from .model import ChestXrayClassifier, Prediction
@@ -12,6 +13,7 @@ from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_ima
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChestModelError",
     "ChestXrayClassifier",
     "ChestXrayConfig",
     "ConfigError",

@@ -14,11 +14,13 @@ from torch import nn
 from torchvision.models import VGG19_BN_Weights, VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
+from .errors import ChestModelError
+
 IMAGENET_WEIGHTS = {"vgg19": VGG19_Weights.IMAGENET1K_V1, "vgg19_bn": VGG19_BN_Weights.IMAGENET1K_V1}
 FEATURE_CHANNELS = 512
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(ChestModelError, RuntimeError):
     """ImageNet weights could not be downloaded or found in the torch hub cache."""
 
 

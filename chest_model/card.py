@@ -5,21 +5,27 @@ Nothing is filled in when it was not measured; the card says so instead.
 """
 from __future__ import annotations
 
-import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .config import ChestXrayConfig
+from .citations import cited_sources
+from .config import ChestXrayConfig, read_json
 
 DATASET_ID = "covid19-image-dataset"
 # The Hub metadata, in one place: the model class declares it to the mixin, and every card carries it.
 LIBRARY_NAME = "chest-xray-classifier"
 LICENSE = "mit"
 PIPELINE_TAG = "image-classification"
-TAGS = ["chest-x-ray", "medical-imaging", "vgg19", "research-only", "not-for-clinical-use"]
+TAGS = ("chest-x-ray", "medical-imaging", "vgg19", "research-only", "not-for-clinical-use")
+DISTRIBUTION = "chest-xray-classifier"  # the installed package, whose metadata holds [project.urls]
+# Where a card rendered without a repo id names the model; push_to_hub puts the real repo id there.
+LOCAL_PLACEHOLDER = "path/to/model-folder"
+# The Hub's copies of torchvision's ImageNet weights (timm ports IMAGENET1K_V1 unchanged), for base_model.
+IMAGENET_BASE_MODELS = {"vgg19": "timm/vgg19.tv_in1k", "vgg19_bn": "timm/vgg19_bn.tv_in1k"}
 
 
 def template_text() -> str:
@@ -41,17 +47,22 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
                 metric_type=metric,
                 metric_name=label,
                 metric_value=round(float(value), 4),
+                metric_args=args,
             )
-            for metric, label, value in (
-                ("accuracy", "Accuracy", test["accuracy"]),
-                ("f1", "Macro F1", test["macro_f1"]),
+            for metric, label, value, args in (
+                ("accuracy", "Accuracy", test["accuracy"], None),
+                ("f1", "Macro F1", test["macro_f1"], {"average": "macro"}),
+                ("roc_auc", "Macro ROC-AUC (one-vs-rest)", (test.get("roc_auc") or {}).get("macro"),
+                 {"average": "macro", "multi_class": "ovr"}),
             )
+            if value is not None
         ]
     card_data = ModelCardData(
         license=LICENSE,
         library_name=LIBRARY_NAME,
         pipeline_tag=PIPELINE_TAG,
-        tags=list(TAGS),
+        tags=hub_tags(),
+        base_model=base_model(config),
         datasets=[DATASET_ID],
         metrics=["accuracy", "f1", "roc_auc"],
         model_name=context.get("model_name", "chest-xray-classifier"),
@@ -62,6 +73,10 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         template_str=template_text(),
         model_name=context.get("model_name", "Chest X-ray classifier (VGG19)"),
         repo_id=context.get("repo_id"),
+        placeholder=LOCAL_PLACEHOLDER,
+        repository_url=repository_url(),
+        base_model=base_model(config),
+        citations=cited_sources(training_sources(context)),
         config=config.to_dict(),
         training=context.get("training"),
         val_metrics=context.get("val_metrics"),
@@ -75,6 +90,54 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
     return str(card)
 
 
+def hub_tags() -> list[str]:
+    """The one tag list: ours, then those the Hub mixin adds (``model_hub_mixin``...), each once."""
+    from .model import ChestXrayClassifier
+
+    return list(dict.fromkeys([*TAGS, *(ChestXrayClassifier._hub_mixin_info.model_card_data.tags or [])]))
+
+
+def base_model(config: ChestXrayConfig) -> str | None:
+    """The Hub id of the ImageNet weights the backbone started from; None for a random start."""
+    from .backbones import imagenet_weights_name
+
+    started_from_imagenet = config.backbone_init == imagenet_weights_name(config.backbone)
+    return IMAGENET_BASE_MODELS.get(config.backbone) if started_from_imagenet else None
+
+
+def project_urls() -> dict[str, str]:
+    """The installed package's ``[project.urls]`` (pyproject.toml is their one home); {} if it is not installed."""
+    from importlib import metadata
+
+    try:
+        entries = metadata.metadata(DISTRIBUTION).get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        return {}
+    return dict(entry.split(", ", 1) for entry in entries if ", " in entry)
+
+
+def repository_url() -> str | None:
+    urls = project_urls()
+    return urls.get("Repository") or urls.get("Homepage")
+
+
+def training_sources(context: dict[str, Any]) -> list[str]:
+    """The data sources the weights were trained on: the training record's, else what the context names."""
+    training = context.get("training") or {}
+    return list(training.get("sources") or context.get("sources") or [])
+
+
+def card_for_repo(card: str, repo_id: str) -> str:
+    """The card naming ``repo_id`` where it says how to load the model (it may name a local folder or
+    the placeholder); everything else stays byte for byte."""
+    match = re.search(r'ChestXrayClassifier\.from_pretrained\("([^"\n]+)"\)', card)
+    if not match or match.group(1) == repo_id:
+        return card
+    named = match.group(1)
+    return (card.replace(f'from_pretrained("{named}")', f'from_pretrained("{repo_id}")')
+                .replace(f"--model {named} ", f"--model {repo_id} "))
+
+
 def card_context_from_folder(folder: str | Path) -> dict[str, Any]:
     """Rebuild a card's context from a training output folder's JSON records."""
     folder = Path(folder)
@@ -83,5 +146,9 @@ def card_context_from_folder(folder: str | Path) -> dict[str, Any]:
                           ("external_metrics", "eval/external.json")):
         path = folder / relative
         if path.is_file():
-            context[key] = json.loads(path.read_text(encoding="utf-8"))
+            context[key] = read_json(path)
+    if "test_metrics" not in context and (folder / "metrics.json").is_file():  # `chest-model evaluate --output-dir MODEL`
+        metrics = read_json(folder / "metrics.json")
+        if isinstance(metrics, dict) and "accuracy" in metrics:  # one set, not {"sets": ...}
+            context["test_metrics"] = metrics
     return context

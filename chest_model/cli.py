@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import ChestModelError
+
 DEFAULT_MODEL_HELP = "a local model folder or a Hugging Face Hub repo id"
 
 
@@ -22,8 +24,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     predict.add_argument("--json", action="store_true", help="print one JSON object per line")
     predict.add_argument("--batch-size", type=int, default=16)
-    predict.add_argument("files", nargs="+", help="image files: JPEG, PNG, BMP, TIFF, GIF, WebP or DICOM")
+    predict.add_argument("--csv", default=None, metavar="OUT.csv",
+                         help="write one row per file (file, label, uncertain, one probability per class, error) "
+                              "instead of printing, with a progress bar")
+    predict.add_argument("--gradcam-dir", default=None, metavar="DIR",
+                         help="also save a Grad-CAM overlay PNG per file, in folders mirroring the inputs'")
+    predict.add_argument("files", nargs="+", help="image files (JPEG, PNG, BMP, TIFF, GIF, WebP or DICOM) or folders, "
+                                                  "searched recursively (DICOM files without an extension are found by content)")
     predict.set_defaults(func=run_predict)
+
+    export = sub.add_parser("export", help="export the model to ONNX, with its preprocessing in the metadata")
+    export.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
+    export.add_argument("--revision", default=None)
+    export.add_argument("--output", required=True, metavar="F.onnx", help="where to write the ONNX model")
+    export.set_defaults(func=run_export)
 
     evaluate = sub.add_parser("evaluate", help="metrics, confidence intervals, calibration and a shortcut audit on class folders")
     evaluate.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
@@ -48,32 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--metrics", required=True, help="metrics.json from `chest-model evaluate`")
     card.add_argument("--output", default=None, help="where to write the card (default: MODEL/README.md)")
     card.set_defaults(func=run_card)
+
+    space = sub.add_parser("space", help="assemble a folder that runs as a Hugging Face Space as it is")
+    space.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP + " (a folder is copied in; a repo id is named)")
+    space.add_argument("--revision", default=None, help="Hub revision, for a repo id")
+    space.add_argument("--output", required=True, metavar="DIR", help="the Space folder to write (new, empty, or an earlier Space)")
+    space.add_argument("--examples", default=None, metavar="DIR", help="example images to offer (default: the project's examples/)")
+    space.add_argument("--title", default=None, help="the Space's title")
+    space.set_defaults(func=run_space)
     return parser
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .data import DatasetError, parse_data_dirs, scan_image_folder
+    from .data import parse_data_dirs, scan_image_folder
     from .evaluation import evaluate_external, evaluate_model, external_summary, summary
-    from .hub import ModelLoadError
-    from .model import ChestXrayClassifier
 
-    try:
-        model = ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
-        sets = parse_data_dirs(args.data_dir)
-        results = {}
-        for name, path in sets:
-            folder, _ = scan_image_folder(path, model.class_names, partial=True, name=name)
-            complete = all(count > 0 for count in folder.counts().values())
-            out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
-            if complete:
-                results[name] = evaluate_model(model, path, train_dir=args.train_dir, output_dir=out, n_bootstrap=args.bootstrap)
-            else:
-                results[name] = evaluate_external(model, path, name=name)
-            print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
-            print(summary(results[name]) if complete else external_summary(results[name]))
-    except (ModelLoadError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = _load_model(args)
+    sets = parse_data_dirs(args.data_dir)
+    results = {}
+    for name, path in sets:
+        folder, _ = scan_image_folder(path, model.class_names, partial=True, name=name)
+        complete = all(count > 0 for count in folder.counts().values())
+        out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
+        if complete:
+            results[name] = evaluate_model(model, path, train_dir=args.train_dir, output_dir=out, n_bootstrap=args.bootstrap)
+        else:
+            results[name] = evaluate_external(model, path, name=name)
+        print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
+        print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:
         from .atomic import atomic_write_text
 
@@ -85,16 +101,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_ood_check(args: argparse.Namespace) -> int:
-    from .hub import ModelLoadError
-    from .model import ChestXrayClassifier
     from .ood_check import check
 
-    try:
-        model = ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = check(model)
+    report = check(_load_model(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -106,6 +115,15 @@ def run_ood_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_space(args: argparse.Namespace) -> int:
+    from .space import DEFAULT_TITLE, build_space
+
+    folder = build_space(args.model, args.output, revision=args.revision, examples=args.examples,
+                         title=args.title or DEFAULT_TITLE)
+    print(f"wrote {folder}\nupload it with: hf upload --repo-type space USER/SPACE {args.output} .")
+    return 0
+
+
 def run_card(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text
     from .card import card_context_from_folder, render_card
@@ -114,7 +132,7 @@ def run_card(args: argparse.Namespace) -> int:
     folder = Path(args.model)
     config = ChestXrayConfig.load(folder / "config.json")
     context = card_context_from_folder(folder)
-    context["test_metrics"] = json.loads(Path(args.metrics).read_text())
+    context["test_metrics"] = _read_metrics(args.metrics)
     output = Path(args.output) if args.output else folder / "README.md"
     atomic_write_text(output, render_card(config, context))
     print(f"wrote {output}")
@@ -122,27 +140,47 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .hub import ModelLoadError
-    from .model import ChestXrayClassifier
-    from .preprocess import ImageLoadError
+    from .batch_predict import predict_inputs, predict_to_csv
 
-    try:
-        model = ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
-    except ModelLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    loaded, failures = [], 0
-    for path in args.files:
-        try:
-            loaded.append((path, model.preprocessor.load(path)))
-        except ImageLoadError as err:
-            failures += 1
-            _report(args, path, error=str(err))
-    if loaded:
-        results = model.analyze([image for _, image in loaded], batch_size=args.batch_size)
-        for (path, _), result in zip(loaded, results):
-            _report(args, path, result=result)
+    model = _load_model(args)
+    options = {"batch_size": args.batch_size, "gradcam_dir": args.gradcam_dir}
+    if args.csv:
+        records = predict_to_csv(model, args.files, args.csv, **options)
+        failed = [r for r in records if r["error"]]
+        for record in failed:
+            print(f"error: {record['error']}", file=sys.stderr)
+        print(f"wrote {args.csv}: {len(records) - len(failed)} predicted, {len(failed)} failed", file=sys.stderr)
+        return 1 if failed else 0
+    failures = 0
+    for record in predict_inputs(model, args.files, **options):
+        failures += bool(record["error"])
+        _report(args, record["file"], result=None if record["error"] else record, error=record["error"])
     return 1 if failures else 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    export_onnx(_load_model(args), args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _load_model(args: argparse.Namespace):
+    """The model named by ``--model`` and ``--revision``; a failure is a ModelLoadError, which ``main`` reports."""
+    from .model import ChestXrayClassifier
+
+    return ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
+
+
+def _read_metrics(path: str) -> dict:
+    """The metrics.json that ``chest-model evaluate`` wrote; anything else is a ConfigError naming the file."""
+    from .config import ConfigError, read_json
+
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{path}: expected a JSON object from `chest-model evaluate`, got {type(metrics).__name__}")
+    return metrics
 
 
 def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, error: str | None = None) -> None:
@@ -161,4 +199,13 @@ def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    # Every error the package raises on purpose already names the file and what is wrong: print that
+    # message, not a traceback. Anything else is a bug and keeps its traceback.
+    try:
+        return args.func(args)
+    except ChestModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

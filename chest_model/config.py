@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import ChestModelError
+
 DEFAULT_CLASS_NAMES = ("Normal", "Covid", "Viral Pneumonia")
 # torchvision's ImageNet statistics; the VGG weights were trained with them.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,7 +23,7 @@ CONTRAST = ("none", "standardize", "clahe")
 MIN_IMAGE_SIZE = 32
 
 
-class ConfigError(ValueError):
+class ConfigError(ChestModelError, ValueError):
     """A config.json, or config values, that cannot describe a valid model."""
 
 
@@ -125,12 +127,20 @@ class ChestXrayConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ChestXrayConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON document in ``path``; a missing, unreadable or malformed file is a :class:`ConfigError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:  # a folder, no permission...
+        raise ConfigError(f"{path}: cannot read file ({err.strerror or err})") from None
 
 
 def _is_int(value: Any) -> bool:

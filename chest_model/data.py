@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .errors import ChestModelError
 from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image, sniff_format
 
 logger = logging.getLogger(__name__)
 
 
-class DatasetError(ValueError):
+class DatasetError(ChestModelError, ValueError):
     """A data folder that cannot be trained on; the message lists every problem, file by file."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory
 from .config import ChestXrayConfig, ConfigError
+from .errors import ChestModelError
 from .feature_ood import BUFFER_PREFIX
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ChestModelError, ValueError):
     """A model folder or Hub repo that cannot be loaded safely; the message says why."""
 
 
@@ -66,6 +68,11 @@ def _chmod_like_new_file(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def looks_like_path(text: str) -> bool:
+    """Hub ids are "name" or "owner/name"; anything else that does not exist is a mistyped path."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+
+
 def resolve_model_folder(
     name_or_path: str | Path,
     *,
@@ -82,9 +89,7 @@ def resolve_model_folder(
     text = str(name_or_path)
     if path.exists():
         raise ModelLoadError(f"{text}: is a file; pass the model folder that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    # Hub ids are "name" or "owner/name"; anything else that does not exist is a mistyped path.
-    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-    if looks_local:
+    if looks_like_path(text):
         raise ModelLoadError(f"{text}: no such model folder")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
@@ -190,22 +195,30 @@ def push_model(
     folder: str | Path | None = None,
     card_context: dict | None = None,
 ) -> str:
-    """Upload exactly config.json, model.safetensors and our model card (as README.md).
+    """Upload exactly config.json, model.safetensors and the model card (as README.md).
 
-    ``folder``: upload this already-saved model folder as is (training pushes its output folder);
-    otherwise the model is saved to a temporary folder first, like timm's ``push_to_hf_hub``.
+    The card is the one that lives with the weights: ``folder``'s (training pushes its output
+    folder as is), or that of the folder the model was loaded from, while the model still holds
+    exactly its config and weights. A model with no card, changed since it was loaded, or given a
+    ``card_context``, gets a fresh card, with every record its folder holds. A card that says to
+    load the model from elsewhere (a folder, a placeholder) gets ``repo_id`` there; nothing else changes.
     """
     from huggingface_hub import HfApi
+
+    from .card import card_for_repo
 
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         if folder is None:
-            folder = save_model_folder(model, Path(tmp) / "model", card_context=card_context)
+            folder = _folder_to_push(model, Path(tmp) / "model", card_context)
         folder = Path(folder)
         for name in MODEL_FILES:
             if not (folder / name).is_file():
                 raise ModelLoadError(f"{folder}: missing {name}; save the model before pushing it")
         repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        card = (folder / CARD_NAME).read_text(encoding="utf-8")
+        if card_for_repo(card, repo_id) != card:  # the card names another place to load the model from
+            folder = _stage(folder, Path(tmp) / "for-repo", card_for_repo(card, repo_id))
         commit = api.upload_folder(
             repo_id=repo_id,
             repo_type="model",
@@ -216,3 +229,45 @@ def push_model(
             allow_patterns=list(MODEL_FILES),
         )
     return str(commit)
+
+
+def _folder_to_push(model: ChestXrayClassifier, tmp: Path, card_context: dict | None) -> Path:
+    """The loaded-from folder with its own card, or the model's files with a fresh card, in ``tmp``."""
+    from .card import card_context_from_folder, render_card
+
+    source = Path(model.folder) if getattr(model, "folder", None) else None
+    if source is not None and not _holds_model(source, model):
+        logger.warning("%s: the model changed since it was loaded from there; its card and records no longer "
+                       "describe it, so a fresh card is pushed", source)
+        source = None
+    if source is None:
+        return save_model_folder(model, tmp, card_context=card_context)
+    if card_context is None and (source / CARD_NAME).is_file():
+        return source
+    context = {**card_context_from_folder(source), **(card_context or {})}
+    return _stage(source, tmp, render_card(model.config, context))
+
+
+def _holds_model(folder: Path, model: ChestXrayClassifier) -> bool:
+    """Whether ``folder`` holds exactly this model's config and weights (float16 files compare after the cast)."""
+    try:
+        if ChestXrayConfig.load(folder / CONFIG_NAME) != model.config:
+            return False
+        saved = load_file(str(folder / WEIGHTS_NAME))
+    except (OSError, ConfigError, SafetensorError, ValueError):
+        return False
+    current = model.state_dict()
+    return saved.keys() == current.keys() and all(
+        torch.equal(saved[k].to(current[k].dtype), current[k].detach().cpu()) for k in current)
+
+
+def _stage(source: Path, tmp: Path, card: str) -> Path:
+    """``source``'s config and weights, hard-linked where possible, next to ``card``."""
+    tmp.mkdir(parents=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            os.link((source / name).resolve(), tmp / name)
+        except OSError:
+            shutil.copyfile(source / name, tmp / name)
+    (tmp / CARD_NAME).write_text(card, encoding="utf-8")
+    return tmp

@@ -15,6 +15,7 @@ from . import feature_ood
 from .card import LIBRARY_NAME, LICENSE, PIPELINE_TAG, TAGS
 from .backbones import FEATURE_CHANNELS, build_features, imagenet_features_state_dict, imagenet_weights_name
 from .config import ChestXrayConfig
+from .precision import choose_precision
 from .preprocess import ImageSource, Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ class ChestXrayClassifier(
     library_name=LIBRARY_NAME,
     pipeline_tag=PIPELINE_TAG,
     license=LICENSE,
-    tags=TAGS,
+    tags=list(TAGS),  # a copy: the mixin appends its own tags to the list it is given
 ):
     """VGG19 chest X-ray classifier (Normal / Covid / Viral Pneumonia by default).
 
@@ -80,6 +81,12 @@ class ChestXrayClassifier(
         """The backbone's last feature map; Grad-CAM and the feature-space OOD gate hook into it."""
         return self.features(pixel_values)
 
+    @property
+    def cam_layer(self) -> nn.Module:
+        """Grad-CAM's target: the backbone's last ReLU, the one its final max-pool reads (torchvision's
+        ``make_layers`` ends every VGG with conv [, batch norm], ReLU, max-pool)."""
+        return self.features[-2]
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 
@@ -130,7 +137,7 @@ class ChestXrayClassifier(
 
         Images may be anything :func:`chest_model.load_image` accepts. Runs in eval mode under
         ``torch.inference_mode()`` and restores the model's previous mode. ``precision`` is
-        ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the hardware runs it natively).
+        ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 where the device runs it faster than fp32: see ``chest_model.precision``).
 
         Each result is a :class:`Prediction`: a plain ``dict`` of class → probability (summing to 1)
         that also carries an out-of-distribution check: ``.uncertain`` is True, ``.label`` is
@@ -202,15 +209,19 @@ class ChestXrayClassifier(
 
         return push_model(self, repo_id, **kwargs)
 
-    def generate_model_card(self, *args: Any, **kwargs: Any):
-        from .card import render_card
 
-        return render_card(self.config, kwargs.get("card_context"))
+def calibrated_log_probabilities(logits: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """The one formula from logits to (log) probabilities: a temperature-scaled log-softmax, in fp32.
+
+    Losses take it as is (``F.nll_loss``); everything that shows a probability goes through
+    :func:`calibrated_probabilities`.
+    """
+    return torch.log_softmax(logits.float() / temperature, dim=1)
 
 
 def calibrated_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The one formula from logits to probabilities: a temperature-scaled softmax, in fp32."""
-    return torch.softmax(logits.float() / temperature, dim=1)
+    """Calibrated class probabilities: the exponential of :func:`calibrated_log_probabilities`."""
+    return calibrated_log_probabilities(logits, temperature).exp()
 
 
 @dataclass
@@ -258,19 +269,8 @@ class eval_mode:
         self.module.train(self.was_training)
 
 
-def bf16_is_native(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
 def autocast_context(device: torch.device, precision: str):
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
+    use_bf16 = choose_precision(device, precision).precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import MIN_IMAGE_SIZE, ChestXrayConfig
+from .errors import ChestModelError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ except AttributeError:  # pragma: no cover - older OpenCV builds
     pass
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(ChestModelError, ValueError):
     """An input that cannot be turned into an X-ray image; the message names the source and why."""
 
 

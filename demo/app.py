@@ -2,8 +2,9 @@
 
     python demo/app.py [--model PATH_OR_REPO] [--host 127.0.0.1] [--port 7860]
 
-As a Hugging Face Space, the module-level ``demo`` serves the model named by $CHEST_MODEL
-(default: the bundled starter model). Research demo, not for clinical use.
+Imported (``gradio demo/app.py`` reloads on edits), the module-level ``demo`` serves the model named
+by $CHEST_MODEL (default: the bundled starter model). To run it as a Hugging Face Space, build a
+Space folder with ``chest-model space`` (see the README). Research demo, not for clinical use.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # a Space or a plain checkout holds chest_model/ next to demo/
+sys.path.insert(0, str(HERE.parent))  # a plain checkout holds chest_model/ next to demo/
 
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, launch_options  # noqa: E402

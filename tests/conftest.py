@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, STARTER, free_port, synthetic_xray
+from helpers import ROOT, STARTER, free_port, synthetic_xray, wait_for_server
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -53,18 +51,7 @@ def server(tmp_path_factory):
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(model), "--port", str(port),
                                  "--max-file-size", "1mb"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not start:\n" + log.read_text())
+    url = wait_for_server(proc, port, log)
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import cv2
@@ -56,7 +58,28 @@ def make_class_folders(root: Path, per_class: int = 6, size: int = 64, seed: int
     return root
 
 
+def flip_a_byte(path: Path) -> None:
+    """Corrupt a file in place, keeping its size: the middle byte inverted (a bit-rot stand-in)."""
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_server(proc: subprocess.Popen, port: int, log: Path, timeout: float = 120) -> str:
+    """The server's URL once ``port`` accepts connections; fails with its log if it exits or never listens."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return f"http://127.0.0.1:{port}/"
+        except OSError:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+    proc.kill()
+    pytest.fail("server did not start:\n" + log.read_text())

@@ -3,7 +3,8 @@
 import yaml
 
 from chest_model import ChestXrayConfig
-from chest_model.card import render_card, template_text
+from chest_model.backbones import imagenet_weights_name
+from chest_model.card import TAGS, project_urls, render_card, template_text
 from helpers import ROOT
 
 
@@ -42,4 +43,60 @@ def test_card_numbers_come_from_the_metrics():
     meta = _front_matter(card)
     results = meta["model-index"][0]["results"][0]
     values = {m["type"]: m["value"] for m in results["metrics"]}
-    assert values == {"accuracy": 0.8636, "f1": 0.8512}
+    assert values == {"accuracy": 0.8636, "f1": 0.8512, "roc_auc": 0.9321}
+    args = {m["type"]: m.get("args") for m in results["metrics"]}
+    assert args["roc_auc"]["average"] == "macro" and args["f1"] == {"average": "macro"}
+
+
+def _training_record(sources):
+    return {"command": "accelerate launch train.py", "sources": sources, "epochs": 2, "best_epoch": 1,
+            "selection_metric": "macro_f1", "world_size": 1, "device": "cpu", "mixed_precision": "no",
+            "hyperparameters": {"lr": 0.001},
+            "data_counts": {"train": {"Normal": 4, "Covid": 4, "Viral Pneumonia": 4}},
+            "data_counts_by_source": {"train": {s: {"Normal": 4} for s in sources}}}
+
+
+def test_card_cites_exactly_the_collections_it_was_trained_on():
+    one = render_card(ChestXrayConfig(), {"training": _training_record(["covid19-image-dataset"])})
+    assert "@article{cohen2020covid" in one and "@article{kermany2018identifying" in one
+    assert "wang2017chestxray8" not in one and "chowdhury2020can" not in one
+    assert "https://www.kaggle.com/datasets/pranavraikokte/covid19-image-dataset" in one
+
+    three = render_card(ChestXrayConfig(), {"training": _training_record(
+        ["covid19-image-dataset", "nih-cxr8", "rsna-covid19-radiography-db"])})
+    for key in ("cohen2020covid", "kermany2018identifying", "wang2017chestxray8", "chowdhury2020can", "rahman2021exploring"):
+        assert three.count("{" + key + ",") == 1, key
+    assert "https://nihcc.app.box.com/v/ChestXray-NIHCC" in three
+    assert "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database" in three
+
+    unknown = render_card(ChestXrayConfig(), {"training": _training_record(["my-hospital"])})
+    assert "@article" not in unknown and "my-hospital" in unknown.split("## Citation")[1]
+    assert "@article" not in render_card(ChestXrayConfig())
+
+
+def test_install_line_and_model_sources_come_from_the_project_urls():
+    import tomllib
+
+    urls = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]
+    assert project_urls()["Repository"] == urls["Repository"]  # the installed metadata is this checkout's
+    card = render_card(ChestXrayConfig())
+    assert f"pip install git+{urls['Repository']}" in card
+    sources = card.split("## Model sources")[1].split("\n## ")[0]
+    assert urls["Repository"] in sources
+
+
+def test_base_model_only_for_imagenet_initialised_backbones():
+    assert "base_model" not in _front_matter(render_card(ChestXrayConfig()))
+    for backbone, hub_id in (("vgg19", "timm/vgg19.tv_in1k"), ("vgg19_bn", "timm/vgg19_bn.tv_in1k")):
+        config = ChestXrayConfig(backbone=backbone, backbone_init=imagenet_weights_name(backbone))
+        assert _front_matter(render_card(config))["base_model"] == hub_id
+
+
+def test_one_tag_list_with_the_mixin_tags_once():
+    from chest_model import ChestXrayClassifier
+
+    tags = _front_matter(render_card(ChestXrayConfig()))["tags"]
+    assert len(tags) == len(set(tags))
+    assert {"model_hub_mixin", "pytorch_model_hub_mixin", "chest-x-ray", "not-for-clinical-use"} <= set(tags)
+    assert set(ChestXrayClassifier._hub_mixin_info.model_card_data.tags) == set(tags)
+    assert "model_hub_mixin" not in TAGS  # the mixin appends to a copy, not to our constant

@@ -1,12 +1,22 @@
-"""`chest-model predict`, run as a real subprocess through both entry points."""
+"""The `chest-model` commands: `predict` as a real subprocess through both entry points, and how every
+command reports an error (one `error:` line, exit 2, no traceback)."""
+import csv
+import importlib
+import inspect
 import json
+import pkgutil
 import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 
-from helpers import EXAMPLES, ROOT
+import chest_model
+from chest_model.cli import main
+from chest_model.errors import ChestModelError
+from corpus import dicom_bytes
+from helpers import EXAMPLES, ROOT, synthetic_xray, write_image
 
 
 @pytest.fixture
@@ -42,11 +52,6 @@ def test_predict_text_output_and_success_status(saved_model):
     assert len(result.stdout.splitlines()) == 3 and "Normal=" in result.stdout
 
 
-def test_missing_model_is_a_clear_error(tmp_path):
-    result = run("predict", "--model", str(tmp_path / "nope"), str(EXAMPLES / "covid.jpeg"))
-    assert result.returncode == 2 and "no such model folder" in result.stderr
-
-
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "chest-model"
     assert script.exists(), "pip install -e . must install the chest-model console script"
@@ -62,3 +67,184 @@ def test_ood_check_reports_every_non_xray_image(saved_model):
     n = len(non_xray_images())
     assert f" of {n} non-X-ray images flagged as uncertain" in result.stdout
     assert len([line for line in result.stdout.splitlines() if line.startswith(("uncertain", "MISSED"))]) == n
+
+
+def scan_folder(root: Path) -> dict[str, Path]:
+    """Nested folders of real image files: the same name twice, mixed-case extensions, an
+    extension-less DICOM, a broken file, a file that is no image, a hidden folder and an empty folder."""
+    files = {
+        "a/x.png": write_image(root / "a" / "x.png", synthetic_xray(90, 80, seed=1)),
+        "b/x.png": write_image(root / "b" / "x.png", synthetic_xray(90, 80, seed=2, kind=1)),
+        "b/deep/y.JPG": write_image(root / "b" / "deep" / "y.JPG", synthetic_xray(70, 70, seed=3, kind=2)),
+    }
+    files["b/deep/scan1"] = root / "b" / "deep" / "scan1"
+    files["b/deep/scan1"].write_bytes(dicom_bytes(synthetic_xray(96, 96, seed=4).astype("uint16") * 16))
+    files["b/broken.png"] = root / "b" / "broken.png"
+    files["b/broken.png"].write_bytes((root / "a" / "x.png").read_bytes()[:60])  # truncated
+    (root / "b" / "notes.txt").write_text("not an image, and not named like one: skipped")
+    write_image(root / ".cache" / "thumb.png", synthetic_xray(64, 64))
+    (root / "empty").mkdir()
+    return files
+
+
+def test_predict_folders_to_csv_with_gradcam(saved_model, tmp_path):
+    scans = tmp_path / "scans"
+    files = scan_folder(scans)
+    out, cams = tmp_path / "out" / "predictions.csv", tmp_path / "cams"
+    result = run("predict", "--model", str(saved_model), str(scans), str(scans / "empty"), "--csv", str(out),
+                 "--gradcam-dir", str(cams), "--batch-size", "2")
+    assert result.returncode == 1, result.stderr  # one file failed
+    assert result.stdout == ""
+    assert "100%" in result.stderr and "4 predicted, 2 failed" in result.stderr  # the progress bar, then the summary
+
+    with open(out, newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["file", "label", "uncertain", "Normal", "Covid", "Viral Pneumonia", "error"]
+        rows = {row["file"]: row for row in reader}
+    assert set(rows) == {str(path) for path in files.values()} | {str(scans / "empty")}
+    assert "no image files" in rows[str(scans / "empty")]["error"]
+    broken = rows[str(files["b/broken.png"])]
+    assert "broken.png" in broken["error"] and broken["label"] == broken["Covid"] == ""
+    for name in ("a/x.png", "b/x.png", "b/deep/y.JPG", "b/deep/scan1"):
+        row = rows[str(files[name])]
+        probabilities = [float(row[c]) for c in ("Normal", "Covid", "Viral Pneumonia")]
+        assert row["error"] == "" and row["uncertain"] in ("True", "False"), row
+        assert row["label"] in {"Normal", "Covid", "Viral Pneumonia", "uncertain"}
+        assert abs(sum(probabilities) - 1) < 1e-4
+        heatmap = cv2.imread(str(cams / f"{name}.png"))  # the folders mirrored: two x.png never collide
+        assert heatmap is not None and heatmap.ndim == 3, name
+    assert cv2.imread(str(cams / "a" / "x.png.png")).tobytes() != cv2.imread(str(cams / "b" / "x.png.png")).tobytes()
+    assert sorted(p.relative_to(cams).as_posix() for p in cams.rglob("*.png")) == sorted(
+        f"{name}.png" for name in ("a/x.png", "b/x.png", "b/deep/y.JPG", "b/deep/scan1"))
+    assert not list(out.parent.glob(".*tmp*"))  # written atomically: no temporary file left behind
+
+
+def test_predict_csv_matches_the_python_api_and_exits_zero(saved_model, tmp_path):
+    from chest_model import ChestXrayClassifier
+
+    out = tmp_path / "p.csv"
+    result = run("predict", "--model", str(saved_model), str(EXAMPLES), "--csv", str(out))
+    assert result.returncode == 0, result.stderr
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    files = sorted(EXAMPLES.glob("*.jpeg"))
+    assert [row["file"] for row in rows] == [str(p) for p in files]
+    expected = ChestXrayClassifier.from_pretrained(saved_model).analyze([str(p) for p in files])
+    for row, record in zip(rows, expected):
+        assert row["label"] == record["label"] and row["uncertain"] == str(record["uncertain"])
+        for name, p in record["probabilities"].items():
+            assert abs(float(row[name]) - p) < 1e-5
+
+
+def test_predict_prints_a_line_per_file_of_a_folder(saved_model, tmp_path):
+    files = scan_folder(tmp_path / "scans")
+    result = run("predict", "--model", str(saved_model), "--json", str(tmp_path / "scans"))
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["file"] for r in records] == [str(p) for p in sorted(files.values())]
+    assert [r["file"] for r in records if r.get("error")] == [str(files["b/broken.png"])]
+
+
+# ---- errors: one base class, reported the same way by every command -----------------------------
+
+
+def only_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def missing_model_argv(command: str, missing: Path, tmp_path: Path) -> list[str]:
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("{}")
+    rest = {
+        "predict": [str(EXAMPLES / "covid.jpeg")],
+        "evaluate": ["--data-dir", str(tmp_path)],
+        "ood-check": [],
+        "card": ["--metrics", str(metrics)],
+        "export": ["--output", str(tmp_path / "m.onnx")],
+        "space": ["--output", str(tmp_path / "space")],
+    }[command]
+    return [command, "--model", str(missing), *rest]
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "ood-check", "card", "export", "space"])
+def test_every_command_reports_a_missing_model_folder_in_one_line(command, tmp_path, capsys):
+    missing = tmp_path / "no-model-here"
+    assert main(missing_model_argv(command, missing, tmp_path)) == 2
+    captured = capsys.readouterr()
+    line = only_error_line(captured.err)
+    assert str(missing) in line and "no such" in line, line
+    assert captured.out == ""
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "space").exists()
+
+
+def test_card_on_a_missing_model_folder_prints_no_traceback_as_a_real_process(tmp_path):
+    missing = tmp_path / "nonexistent"
+    result = run("card", "--model", str(missing), "--metrics", str(tmp_path / "x.json"))
+    assert result.returncode == 2, result.stderr
+    assert str(missing) in only_error_line(result.stderr)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not valid JSON"),
+    ("[0.9, 0.8]", "expected a JSON object"),
+])
+def test_card_names_a_missing_or_malformed_metrics_file(saved_model, tmp_path, capsys, content, message):
+    metrics = tmp_path / "metrics.json"
+    if content is not None:
+        metrics.write_text(content)
+    assert main(["card", "--model", str(saved_model), "--metrics", str(metrics), "--output", str(tmp_path / "card.md")]) == 2
+    line = only_error_line(capsys.readouterr().err)
+    assert str(metrics) in line and message in line, line
+    assert not (tmp_path / "card.md").exists()
+
+
+@pytest.mark.parametrize("raised, status, message", [
+    (chest_model.ImageLoadError("scan.png: cannot decode"), 2, "error: scan.png: cannot decode"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+def test_main_turns_package_errors_and_ctrl_c_into_a_status(monkeypatch, capsys, raised, status, message):
+    def command(args):
+        raise raised
+
+    monkeypatch.setattr("chest_model.cli.run_ood_check", command)
+    assert main(["ood-check", "--model", "m"]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == message
+
+
+def test_a_bug_is_not_mistaken_for_a_reported_error(monkeypatch):
+    def command(args):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("chest_model.cli.run_ood_check", command)
+    with pytest.raises(TypeError, match="a bug"):
+        main(["ood-check", "--model", "m"])
+
+
+def package_exception_classes() -> dict[str, type]:
+    """Every exception class defined in a chest_model module (the Space's app template is not a module of it)."""
+    found = {}
+    for info in pkgutil.iter_modules(chest_model.__path__):
+        if info.name in ("__main__", "space_app"):
+            continue
+        module = importlib.import_module(f"chest_model.{info.name}")
+        for name, value in inspect.getmembers(module, inspect.isclass):
+            if issubclass(value, BaseException) and value.__module__ == module.__name__:
+                found[f"{info.name}.{name}"] = value
+    return found
+
+
+def test_every_exception_the_package_defines_is_a_chest_model_error():
+    classes = package_exception_classes()
+    assert classes.pop("training.Interrupted")  # control flow, not an error: the training loop catches it
+    assert classes.pop("errors.ChestModelError") is ChestModelError
+    assert {"config.ConfigError", "preprocess.ImageLoadError", "hub.ModelLoadError", "data.DatasetError"} <= set(classes)
+    assert len(classes) >= 9, sorted(classes)
+    for name, cls in classes.items():
+        assert issubclass(cls, ChestModelError), name
+        assert issubclass(cls, (ValueError, RuntimeError)), f"{name} must stay the ValueError or RuntimeError it was"
+    assert not issubclass(chest_model.training.Interrupted, ChestModelError)

@@ -160,6 +160,7 @@ def test_push_to_hub_uploads_our_three_files_and_our_card(tiny_model, monkeypatc
     card = upload["files"]["README.md"].decode()
     assert "Research demo, not for clinical use" in card
     assert "This is a model that has been pushed to the Hub using the [PyTorchModelHubMixin]" not in card
+    assert 'from_pretrained("me/chest-xray")' in card  # the repo it was pushed to, never a placeholder
     assert json.loads(upload["files"]["config.json"]) == tiny_model.config.to_dict()
 
 
@@ -195,7 +196,7 @@ def test_training_folder_push_uploads_only_the_model_files(tiny_model, tmp_path,
     FakeHfApi.uploads = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
     run = tmp_path / "run"
-    tiny_model.save_pretrained(run, card_context={"model_name": "my run"})
+    tiny_model.save_pretrained(run, card_context={"model_name": "my run", "repo_id": "me/run"})  # as train.py --push-to-hub
     (run / "history.json").write_text("[]")
     (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run / "checkpoints" / "step_00000001" / "optimizer.bin").write_bytes(b"x")
@@ -203,3 +204,72 @@ def test_training_folder_push_uploads_only_the_model_files(tiny_model, tmp_path,
     (upload,) = FakeHfApi.uploads
     assert set(upload["files"]) == MODEL_FILES
     assert upload["files"]["README.md"] == (run / "README.md").read_bytes()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import huggingface_hub
+
+    FakeHfApi.uploads = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    return FakeHfApi.uploads
+
+
+def test_a_loaded_model_pushes_the_card_that_lives_with_its_weights(tiny_model, tmp_path, fake_hub):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder, card_context={"model_name": "measured run", "repo_id": "me/chest-xray"},
+                               weights_dtype=torch.float16)
+    ChestXrayClassifier.from_pretrained(folder).push_to_hub("me/chest-xray")
+    (upload,) = fake_hub
+    assert {name: upload["files"][name] for name in MODEL_FILES} == {name: (folder / name).read_bytes() for name in MODEL_FILES}
+
+
+def test_a_card_saved_without_a_repo_id_gets_the_real_one_and_nothing_else(tiny_model, tmp_path, fake_hub):
+    from chest_model.card import LOCAL_PLACEHOLDER
+
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder, card_context={"model_name": "measured run"})
+    original = (folder / "README.md").read_text()
+    assert LOCAL_PLACEHOLDER in original
+    ChestXrayClassifier.from_pretrained(folder).push_to_hub("me/chest-xray")
+    card = fake_hub[0]["files"]["README.md"].decode()
+    assert LOCAL_PLACEHOLDER not in card and 'from_pretrained("me/chest-xray")' in card
+    assert card.replace("me/chest-xray", LOCAL_PLACEHOLDER) == original
+    assert fake_hub[0]["files"]["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+
+
+def test_a_card_naming_a_local_folder_names_the_repo_on_the_hub(tiny_model, tmp_path, fake_hub):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder, card_context={"repo_id": "demo/starter-model"})
+    original = (folder / "README.md").read_text()
+    ChestXrayClassifier.from_pretrained(folder).push_to_hub("me/chest-xray")
+    card = fake_hub[0]["files"]["README.md"].decode()
+    assert "demo/starter-model" not in card
+    assert card.replace("me/chest-xray", "demo/starter-model") == original
+
+
+def test_a_model_without_a_card_gets_one_with_the_figures_its_folder_holds(tiny_model, tmp_path, fake_hub):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder)
+    (folder / "README.md").unlink()
+    metrics = {"n": 12, "accuracy": 0.75, "macro_f1": 0.7, "roc_auc": {"macro": 0.8125, "per_class": {}},
+               "per_class": {c: {"precision": 0.7, "recall": 0.7, "f1": 0.7, "support": 4} for c in tiny_model.class_names},
+               "confusion_matrix": [[3, 1, 0], [0, 3, 1], [1, 0, 3]]}
+    (folder / "eval").mkdir()
+    (folder / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    ChestXrayClassifier.from_pretrained(folder).push_to_hub("me/chest-xray")
+    card = fake_hub[0]["files"]["README.md"].decode()
+    assert "No test-set evaluation is recorded" not in card and "0.8125" in card  # macro ROC-AUC in the model-index
+    assert 'from_pretrained("me/chest-xray")' in card
+
+
+def test_a_model_changed_since_loading_does_not_push_the_old_card(tiny_model, tmp_path, fake_hub):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder, card_context={"model_name": "measured run"})
+    model = ChestXrayClassifier.from_pretrained(folder)
+    with torch.no_grad():
+        model.head[-1].bias.add_(1.0)  # e.g. fine-tuned further
+    model.push_to_hub("me/chest-xray")
+    (upload,) = fake_hub
+    assert "measured run" not in upload["files"]["README.md"].decode()
+    assert upload["files"]["model.safetensors"] != (folder / "model.safetensors").read_bytes()
