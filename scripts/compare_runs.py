@@ -1,0 +1,40 @@
+"""A markdown table comparing training runs from their own records (no figure typed by hand).
+
+    python scripts/compare_runs.py runs/loso-rsna runs/loso-nih runs/starter
+
+For each run: the recipe's distinguishing options, the best epoch's validation figures (which chose
+the epoch), then the external sets and the test split, which chose nothing.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def row(run: Path) -> str:
+    record = json.loads((run / "train_config.json").read_text())
+    val = json.loads((run / "val_metrics.json").read_text())
+    hp = record["hyperparameters"]
+    recipe = f"augment={hp.get('augment')}, sampling={hp.get('sampling')}, contrast={hp.get('contrast', hp.get('equalize', 'none'))}"
+    test_path, external_path = run / "eval" / "metrics.json", run / "eval" / "external.json"
+    test = json.loads(test_path.read_text()) if test_path.is_file() else None
+    external = json.loads(external_path.read_text()) if external_path.is_file() else {}
+    left_out = "; ".join(f"{name}: {e['predicted_share']['Covid']:.0%} called Covid, {e['uncertain_rate']:.0%} uncertain"
+                         for name, e in external.items()) or "none (trained on every source)"
+    test_text = (f"{test['accuracy']:.3f} / {test['per_class']['Covid']['recall']:.3f} / {test['ood']['flagged']} of {test['n']}"
+                 if test else "not run")
+    return (f"| `{run.name}` | {', '.join(record['sources'])} | {recipe} | {record['best_epoch']} | "
+            f"{val.get('group_recall', float('nan')):.3f} | {left_out} | {test_text} |")
+
+
+def main(runs: list[str]) -> None:
+    print("| run | trained on | recipe | best epoch | validation group recall | left-out source | "
+          "test accuracy / Covid recall / flagged |")
+    print("|---|---|---|---:|---:|---|---|")
+    for run in runs:
+        print(row(Path(run)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
