@@ -1,10 +1,16 @@
-"""Training throughput: this project's train.py against the tutorial baseline, same images, same run.
+"""Training speed: this project's train.py against the tutorial baseline, same images, same run.
 
-    python bench/train_throughput.py [--steps 10]
+    python bench/train_throughput.py [--steps 10] [--sections step,steady,whole]
 
-Prints images/s for each and their ratio, at the tutorial's settings (224 px, batch 4) and at the
-recommended settings (batch 16, bf16), the whole-process time on 60 real images, and the model's
-FLOP rate as a fraction of this machine's measured bf16 matmul peak.
+Every figure is printed with the machine it was measured on (CPU, vector ISA, AMX / AVX512-BF16,
+cores, device) and each FLOP rate against the measured matmul peak *of the precision it runs in*.
+- step:   one VGG19 training step (224 px, batch 4) in each precision and memory format, in-process;
+- steady: images/s of the second epoch of train.py against the baseline's, 224 px, real X-rays;
+- whole:  start-up to saved model, one epoch on 60 real X-rays, 224 px, batch 4: the baseline,
+          `accelerate launch train.py` with no flags (the precision it picks for this machine), and
+          `--mixed_precision bf16`.
+To measure what an AVX2 machine does on a newer CPU, run it under
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` (both kernels libraries then stop at AVX2).
 """
 from __future__ import annotations
 
@@ -12,68 +18,120 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BASELINE, ROOT, baseline_json, bf16_matmul_peak_tflops, machine, require_inputs, run, subset, train_flops_per_image  # noqa: E402
+from common import (BASELINE, ROOT, baseline_json, machine, machine_facts, matmul_peak_tflops, require_inputs, run,  # noqa: E402
+                    subset, train_flops_per_image)
 
 PY = sys.executable
 ACCELERATE = str(Path(PY).parent / "accelerate")
 
 
-def ours(data: Path, val: Path, out: Path, *, batch: int, precision: str, epochs: int, launcher: bool = False) -> tuple[float, list[dict]]:
+def ours(data: Path, val: Path, out: Path, *, batch: int, precision: str | None, epochs: int, launcher: bool = False) -> tuple[float, list[dict], dict]:
+    """train.py's wall time, history and record; ``precision=None`` asks for nothing (the machine's choice)."""
     args = [str(ROOT / "train.py"), "--data-dir", str(data), "--val-dir", str(val), "--output-dir", str(out), "--weights", "none",
             "--image-size", "224", "--batch-size", str(batch), "--epochs", str(epochs), "--checkpointing-steps", "none"]
     if launcher:
-        cmd = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
-               "--mixed_precision", precision, *args]
-        elapsed, _ = run(cmd)
+        flags = ["--mixed_precision", precision] if precision else []
+        elapsed, _ = run([ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *flags, *args])
     else:
-        elapsed, _ = run([PY, *args], env={"ACCELERATE_MIXED_PRECISION": precision})
-    return elapsed, json.loads((out / "history.json").read_text())
+        elapsed, _ = run([PY, *args], env={"ACCELERATE_MIXED_PRECISION": precision} if precision else None)
+    return elapsed, json.loads((out / "history.json").read_text()), json.loads((out / "train_config.json").read_text())
+
+
+def step_rates(flops: float, peaks: dict[str, float], steps: int = 5) -> list[tuple[str, float, float]]:
+    """img/s of one training step of the project's model per precision and memory format, and % of that precision's peak."""
+    sys.path.insert(0, str(ROOT))
+    from chest_model import ChestXrayClassifier
+
+    rows = []
+    for precision in peaks:
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            model = ChestXrayClassifier(image_size=224).to(memory_format=fmt).train()
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            x = torch.randn(4, 3, 224, 224).contiguous(memory_format=fmt)
+            y = torch.randint(0, 3, (4,))
+            times = []
+            for i in range(steps + 2):
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(time.perf_counter() - start)
+                if precision == "bf16" and times[-1] > 20:  # emulated bf16: one step says it
+                    break
+            best = min(times[2:] or times)
+            rate = 4 / best
+            rows.append((f"{precision}, {'channels_last' if fmt is torch.channels_last else 'contiguous'}", rate,
+                         100 * rate * flops / (peaks[precision] * 1e12)))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="baseline batches timed in steady state")
+    parser.add_argument("--sections", default="step,steady,whole")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     require_inputs()
+    facts = machine_facts()
     print(f"machine: {machine()}")
-    peak = bf16_matmul_peak_tflops()
+    peaks = {"fp32": matmul_peak_tflops(torch.float32), "bf16": matmul_peak_tflops(torch.bfloat16)}
     flops = train_flops_per_image(224)
-    print(f"bf16 matmul peak: {peak:.2f} TFLOP/s; VGG19 train step: {flops / 1e9:.1f} GFLOP per 224-px image")
+    print(f"matmul peak (2048², best of several): fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, bf16 {peaks['bf16'] * 1e3:.0f} GFLOP/s; "
+          f"VGG19 train step: {flops / 1e9:.1f} GFLOP per 224-px image")
+    bf16_fast = facts["auto_precision"] == "bf16"
+
+    if "step" in sections:
+        print("\none training step, 224 px, batch 4 (random data, in-process)")
+        print(f"{'precision, memory format':30s} {'images/s':>9s} {'% of its peak':>14s}")
+        for label, rate, share in step_rates(flops, peaks):
+            print(f"{label:30s} {rate:9.2f} {share:13.1f}%")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        steady_train = subset(tmp / "steady" / "train", "train", 16)   # 48 images
-        steady_val = subset(tmp / "steady" / "val", "test", 2)         # 6 images
-        small_train = subset(tmp / "small" / "train", "train", 15)     # 45 + 15 = 60 real images
-        small_val = subset(tmp / "small" / "val", "test", 5)
+        if "steady" in sections:
+            steady_train = subset(tmp / "steady" / "train", "train", 16)   # 48 images
+            steady_val = subset(tmp / "steady" / "val", "test", 2)         # 6 images
+            # The baseline decodes every file every epoch by design, so any batch is steady.
+            _, out = run([PY, str(BASELINE), "--data-dir", str(steady_train), "--val-dir", str(steady_val), "--epochs", "1",
+                          "--max-steps", str(args.steps), "--threads", "0"])
+            base = baseline_json(out)["train_images_per_s"]
+            print("\nsteady-state training throughput (second epoch), 224 px, 48 real X-rays")
+            print(f"{'run':52s} {'images/s':>9s} {'× baseline':>11s} {'% of its peak':>14s}")
+            print(f"{'baseline (tutorial: fp32, batch 4)':52s} {base:9.2f} {1.0:11.2f} {100 * base * flops / (peaks['fp32'] * 1e12):13.1f}%")
+            runs = [("ours, batch 4, no precision asked (auto)", 4, None)]
+            if bf16_fast:
+                runs += [("ours, batch 4, fp32", 4, "no"), ("ours, batch 16, auto", 16, None)]
+            else:
+                runs += [("ours, batch 16, auto", 16, None)]
+            for label, batch, precision in runs:
+                _, history, record = ours(steady_train, steady_val, tmp / f"s{batch}{precision}", batch=batch, precision=precision, epochs=2)
+                ips = history[-1]["images_per_s"]
+                used = "bf16" if record["mixed_precision"] == "bf16" else "fp32"
+                print(f"{label + f' [{used}]':52s} {ips:9.2f} {ips / base:11.2f} {100 * ips * flops / (peaks[used] * 1e12):13.1f}%")
 
-        # Steady state: baseline decodes every file every epoch by design, so any batch is steady.
-        _, out = run([PY, str(BASELINE), "--data-dir", str(steady_train), "--val-dir", str(steady_val), "--epochs", "1",
-                      "--max-steps", str(args.steps), "--threads", "0"])
-        base = baseline_json(out)["train_images_per_s"]
-        rows = [("baseline (tutorial: fp32, batch 4)", base, 1.0)]
-        for label, batch, precision in (("ours, tutorial settings (fp32, batch 4)", 4, "no"),
-                                        ("ours, tutorial settings + bf16 (batch 4)", 4, "bf16"),
-                                        ("ours, recommended (bf16, batch 16)", 16, "bf16")):
-            _, history = ours(steady_train, steady_val, tmp / f"o{batch}{precision}", batch=batch, precision=precision, epochs=2)
-            ips = history[-1]["images_per_s"]  # second epoch: caches warm, no start-up
-            rows.append((label, ips, ips / base))
-        print("\nsteady-state training throughput, 224 px, real X-rays")
-        print(f"{'run':46s} {'images/s':>9s} {'× baseline':>11s} {'% bf16 peak':>12s}")
-        for label, ips, ratio in rows:
-            print(f"{label:46s} {ips:9.2f} {ratio:11.2f} {100 * ips * flops / (peak * 1e12):11.1f}%")
-
-        # Whole process: start-up, decode, one epoch of training and validation, on 60 real images.
-        base_s, _ = run([PY, str(BASELINE), "--data-dir", str(small_train), "--val-dir", str(small_val), "--epochs", "1"])
-        direct_s, _ = ours(small_train, small_val, tmp / "whole1", batch=4, precision="bf16", epochs=1)
-        launched_s, _ = ours(small_train, small_val, tmp / "whole2", batch=4, precision="bf16", epochs=1, launcher=True)
-        print("\nwhole process on 60 real images (45 train + 15 val), 224 px, batch 4, one epoch, start-up to saved model")
-        print(f"baseline (python seed_reference.py):                               {base_s:6.1f} s")
-        print(f"ours (ACCELERATE_MIXED_PRECISION=bf16 python train.py):            {direct_s:6.1f} s  speed-up {base_s / direct_s:.2f}×")
-        print(f"ours (accelerate launch --mixed_precision bf16 train.py):          {launched_s:6.1f} s  speed-up {base_s / launched_s:.2f}×")
+        if "whole" in sections:
+            small_train = subset(tmp / "small" / "train", "train", 15)     # 45 + 15 = 60 real images
+            small_val = subset(tmp / "small" / "val", "test", 5)
+            base_s, _ = run([PY, str(BASELINE), "--data-dir", str(small_train), "--val-dir", str(small_val), "--epochs", "1"])
+            print("\nwhole process on 60 real X-rays (45 train + 15 val), 224 px, batch 4, one epoch, start-up to saved model")
+            print(f"{'command':58s} {'seconds':>8s} {'speed-up':>9s}")
+            print(f"{'python seed_reference.py (baseline)':58s} {base_s:8.1f} {1.0:8.2f}×")
+            commands = [("accelerate launch train.py (no flags)", None, True), ("python train.py", None, False)]
+            if bf16_fast:
+                commands.append(("accelerate launch --mixed_precision bf16 train.py", "bf16", True))
+            for label, precision, launcher in commands:
+                seconds, _, record = ours(small_train, small_val, tmp / f"w{len(label)}", batch=4, precision=precision, epochs=1,
+                                          launcher=launcher)
+                used = "bf16" if record["mixed_precision"] == "bf16" else "fp32"
+                print(f"{label + f' [{used}]':58s} {seconds:8.1f} {base_s / seconds:8.2f}×")
 
 
 if __name__ == "__main__":
