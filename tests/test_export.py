@@ -132,7 +132,8 @@ def test_readme_onnxruntime_snippet_matches_the_package(tmp_path, monkeypatch, c
         ours = namespace["preprocess"](image)[0]
         package = model.preprocessor(image).numpy()
         grey_levels = np.abs(ours - package) * 255 * np.array(model.config.std)[:, None, None]
-        # Only rounding may differ: at most one grey level, on a small share of the pixels.
-        assert grey_levels.max() < 1.01 and (grey_levels > 0.01).mean() < 0.03, path
+        # Only rounding may differ: at most one grey level, on a minority of the pixels (OpenCV's fixed-point
+        # INTER_AREA rounds differently from the snippet's float average at non-integer scale factors).
+        assert grey_levels.max() < 1.01 and (grey_levels > 0.01).mean() < 0.10, path
         probabilities = np.array([namespace["classify"](image)[name] for name in model.class_names])
         np.testing.assert_allclose(probabilities, model.predict_proba([image]).numpy()[0], atol=2e-3, err_msg=str(path))
