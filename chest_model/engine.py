@@ -42,6 +42,7 @@ def train_one_epoch(
     skip_batches: int = 0,
     start_step: int = 0,
     seed: int | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> dict[str, float]:
     """Train for one pass over ``loader``.
 
@@ -62,7 +63,7 @@ def train_one_epoch(
     for images, labels in progress:
         if seed is not None:
             torch.manual_seed(derived_seed(seed, epoch, step, accelerator.process_index))
-        inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
+        inputs = preprocessor.normalize(images).contiguous(memory_format=memory_format)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(inputs)
@@ -109,12 +110,13 @@ def _check_finite(accelerator, loss: torch.Tensor, epoch: int, step: int) -> Non
 
 
 @torch.no_grad()
-def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Preprocessor, desc: str = "eval") -> tuple[torch.Tensor, torch.Tensor]:
+def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Preprocessor, desc: str = "eval",
+                   memory_format: torch.memory_format = torch.channels_last) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for a whole dataset, gathered across processes (each sample exactly once)."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=desc, leave=False, disable=None if accelerator.is_local_main_process else True):
-        inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
+        inputs = preprocessor.normalize(images).contiguous(memory_format=memory_format)
         with accelerator.autocast():
             logits = model(inputs).float()
         logits, labels = accelerator.gather_for_metrics((logits, labels))

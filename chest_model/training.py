@@ -201,6 +201,12 @@ def make_accelerator(args: argparse.Namespace):
     return accelerator
 
 
+def memory_format_of(accelerator) -> torch.memory_format:
+    from .precision import preferred_memory_format
+
+    return preferred_memory_format(accelerator.device, accelerator.precision_choice.precision)
+
+
 def resolve_precision(requested: str, device):
     """The run's precision: what was asked for (here or through `accelerate launch`), else the fast one."""
     from .precision import PrecisionChoice, choose_precision
@@ -315,6 +321,7 @@ class Run:
     record: dict[str, Any]
     state: dict[str, Any]
     select_metric: str
+    memory_format: torch.memory_format = torch.channels_last
 
     @property
     def output_dir(self) -> Path:
@@ -339,7 +346,8 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
     val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)
 
     preprocessor = model.preprocessor
-    model = model.to(memory_format=torch.channels_last)
+    memory_format = memory_format_of(accelerator)
+    model = model.to(memory_format=memory_format)
     raw_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, raw_optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
@@ -356,7 +364,8 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
         select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
     record = run_record(args, accelerator, data, class_names, command, select)
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
-              class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select)
+              class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select,
+              memory_format)
     resume(run)
     return run
 
@@ -385,6 +394,7 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
         "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
         "mixed_precision": accelerator.mixed_precision,
         "precision_reason": accelerator.precision_choice.reason,
+        "memory_format": "channels_last" if memory_format_of(accelerator) is torch.channels_last else "contiguous",
         "cpu_threads_per_process": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "epochs": args.epochs,
@@ -473,8 +483,10 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
             checkpoint(run, epoch, step)
 
     stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
-                            class_weights=run.class_weights, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed)
-    val_logits, val_labels = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val")
+                            class_weights=run.class_weights, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
+                            memory_format=run.memory_format)
+    val_logits, val_labels = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val",
+                                            memory_format=run.memory_format)
     val = validation_metrics(run, val_logits, val_labels)
     row = {
         "epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
@@ -522,7 +534,8 @@ def finish(run: Run, best_val) -> None:
 
         model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
     if best_val is None:  # the best epoch was before a resume
-        best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate")
+        best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate",
+                                  memory_format=run.memory_format)
     if accelerator.is_main_process:
         save_outputs(run, model.eval(), *best_val)
     accelerator.wait_for_everyone()

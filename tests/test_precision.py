@@ -44,3 +44,11 @@ def test_this_machine_gets_a_reasoned_choice():
 def test_cuda_choice_follows_tensor_cores():
     major, _ = torch.cuda.get_device_capability()
     assert choose_precision("cuda").precision == ("bf16" if major >= 8 else "fp32")
+
+
+def test_memory_format_follows_what_measured_faster():
+    from chest_model.precision import preferred_memory_format
+
+    assert preferred_memory_format("cpu", "fp32") is torch.contiguous_format
+    assert preferred_memory_format("cpu", "bf16") is torch.channels_last
+    assert preferred_memory_format("cuda", "fp32") is torch.channels_last

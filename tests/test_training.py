@@ -234,6 +234,7 @@ def test_precision_is_chosen_for_the_machine_and_tensorboard_gets_steps_epochs_a
     assert record["mixed_precision"] == expected.mixed_precision and record["precision_reason"] == expected.reason
     assert f"precision: {expected.precision} ({expected.reason})" in result.stderr + result.stdout
     assert record["cpu_capability"] in expected.reason
+    assert record["memory_format"] == ("channels_last" if expected.precision == "bf16" else "contiguous")
 
     events = list(out.rglob("events.out.tfevents.*"))
     assert events, f"no TensorBoard event file under {out}"
