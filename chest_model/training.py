@@ -362,7 +362,7 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
     select = args.select_metric
     if select == "auto":
         select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
-    record = run_record(args, accelerator, data, class_names, command, select)
+    record = run_record(args, accelerator, data, class_names, command, select, memory_format)
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select,
               memory_format)
@@ -370,7 +370,8 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
     return run
 
 
-def run_record(args, accelerator, data: TrainingData, class_names: list[str], command: str, select: str) -> dict[str, Any]:
+def run_record(args, accelerator, data: TrainingData, class_names: list[str], command: str, select: str,
+               memory_format: torch.memory_format) -> dict[str, Any]:
     """What the run was, for train_config.json and the model card."""
     counts = {"train": data.train.counts(class_names), "val": data.val.counts(class_names)}
     if args.test_dir:
@@ -394,7 +395,7 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
         "distributed_type": str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
         "mixed_precision": accelerator.mixed_precision,
         "precision_reason": accelerator.precision_choice.reason,
-        "memory_format": "channels_last" if memory_format_of(accelerator) is torch.channels_last else "contiguous",
+        "memory_format": "channels_last" if memory_format is torch.channels_last else "contiguous",
         "cpu_threads_per_process": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "epochs": args.epochs,
