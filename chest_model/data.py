@@ -273,14 +273,22 @@ class RandomNoise:
 
 
 class BalancedSampler(torch.utils.data.Sampler):
-    """Draws classes equally often and, within a class, each source equally often (with replacement).
+    """Draws samples with replacement so that no class or source dominates.
 
-    Without it a pool that is mostly one source's Normal images teaches "mostly Normal". The draw
-    of epoch ``e`` depends only on ``(seed, e)``, so every process and a resumed run see the same order.
+    ``by="class"``: every class equally often and, within a class, each source equally often.
+    ``by="group"``: every (source, class) group equally often, so that a source's rarer class (the
+    children's Normal films beside their Viral Pneumonia) is drawn as often as any other group.
+    The class prior this leaves is ``class_prior()``; training corrects for it in the loss.
+
+    Without either, a pool that is mostly one source's Normal images teaches "mostly Normal". The
+    draw of epoch ``e`` depends only on ``(seed, e)``, so every process and a resumed run see the
+    same order.
     """
 
-    def __init__(self, labels: list[int], sources: list[int], seed: int = 0, num_samples: int | None = None):
-        self.weights = balanced_weights(labels, sources)
+    def __init__(self, labels: list[int], sources: list[int], seed: int = 0, num_samples: int | None = None,
+                 by: str = "class"):
+        self.weights = balanced_weights(labels, sources, by=by)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.num_samples = num_samples or len(labels)
         self.seed = seed
         self.epoch = 0
@@ -295,14 +303,27 @@ class BalancedSampler(torch.utils.data.Sampler):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator).tolist()
 
+    def class_prior(self, num_classes: int) -> torch.Tensor:
+        """The expected share of draws of each class."""
+        mass = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, self.labels, self.weights)
+        return mass / mass.sum()
 
-def balanced_weights(labels: list[int], sources: list[int]) -> torch.Tensor:
-    """Per-sample weights giving each class equal mass, split equally between the sources that have it."""
+
+def balanced_weights(labels: list[int], sources: list[int], by: str = "class") -> torch.Tensor:
+    """Per-sample weights (summing to 1) for ``BalancedSampler``: equal mass per class split
+    equally between its sources (``by="class"``), or equal mass per (source, class) group."""
+    if by not in ("class", "group"):
+        raise ValueError(f"by must be 'class' or 'group', not {by!r}")
     groups: dict[tuple[int, int], int] = {}
     for group in zip(labels, sources):
         groups[group] = groups.get(group, 0) + 1
-    sources_per_class = {label: sum(1 for (l, _) in groups if l == label) for label in set(labels)}
-    return torch.tensor([1.0 / (sources_per_class[l] * groups[(l, s)]) for l, s in zip(labels, sources)], dtype=torch.float64)
+    if by == "group":
+        mass = {group: 1.0 / len(groups) for group in groups}
+    else:
+        classes = {label for label, _ in groups}
+        sources_per_class = {c: sum(1 for (label, _) in groups if label == c) for c in classes}
+        mass = {(label, source): 1.0 / (len(classes) * sources_per_class[label]) for label, source in groups}
+    return torch.tensor([mass[g] / groups[g] for g in zip(labels, sources)], dtype=torch.float64)
 
 
 def derived_seed(*parts: int) -> int:

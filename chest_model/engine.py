@@ -38,6 +38,7 @@ def train_one_epoch(
     *,
     epoch: int,
     class_weights: torch.Tensor | None = None,
+    logit_offset: torch.Tensor | None = None,
     on_step=None,
     skip_batches: int = 0,
     start_step: int = 0,
@@ -49,10 +50,12 @@ def train_one_epoch(
     With ``seed``, the random state (dropout) of every batch is reseeded from (seed, epoch, batch,
     rank). Training is then a pure function of the seed, so a run resumed mid-epoch matches an
     uninterrupted one bit for bit, however many RNG draws the data loader makes when it restarts.
+    ``logit_offset`` (the log class prior of the draws) is added to the logits in the loss only.
     """
     model.train()
     device = accelerator.device
     weights = class_weights.to(device) if class_weights is not None else None
+    offset = logit_offset.to(device) if logit_offset is not None else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros((), dtype=torch.long, device=device)
@@ -67,7 +70,7 @@ def train_one_epoch(
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(inputs)
-            loss = F.cross_entropy(logits.float(), labels, weight=weights)
+            loss = F.cross_entropy(logits.float() if offset is None else logits.float() + offset, labels, weight=weights)
             _check_finite(accelerator, loss, epoch, step)
             accelerator.backward(loss)
             optimizer.step()

@@ -46,8 +46,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--output-dir", required=True)
     data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {list(DEFAULT_CLASS_NAMES)})")
     data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
-    data.add_argument("--sampling", choices=["shuffle", "balanced"], default="shuffle",
-                      help="'balanced' draws every class equally often and, within a class, every source equally often")
+    data.add_argument("--sampling", choices=["shuffle", "balanced", "groups"], default="shuffle",
+                      help="'balanced' draws every class equally often and, within a class, every source equally often; "
+                           "'groups' draws every (source, class) group equally often, and the loss corrects for the "
+                           "class prior that leaves (logit adjustment), so predictions stay class-balanced")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10)
     opt.add_argument("--batch-size", type=int, default=4, help="per process")
@@ -322,6 +324,7 @@ class Run:
     state: dict[str, Any]
     select_metric: str
     memory_format: torch.memory_format = torch.channels_last
+    logit_offset: torch.Tensor | None = None  # log of the sampler's class prior, added to the logits in the loss
 
     @property
     def output_dir(self) -> Path:
@@ -340,7 +343,10 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
     class_names = model.class_names
     train_set = CachedImageDataset(data.train.images, data.train.labels, transform=build_train_augmentation(args.augment), seed=args.seed)
     val_set = CachedImageDataset(data.val.images, data.val.labels)
-    sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed) if args.sampling == "balanced" else None
+    sampler = None
+    if args.sampling in ("balanced", "groups"):
+        sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed,
+                                  by="group" if args.sampling == "groups" else "class")
     loader_kwargs = {"num_workers": args.num_workers, "persistent_workers": False}
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)
@@ -357,15 +363,22 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
     if args.class_weights == "balanced":
         n = torch.bincount(torch.tensor(data.train.labels), minlength=len(class_names)).float()
         class_weights = n.sum() / (len(class_names) * n.clamp(min=1))
+    # Logit adjustment (Menon et al., 2021): training on log-prior-shifted logits leaves the model's
+    # own logits calibrated to a uniform class prior, whatever prior the sampler draws.
+    logit_offset = None
+    if sampler is not None:
+        logit_offset = sampler.class_prior(len(class_names)).clamp(min=1e-12).log().float()
     if args.report_to != "none":
         accelerator.init_trackers("chest-xray-classifier", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
     select = args.select_metric
     if select == "auto":
         select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
     record = run_record(args, accelerator, data, class_names, command, select, memory_format)
+    if sampler is not None:
+        record["sampled_class_prior"] = dict(zip(class_names, sampler.class_prior(len(class_names)).tolist()))
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select,
-              memory_format)
+              memory_format, logit_offset)
     resume(run)
     return run
 
@@ -484,7 +497,7 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
             checkpoint(run, epoch, step)
 
     stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
-                            class_weights=run.class_weights, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
+                            class_weights=run.class_weights, logit_offset=run.logit_offset, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
                             memory_format=run.memory_format)
     val_logits, val_labels = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val",
                                             memory_format=run.memory_format)

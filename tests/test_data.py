@@ -102,3 +102,16 @@ def test_augmentations_keep_uint8_images_and_their_size(kind):
     assert all(o.dtype == torch.uint8 and o.shape == image.shape for o in outputs)
     assert any(not torch.equal(o, image) for o in outputs)
     assert build_train_augmentation("none") is None
+
+
+def test_group_weights_give_every_source_class_group_equal_mass():
+    labels = [0] * 10 + [1] * 30 + [0] * 90
+    sources = [0] * 40 + [1] * 90
+    sampler = BalancedSampler(labels, sources, by="group")
+    mass = lambda mask: float(sampler.weights[torch.tensor(mask)].sum())  # noqa: E731
+    for group in [(0, 0), (1, 0), (0, 1)]:
+        assert mass([(l, s) == group for l, s in zip(labels, sources)]) == pytest.approx(1 / 3)
+    assert sampler.class_prior(2).tolist() == pytest.approx([2 / 3, 1 / 3])
+    assert BalancedSampler(labels, sources, by="class").class_prior(2).tolist() == pytest.approx([0.5, 0.5])
+    with pytest.raises(ValueError, match="by must be"):
+        balanced_weights(labels, sources, by="source")
