@@ -8,16 +8,32 @@ from chest_model.precision import PrecisionChoice, choose_precision
 
 @pytest.fixture
 def cpu(monkeypatch):
-    """Pretend to be a CPU with the given features (the real ones are read through these two calls)."""
+    """Pretend to be a CPU with the given features and bf16/fp32 matmul ratio (the real ones are read
+    through these three calls)."""
     precision._bf16_is_fast.cache_clear()
-    yield lambda amx, bf16: (monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx),
-                             monkeypatch.setattr(precision, "cpu_has_bf16_instructions", lambda: bf16))
+
+    def pretend(amx: bool, bf16: bool, speedup: float | None = None) -> None:
+        monkeypatch.setattr(precision, "cpu_has_amx", lambda: amx)
+        monkeypatch.setattr(precision, "cpu_has_bf16_instructions", lambda: bf16)
+
+        def probe():
+            assert speedup is not None, "the matmul probe ran where the CPU's features already decide"
+            return speedup
+        monkeypatch.setattr(precision, "bf16_matmul_speedup", probe)
+
+    yield pretend
     precision._bf16_is_fast.cache_clear()
 
 
-@pytest.mark.parametrize("amx, bf16, expected", [(True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")])
-def test_auto_picks_bf16_only_on_cpus_with_amx(cpu, amx, bf16, expected):
-    cpu(amx, bf16)
+@pytest.mark.parametrize("amx, bf16, speedup, expected", [
+    (True, True, None, "bf16"),     # AMX: bf16 without measuring
+    (False, True, 2.8, "bf16"),     # AVX512-BF16 where bf16 measures faster (an AMD EPYC)
+    (False, True, 0.47, "fp32"),    # AVX512-BF16 where it measures slower (an AVX512 Xeon)
+    (False, True, 1.1, "fp32"),     # within the margin: fp32
+    (False, False, None, "fp32"),   # AVX2: emulated, without measuring
+])
+def test_auto_picks_bf16_where_the_cpu_runs_it_faster(cpu, amx, bf16, speedup, expected):
+    cpu(amx, bf16, speedup)
     choice = choose_precision("cpu")
     assert choice.precision == expected and choice.reason.startswith("auto: ")
     assert choice.mixed_precision == ("bf16" if expected == "bf16" else "no")
@@ -37,7 +53,13 @@ def test_this_machine_gets_a_reasoned_choice():
     precision._bf16_is_fast.cache_clear()
     choice = choose_precision("cpu")
     assert isinstance(choice, PrecisionChoice) and choice.precision in ("bf16", "fp32")
-    assert choice.bf16_fast == precision.cpu_has_amx()
+    measured_faster = precision.cpu_has_bf16_instructions() and precision.bf16_matmul_speedup() >= precision.BF16_PROBE_MARGIN
+    assert choice.bf16_fast == (precision.cpu_has_amx() or measured_faster)
+
+
+def test_the_matmul_probe_measures_a_finite_ratio():
+    speedup = precision.bf16_matmul_speedup.__wrapped__(size=256, repeats=2)
+    assert 0 < speedup < float("inf")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
