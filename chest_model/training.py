@@ -1,12 +1,13 @@
 """The training recipe behind ``train.py``: arguments, then ``main`` composing small steps.
 
 Runs unchanged on CPU, one GPU or several (``accelerate launch``). Reads top to bottom as
-``get_args_parser()`` + ``main(argv)``, in the style of torchvision's reference trainer:
+``main(argv)``: the arguments parse into a typed ``TrainingConfig`` (``chest_model.train_config``),
+then small steps in the style of torchvision's reference trainer:
 data -> model -> loop -> choose -> calibrate -> save.
 """
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import logging
 import math
@@ -15,82 +16,33 @@ import platform
 import shlex
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
 
+from . import checkpoints as ckpt
+from .atomic import atomic_write_text
+from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
+from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
+                   parse_data_dirs, scan_image_folder, scan_sources, stratified_split)
+from .engine import grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch
+from .evaluation import evaluate_external, evaluate_model
+from .model import ChestXrayClassifier
+from .precision import PrecisionChoice, choose_precision, preferred_memory_format
+from .train_config import TrainingConfig, parse_config
 
 logger = logging.getLogger("chest_model.training")
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="Train the chest X-ray classifier on class folders. Research demo, not for clinical use.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    data = p.add_argument_group("data")
-    data.add_argument("--data-dir", required=True, action="append", metavar="[NAME=]PATH",
-                      help="folder of class subfolders (Normal/, Covid/, Viral Pneumonia/); repeat it to train on several "
-                           "sources, merged by class folder name (a source may hold only some classes)")
-    data.add_argument("--val-dir", default=None, help="validation class folders; without it, --val-split of --data-dir")
-    data.add_argument("--val-split", type=float, default=0.15,
-                      help="seeded validation fraction when there is no --val-dir, stratified by class and source")
-    data.add_argument("--test-dir", default=None, help="evaluated once at the end with the best model; never chooses epochs")
-    data.add_argument("--external-dir", action="append", default=[], metavar="NAME=PATH",
-                      help="a set from a source not trained on (may hold only some classes), evaluated once at the end; repeatable")
-    data.add_argument("--output-dir", required=True)
-    data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {list(DEFAULT_CLASS_NAMES)})")
-    data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
-    data.add_argument("--sampling", choices=["shuffle", "balanced", "groups"], default="shuffle",
-                      help="'balanced' draws every class equally often and, within a class, every source equally often; "
-                           "'groups' draws every (source, class) group equally often, and the loss corrects for the "
-                           "class prior that leaves (logit adjustment), so predictions stay class-balanced")
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=10)
-    opt.add_argument("--batch-size", type=int, default=4, help="per process")
-    opt.add_argument("--lr", type=float, default=1e-3)
-    opt.add_argument("--momentum", type=float, default=0.9)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant")
-    opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
-    opt.add_argument("--class-weights", choices=["none", "balanced"], default="none")
-    opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
-                     help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
-                          "(source, class) group, so no source or class can be sacrificed; 'auto' uses it with several sources")
-    mdl = p.add_argument_group("model")
-    mdl.add_argument("--image-size", type=int, default=224)
-    mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19")
-    mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
-    mdl.add_argument("--dropout", type=float, default=0.5)
-    mdl.add_argument("--contrast", choices=["none", "standardize", "clahe"], default="none",
-                     help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
-                          "which collections differ (stored in config.json, so inference does the same)")
-    mdl.add_argument("--augment", choices=["standard", "acquisition", "none"], default="standard",
-                     help="'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how and where an image was taken")
-    mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
-    mdl.add_argument("--ood-fpr", type=float, default=0.02,
-                     help="share of validation X-rays the feature-space out-of-distribution gate may flag")
-    run = p.add_argument_group("run")
-    run.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
-                     help="'auto': bf16 where the device runs it faster than fp32 (GPUs with bf16 tensor cores, CPUs with "
-                          "AMX), else fp32. `accelerate launch --mixed_precision bf16|fp16` also counts as asking")
-    run.add_argument("--cpu-threads", type=int, default=0,
-                     help="torch threads per process on CPU (0: the available cores divided by the local processes)")
-    run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
-    run.add_argument("--seed", type=int, default=2022)
-    run.add_argument("--checkpointing-steps", default="epoch", help="'epoch', a number of batches, or 'none'")
-    run.add_argument("--checkpoints-total-limit", type=int, default=2)
-    run.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
-    run.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the final model folder to this Hub repo")
-    run.add_argument("--hub-private", action="store_true")
-    run.add_argument("--report-to", default="none", help="accelerate trackers: none, all, tensorboard, wandb, ...")
-    return p
 
 
 class Interrupted(Exception):
@@ -128,7 +80,7 @@ class GracefulStop:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = get_args_parser().parse_args(argv)
+    args = parse_config(argv)
     command = launch_command(sys.argv[1:] if argv is None else argv)
     try:
         return train(args, command)
@@ -151,10 +103,8 @@ def launch_command(argv: list[str]) -> str:
     return " ".join(["accelerate launch", *flags, script])
 
 
-def train(args: argparse.Namespace, command: str) -> int:
-    from accelerate.utils import set_seed
+def train(args: TrainingConfig, command: str) -> int:
 
-    from .data import parse_data_dirs
 
     tune_allocator()
     accelerator = make_accelerator(args)
@@ -172,14 +122,13 @@ def train(args: argparse.Namespace, command: str) -> int:
     return 0
 
 
-def make_accelerator(args: argparse.Namespace):
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DataLoaderConfiguration
-
+def make_accelerator(args: TrainingConfig):
     # accelerate picks the device (CUDA, MPS, XPU, ...). Only where torch sees no accelerator at all is
     # the CPU named: `--multi_gpu` then joins the processes in a gloo group instead of running each alone.
     state = PartialState(cpu=not torch.accelerator.is_available())
     precision = resolve_precision(args.mixed_precision, state.device)
+    if state.num_processes > 1:  # all processes train in one precision: rank 0's (possibly timed) choice
+        precision = broadcast_object_list([precision], from_process=0)[0]
     accelerator = Accelerator(
         mixed_precision=precision.mixed_precision,
         gradient_accumulation_steps=args.grad_accum,
@@ -204,15 +153,11 @@ def make_accelerator(args: argparse.Namespace):
 
 
 def memory_format_of(accelerator) -> torch.memory_format:
-    from .precision import preferred_memory_format
-
     return preferred_memory_format(accelerator.device, accelerator.precision_choice.precision)
 
 
 def resolve_precision(requested: str, device):
     """The run's precision: what was asked for (here or through `accelerate launch`), else the fast one."""
-    from .precision import PrecisionChoice, choose_precision
-
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default, "no", counts as not asked
     if requested == "auto" and launcher != "no":
         requested = launcher
@@ -253,10 +198,8 @@ class TrainingData:
     skipped: list[str] = field(default_factory=list)
 
 
-def scan_data(args: argparse.Namespace, sources, class_names: list[str]) -> dict[str, Any]:
+def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str, Any]:
     """Every folder of the run, scanned; all problems reported together before any decoding."""
-    from .data import DatasetError, scan_image_folder, scan_sources
-
     folders, problems = {}, []
     folders["train"], problems = scan_sources(sources, class_names)
     for split in ("val", "test"):
@@ -269,10 +212,8 @@ def scan_data(args: argparse.Namespace, sources, class_names: list[str]) -> dict
     return folders
 
 
-def decode_data(args: argparse.Namespace, folders: dict[str, Any], preprocessor) -> TrainingData:
+def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> TrainingData:
     """Decode and resize every training and validation file once; split off validation if needed."""
-    from .data import DatasetError, decode_folder, stratified_split
-
     start = time.perf_counter()
     splits, bad = {}, []
     for name in ("train", "val"):
@@ -296,9 +237,7 @@ def decode_data(args: argparse.Namespace, folders: dict[str, Any], preprocessor)
     return TrainingData(splits["train"], splits["val"], bad)
 
 
-def build_model(args: argparse.Namespace, config: ChestXrayConfig):
-    from .model import ChestXrayClassifier
-
+def build_model(args: TrainingConfig, config: ChestXrayConfig):
     return ChestXrayClassifier.from_imagenet(config) if args.weights == "imagenet" else ChestXrayClassifier(config)
 
 
@@ -309,7 +248,7 @@ def build_model(args: argparse.Namespace, config: ChestXrayConfig):
 class Run:
     """Everything the loop and the final steps share."""
 
-    args: argparse.Namespace
+    args: TrainingConfig
     accelerator: Any
     model: Any
     preprocessor: Any
@@ -335,10 +274,8 @@ class Run:
         return self.record["class_names"]
 
 
-def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData, command: str) -> Run:
-    from torch.utils.data import DataLoader
+def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, command: str) -> Run:
 
-    from .data import BalancedSampler, CachedImageDataset, build_train_augmentation
 
     class_names = model.class_names
     train_set = CachedImageDataset(data.train.images, data.train.labels, transform=build_train_augmentation(args.augment), seed=args.seed)
@@ -369,7 +306,7 @@ def prepare_run(args: argparse.Namespace, accelerator, model, data: TrainingData
     if sampler is not None:
         logit_offset = sampler.class_prior(len(class_names)).clamp(min=1e-12).log().float()
     if args.report_to != "none":
-        accelerator.init_trackers("chest-xray-classifier", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("chest-xray-classifier", config=args.scalars())
     select = args.select_metric
     if select == "auto":
         select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
@@ -388,8 +325,6 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
     """What the run was, for train_config.json and the model card."""
     counts = {"train": data.train.counts(class_names), "val": data.val.counts(class_names)}
     if args.test_dir:
-        from .data import scan_image_folder
-
         counts["test"] = scan_image_folder(args.test_dir, class_names)[0].counts()
     for split, c in counts.items():
         logger.info("%s: %s", split, c)
@@ -426,8 +361,6 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
 
 
 def resume(run: Run) -> None:
-    from . import checkpoints as ckpt
-
     if not run.args.resume_from_checkpoint:
         return
     checkpoints_dir = run.output_dir / "checkpoints"
@@ -441,8 +374,6 @@ def resume(run: Run) -> None:
 
 
 def checkpoint(run: Run, epoch: int, step_in_epoch: int) -> None:
-    from . import checkpoints as ckpt
-
     run.state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * len(run.train_loader) + step_in_epoch)
     ckpt.save_checkpoint(run.accelerator, run.output_dir / "checkpoints", run.state["global_step"], run.state,
                          keep=run.args.checkpoints_total_limit)
@@ -478,8 +409,6 @@ def is_better(row: dict[str, Any], best: dict[str, Any] | None, metric: str) -> 
 
 
 def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
-    from .engine import predict_logits, train_one_epoch
-
     args, accelerator = run.args, run.accelerator
     run.train_set.set_epoch(epoch)
     run.train_loader.set_epoch(epoch)
@@ -524,8 +453,6 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
 
 
 def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> dict[str, Any]:
-    from .engine import grouped_metrics, metrics_from_logits
-
     metrics = metrics_from_logits(logits, labels, run.class_names, temperature=temperature)
     val = run.data.val
     if labels.tolist() != val.labels:  # gather_for_metrics keeps dataset order; check rather than assume
@@ -538,13 +465,10 @@ def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, 
 
 
 def finish(run: Run, best_val) -> None:
-    from .engine import predict_logits
-
     accelerator = run.accelerator
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
     model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
     if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
-        from .model import ChestXrayClassifier
 
         model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
     if best_val is None:  # the best epoch was before a resume
@@ -561,9 +485,6 @@ def finish(run: Run, best_val) -> None:
 
 def log_figures(accelerator, output_dir: Path, *, step: int) -> None:
     """The saved figures (training curves, confusion matrix, reliability diagram) to every tracker that takes images."""
-    import cv2
-    import numpy as np
-
     figures = {path.stem: path for path in [output_dir / "training_curves.png", *sorted((output_dir / "eval").glob("*.png"))]
                if path.is_file()}
     images = {f"figures/{name}": np.ascontiguousarray(cv2.imread(str(path), cv2.IMREAD_COLOR)[..., ::-1])[None]
@@ -578,10 +499,7 @@ def log_figures(accelerator, output_dir: Path, *, step: int) -> None:
 
 
 def save_outputs(run: Run, model, val_logits: torch.Tensor, val_labels: torch.Tensor) -> None:
-    from .atomic import atomic_write_text
-    from .calibrate import calibrate
-    from .evaluation import evaluate_external, evaluate_model
-    from .reports import plot_training_curves
+    from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
 
     args, record, output_dir = run.args, run.record, run.output_dir
     val_metrics = calibrate(model, val_logits, val_labels, run.data.val, run.data.train.images, fpr=args.ood_fpr)
@@ -619,8 +537,6 @@ def save_outputs(run: Run, model, val_logits: torch.Tensor, val_labels: torch.Te
 
 
 def _named(specs: list[str]) -> list[tuple[str, Path]]:
-    from .data import parse_data_dirs
-
     return parse_data_dirs(specs) if specs else []
 
 
@@ -630,9 +546,6 @@ def preimport(*modules: str) -> None:
     scikit-learn and matplotlib take ~2.5 s to import; training runs in torch kernels that release
     the GIL, so the import overlaps with it instead of delaying the start.
     """
-    import importlib
-    import threading
-
     def work() -> None:
         for name in modules:
             try:
@@ -672,7 +585,7 @@ def _counts(labels: list[int], class_names: list[str]) -> dict[str, int]:
     return {name: labels.count(i) for i, name in enumerate(class_names)}
 
 
-def _schedule(args: argparse.Namespace, steps_per_epoch: int):
+def _schedule(args: TrainingConfig, steps_per_epoch: int):
     total = max(1, args.epochs * steps_per_epoch)
     warmup = int(args.warmup_epochs * steps_per_epoch)
 

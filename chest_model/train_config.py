@@ -1,0 +1,135 @@
+"""``train.py``'s arguments: the parser (defaults and help) and the typed config it fills.
+
+The parser owns the defaults; ``TrainingConfig`` owns the types. ``parse_config`` checks that the two
+name the same fields, so neither can drift from the other.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from .config import DEFAULT_CLASS_NAMES
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """One training run's settings, as ``get_args_parser()`` parsed them (see its help for each)."""
+
+    # data
+    data_dir: list[str]  # "[NAME=]PATH", one per source
+    val_dir: str | None
+    val_split: float
+    test_dir: str | None
+    external_dir: list[str]  # "NAME=PATH"
+    output_dir: str
+    class_names: list[str] | None
+    skip_bad_files: bool
+    sampling: str  # shuffle | balanced | groups
+    # optimisation
+    epochs: int
+    batch_size: int  # per process
+    lr: float
+    momentum: float
+    weight_decay: float
+    lr_scheduler: str  # constant | cosine
+    warmup_epochs: float
+    class_weights: str  # none | balanced
+    grad_accum: int
+    select_metric: str  # auto | macro_f1 | group_recall
+    # model
+    image_size: int
+    backbone: str
+    weights: str  # imagenet | none
+    dropout: float
+    contrast: str
+    augment: str
+    ood_fpr: float
+    # run
+    mixed_precision: str  # auto | bf16 | fp16 | no
+    cpu_threads: int
+    num_workers: int
+    seed: int
+    checkpointing_steps: str  # "epoch", a number of batches, or "none"
+    checkpoints_total_limit: int
+    resume_from_checkpoint: str | None
+    push_to_hub: str | None
+    hub_private: bool
+    report_to: str
+
+    def scalars(self) -> dict[str, int | float | str | bool]:
+        """The settings a tracker can log as hyperparameters."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, (int, float, str, bool))}
+
+
+def parse_config(argv: list[str] | None = None) -> TrainingConfig:
+    namespace = get_args_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    if fields != set(vars(namespace)):
+        raise AssertionError(f"parser and TrainingConfig disagree: {sorted(fields ^ set(vars(namespace)))}")
+    return TrainingConfig(**vars(namespace))
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Train the chest X-ray classifier on class folders. Research demo, not for clinical use.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", required=True, action="append", metavar="[NAME=]PATH",
+                      help="folder of class subfolders (Normal/, Covid/, Viral Pneumonia/); repeat it to train on several "
+                           "sources, merged by class folder name (a source may hold only some classes)")
+    data.add_argument("--val-dir", default=None, help="validation class folders; without it, --val-split of --data-dir")
+    data.add_argument("--val-split", type=float, default=0.15,
+                      help="seeded validation fraction when there is no --val-dir, stratified by class and source")
+    data.add_argument("--test-dir", default=None, help="evaluated once at the end with the best model; never chooses epochs")
+    data.add_argument("--external-dir", action="append", default=[], metavar="NAME=PATH",
+                      help="a set from a source not trained on (may hold only some classes), evaluated once at the end; repeatable")
+    data.add_argument("--output-dir", required=True)
+    data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {list(DEFAULT_CLASS_NAMES)})")
+    data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
+    data.add_argument("--sampling", choices=["shuffle", "balanced", "groups"], default="shuffle",
+                      help="'balanced' draws every class equally often and, within a class, every source equally often; "
+                           "'groups' draws every (source, class) group equally often, and the loss corrects for the "
+                           "class prior that leaves (logit adjustment), so predictions stay class-balanced")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--batch-size", type=int, default=4, help="per process")
+    opt.add_argument("--lr", type=float, default=1e-3)
+    opt.add_argument("--momentum", type=float, default=0.9)
+    opt.add_argument("--weight-decay", type=float, default=0.0)
+    opt.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant")
+    opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
+    opt.add_argument("--class-weights", choices=["none", "balanced"], default="none")
+    opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
+                     help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
+                          "(source, class) group, so no source or class can be sacrificed; 'auto' uses it with several sources")
+    mdl = p.add_argument_group("model")
+    mdl.add_argument("--image-size", type=int, default=224)
+    mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19")
+    mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
+    mdl.add_argument("--dropout", type=float, default=0.5)
+    mdl.add_argument("--contrast", choices=["none", "standardize", "clahe"], default="none",
+                     help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
+                          "which collections differ (stored in config.json, so inference does the same)")
+    mdl.add_argument("--augment", choices=["standard", "acquisition", "none"], default="standard",
+                     help="'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how and where an image was taken")
+    mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
+    mdl.add_argument("--ood-fpr", type=float, default=0.02,
+                     help="share of validation X-rays the feature-space out-of-distribution gate may flag")
+    run = p.add_argument_group("run")
+    run.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
+                     help="'auto': bf16 where the device runs it faster than fp32 (GPUs with bf16 tensor cores, CPUs with "
+                          "AMX), else fp32. `accelerate launch --mixed_precision bf16|fp16` also counts as asking")
+    run.add_argument("--cpu-threads", type=int, default=0,
+                     help="torch threads per process on CPU (0: the available cores divided by the local processes)")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
+    run.add_argument("--seed", type=int, default=2022)
+    run.add_argument("--checkpointing-steps", default="epoch", help="'epoch', a number of batches, or 'none'")
+    run.add_argument("--checkpoints-total-limit", type=int, default=2)
+    run.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
+    run.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the final model folder to this Hub repo")
+    run.add_argument("--hub-private", action="store_true")
+    run.add_argument("--report-to", default="none", help="accelerate trackers: none, all, tensorboard, wandb, ...")
+    return p
