@@ -31,15 +31,20 @@ PY = sys.executable
 ACCELERATE = str(Path(PY).parent / "accelerate")
 
 
-def ours(data: Path, val: Path, out: Path, *, batch: int, precision: str | None, epochs: int, launcher: bool = False) -> tuple[float, list[dict], dict]:
-    """train.py's wall time, history and record; ``precision=None`` asks for nothing (the machine's choice)."""
+def ours(data: Path, val: Path, out: Path, *, batch: int, precision: str | None, epochs: int, launcher: bool = False,
+         train_flags: tuple[str, ...] = ()) -> tuple[float, list[dict], dict]:
+    """train.py's wall time, history and record; ``precision=None`` asks for nothing (the machine's choice).
+
+    With the launcher, ``precision`` goes to ``--mixed_precision``; without it, to train.py's own
+    ``--mixed-precision`` (an environment value of ``no`` would count as asking for nothing).
+    """
     args = [str(ROOT / "train.py"), "--data-dir", str(data), "--val-dir", str(val), "--output-dir", str(out), "--weights", "none",
-            "--image-size", "224", "--batch-size", str(batch), "--epochs", str(epochs), "--checkpointing-steps", "none"]
+            "--image-size", "224", "--batch-size", str(batch), "--epochs", str(epochs), "--checkpointing-steps", "none", *train_flags]
     if launcher:
         flags = ["--mixed_precision", precision] if precision else []
         elapsed, _ = run([ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *flags, *args])
     else:
-        elapsed, _ = run([PY, *args], env={"ACCELERATE_MIXED_PRECISION": precision} if precision else None)
+        elapsed, _ = run([PY, *args, *(["--mixed-precision", precision] if precision else [])])
     return elapsed, json.loads((out / "history.json").read_text()), json.loads((out / "train_config.json").read_text())
 
 
@@ -124,12 +129,14 @@ def main() -> None:
             print("\nwhole process on 60 real X-rays (45 train + 15 val), 224 px, batch 4, one epoch, start-up to saved model")
             print(f"{'command':58s} {'seconds':>8s} {'speed-up':>9s}")
             print(f"{'python seed_reference.py (baseline)':58s} {base_s:8.1f} {1.0:8.2f}×")
-            commands = [("accelerate launch train.py (no flags)", None, True), ("python train.py", None, False)]
-            if bf16_fast:
-                commands.append(("accelerate launch --mixed_precision bf16 train.py", "bf16", True))
-            for label, precision, launcher in commands:
+            commands = [("accelerate launch train.py (no flags)", None, True, ()), ("python train.py", None, False, ())]
+            if bf16_fast:  # auto is bf16 here: show what fp32 would take (the launcher's "no" means "not asked")
+                commands.append(("accelerate launch train.py --mixed-precision no", None, True, ("--mixed-precision", "no")))
+            else:
+                commands.append(("accelerate launch --mixed_precision bf16 train.py", "bf16", True, ()))
+            for label, precision, launcher, flags in commands:
                 seconds, _, record = ours(small_train, small_val, tmp / f"w{len(label)}", batch=4, precision=precision, epochs=1,
-                                          launcher=launcher)
+                                          launcher=launcher, train_flags=flags)
                 used = "bf16" if record["mixed_precision"] == "bf16" else "fp32"
                 print(f"{label + f' [{used}]':58s} {seconds:8.1f} {base_s / seconds:8.2f}×")
 

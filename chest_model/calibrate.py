@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import feature_ood
 from .engine import metrics_from_logits
-from .model import ChestXrayClassifier, calibrated_log_probabilities, calibrated_probabilities, eval_mode
+from .model import ChestXrayClassifier, autocast_context, calibrated_log_probabilities, calibrated_probabilities, eval_mode
 from .ood import fit_max_chroma_values, fit_min_confidence
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,13 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
 
 
 @torch.inference_mode()
-def block_summaries(model: ChestXrayClassifier, images: torch.Tensor, *, batch_size: int = 32) -> list[np.ndarray]:
-    """Each block's ``(N, 2C)`` summary for cached uint8 ``(N, 3, S, S)`` images, in fp32."""
+def block_summaries(model: ChestXrayClassifier, images: torch.Tensor, *, batch_size: int = 32,
+                    precision: str = "fp32") -> list[np.ndarray]:
+    """Each block's ``(N, 2C)`` summary for cached uint8 ``(N, 3, S, S)`` images (summaries in fp32;
+    the forward pass in ``precision``, as ``model.predict`` runs it)."""
     device = next(model.parameters()).device
     n_blocks = len(feature_ood.block_ends(model.features))
-    with eval_mode(model), feature_ood.capture_block_stats(model.features) as captured:
+    with eval_mode(model), feature_ood.capture_block_stats(model.features) as captured, autocast_context(device, precision):
         for start in range(0, len(images), batch_size):
             batch = model.preprocessor.normalize(images[start : start + batch_size].to(device))
             model.forward_features(batch.contiguous(memory_format=torch.channels_last))
@@ -56,11 +58,15 @@ def block_summaries(model: ChestXrayClassifier, images: torch.Tensor, *, batch_s
 
 
 def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val_images: torch.Tensor,
-                     *, fpr: float = feature_ood.DEFAULT_FPR) -> dict[str, Any]:
-    """Fit the statistics on training images and the threshold on validation X-rays; store both in the model."""
-    means, precisions, scales = feature_ood.fit_statistics(block_summaries(model, train_images))
+                     *, fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32") -> dict[str, Any]:
+    """Fit the statistics on training images and the threshold on validation X-rays; store both in the model.
+
+    ``precision`` is the training run's: where bf16 is the fast choice the pass over every training
+    image (a third of an epoch's compute) runs in it, as the demo's ``precision="auto"`` does.
+    """
+    means, precisions, scales = feature_ood.fit_statistics(block_summaries(model, train_images, precision=precision))
     model.set_feature_statistics(means, precisions, scales, threshold=float("inf"), fpr=fpr)
-    val_scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, val_images)])
+    val_scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, val_images, precision=precision)])
     threshold = feature_ood.fit_threshold(val_scores.numpy(), fpr)
     model.config.feature_threshold = threshold
     flagged = float((val_scores > threshold).double().mean())
@@ -70,7 +76,7 @@ def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val
 
 
 def calibrate(model: ChestXrayClassifier, val_logits: torch.Tensor, val_labels: torch.Tensor, val,
-              train_images: torch.Tensor, *, fpr: float = feature_ood.DEFAULT_FPR) -> dict[str, Any]:
+              train_images: torch.Tensor, *, fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32") -> dict[str, Any]:
     """Fit temperature and every out-of-distribution threshold; return the calibrated validation metrics.
 
     ``val`` is the validation split: its cached ``images`` and each decoded image's ``chroma``.
@@ -85,5 +91,5 @@ def calibrate(model: ChestXrayClassifier, val_logits: torch.Tensor, val_labels: 
     top = calibrated_probabilities(val_logits, temperature).max(dim=1).values
     model.config.min_confidence = fit_min_confidence(top.tolist())
     model.config.max_chroma = fit_max_chroma_values(val.chroma)
-    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val.images, fpr=fpr)
+    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val.images, fpr=fpr, precision=precision)
     return val_metrics

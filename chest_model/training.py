@@ -502,7 +502,9 @@ def save_outputs(run: Run, model, val_logits: torch.Tensor, val_labels: torch.Te
     from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
 
     args, record, output_dir = run.args, run.record, run.output_dir
-    val_metrics = calibrate(model, val_logits, val_labels, run.data.val, run.data.train.images, fpr=args.ood_fpr)
+    feature_precision = "bf16" if run.accelerator.precision_choice.precision == "bf16" else "fp32"
+    val_metrics = calibrate(model, val_logits, val_labels, run.data.val, run.data.train.images, fpr=args.ood_fpr,
+                            precision=feature_precision)
     val_metrics.update(validation_metrics(run, val_logits, val_labels, temperature=model.config.temperature))
     record["best_epoch"] = run.state["best"]["epoch"]
     record["temperature"] = model.config.temperature

@@ -68,3 +68,14 @@ def test_a_model_without_statistics_has_no_feature_gate(tiny_model, tmp_path):
     assert tiny_model.infer([synthetic_xray(64, 64)]).feature_scores is None
     tiny_model.save_pretrained(tmp_path / "m")
     assert not any(k.startswith(feature_ood.BUFFER_PREFIX) for k in load_file(str(tmp_path / "m" / "model.safetensors")))
+
+
+def test_a_bf16_feature_pass_gives_the_fp32_summaries_to_bf16_precision(tiny_model):
+    """Training fits the gate in bf16 where that is the run's precision: the summaries must agree."""
+    images = cached(6, 0, kind=None)
+    fp32 = block_summaries(tiny_model, images)
+    bf16 = block_summaries(tiny_model, images, precision="bf16")
+    for a, b in zip(fp32, bf16):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * float(np.abs(a).mean()))
+    assert not all(np.array_equal(a, b) for a, b in zip(fp32, bf16)), "the bf16 pass did not run in bf16"
