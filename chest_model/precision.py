@@ -8,7 +8,7 @@ a higher rate than fp32:
 AVX2 CPUs emulate bf16 (over 40x slower): fp32 is the fast choice there. CPUs with AVX512-BF16 but
 no AMX go both ways, so they are measured once per process with a short timed matmul:
 - an AVX512 Xeon: bf16 150 against fp32 320 GFLOP/s, and a VGG19 training step 1.5x *slower*;
-- an AMD EPYC (Zen 4): bf16 401 against fp32 141 GFLOP/s, and a VGG19 training step 2.1x *faster*.
+- an AMD EPYC with AVX512-BF16: bf16 401 against fp32 141 GFLOP/s, and a VGG19 training step 2.1x *faster*.
 """
 from __future__ import annotations
 
