@@ -6,6 +6,7 @@ Nothing is filled in when it was not measured; the card says so instead.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -91,10 +92,23 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
 
 
 def hub_tags() -> list[str]:
-    """The one tag list: ours, then those the Hub mixin adds (``model_hub_mixin``...), each once."""
-    from .model import ChestXrayClassifier
+    """The one tag list: ours, then those the Hub mixin adds (``model_hub_mixin``...), each once.
 
-    return list(dict.fromkeys([*TAGS, *(ChestXrayClassifier._hub_mixin_info.model_card_data.tags or [])]))
+    The mixin's own tags are read off a bare subclass, as the model class gets them, so that this
+    module need not import the model (which imports it).
+    """
+    return list(dict.fromkeys([*TAGS, *_mixin_tags()]))
+
+
+@lru_cache(maxsize=1)
+def _mixin_tags() -> tuple[str, ...]:
+    from huggingface_hub import PyTorchModelHubMixin
+    from torch import nn
+
+    class Probe(nn.Module, PyTorchModelHubMixin, tags=[]):
+        pass
+
+    return tuple(Probe._hub_mixin_info.model_card_data.tags or [])
 
 
 def base_model(config: ChestXrayConfig) -> str | None:

@@ -74,3 +74,30 @@ def test_licence_typing_marker_and_urls_ship():
     requires = " ".join(PYPROJECT["build-system"]["requires"])
     assert "setuptools>=77" in requires  # the first setuptools that takes an SPDX `license` and `license-files`
     assert set(PYPROJECT["project"]["urls"]) >= {"Homepage", "Repository"}
+
+
+def test_the_package_has_no_import_cycles():
+    """Every relative import counts, lazy ones inside functions too; only ``if TYPE_CHECKING:`` blocks are skipped."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "chest_model"
+    graph: dict[str, set[str]] = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                       for n in ast.walk(node)}
+        graph[path.stem] = {(node.module or alias.name).split(".")[0]
+                            for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 1
+                            and id(node) not in typing_only for alias in node.names}
+
+    def cycle_from(start: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph.get(path[-1], ())):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path and (found := cycle_from(start, [*path, nxt])):
+                return found
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m, [m]))]
+    assert not cycles, f"import cycles: {cycles}"
