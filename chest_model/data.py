@@ -310,20 +310,20 @@ class BalancedSampler(torch.utils.data.Sampler):
 
 
 def balanced_weights(labels: list[int], sources: list[int], by: str = "class") -> torch.Tensor:
-    """Per-sample weights (summing to 1) for ``BalancedSampler``: equal mass per class split
-    equally between its sources (``by="class"``), or equal mass per (source, class) group."""
+    """Relative per-sample weights for ``BalancedSampler``: equal mass per class split equally
+    between its sources (``by="class"``), or equal mass per (source, class) group."""
     if by not in ("class", "group"):
         raise ValueError(f"by must be 'class' or 'group', not {by!r}")
     groups: dict[tuple[int, int], int] = {}
     for group in zip(labels, sources):
         groups[group] = groups.get(group, 0) + 1
+    # a group's mass is 1 / shares; each sample gets 1 / (shares * group size)
     if by == "group":
-        mass = {group: 1.0 / len(groups) for group in groups}
+        shares = dict.fromkeys(groups, 1)
     else:
-        classes = {label for label, _ in groups}
-        sources_per_class = {c: sum(1 for (label, _) in groups if label == c) for c in classes}
-        mass = {(label, source): 1.0 / (len(classes) * sources_per_class[label]) for label, source in groups}
-    return torch.tensor([mass[g] / groups[g] for g in zip(labels, sources)], dtype=torch.float64)
+        sources_per_class = {c: sum(1 for (label, _) in groups if label == c) for c, _ in groups}
+        shares = {(label, source): sources_per_class[label] for label, source in groups}
+    return torch.tensor([1.0 / (shares[g] * groups[g]) for g in zip(labels, sources)], dtype=torch.float64)
 
 
 def derived_seed(*parts: int) -> int:

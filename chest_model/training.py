@@ -104,8 +104,6 @@ def launch_command(argv: list[str]) -> str:
 
 
 def train(args: TrainingConfig, command: str) -> int:
-
-
     tune_allocator()
     accelerator = make_accelerator(args)
     set_seed(args.seed)
@@ -275,8 +273,6 @@ class Run:
 
 
 def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, command: str) -> Run:
-
-
     class_names = model.class_names
     train_set = CachedImageDataset(data.train.images, data.train.labels, transform=build_train_augmentation(args.augment), seed=args.seed)
     val_set = CachedImageDataset(data.val.images, data.val.labels)
@@ -301,18 +297,17 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
         n = torch.bincount(torch.tensor(data.train.labels), minlength=len(class_names)).float()
         class_weights = n.sum() / (len(class_names) * n.clamp(min=1))
     # Logit adjustment (Menon et al., 2021): training on log-prior-shifted logits leaves the model's
-    # own logits calibrated to a uniform class prior, whatever prior the sampler draws.
-    logit_offset = None
-    if sampler is not None:
-        logit_offset = sampler.class_prior(len(class_names)).clamp(min=1e-12).log().float()
+    # own logits calibrated to a uniform class prior. Only group sampling leaves a non-uniform prior.
+    sampled_prior = sampler.class_prior(len(class_names)) if sampler is not None else None
+    logit_offset = sampled_prior.clamp(min=1e-12).log().float() if args.sampling == "groups" else None
     if args.report_to != "none":
         accelerator.init_trackers("chest-xray-classifier", config=args.scalars())
     select = args.select_metric
     if select == "auto":
         select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
     record = run_record(args, accelerator, data, class_names, command, select, memory_format)
-    if sampler is not None:
-        record["sampled_class_prior"] = dict(zip(class_names, sampler.class_prior(len(class_names)).tolist()))
+    if sampled_prior is not None:
+        record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select,
               memory_format, logit_offset)
@@ -469,7 +464,6 @@ def finish(run: Run, best_val) -> None:
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
     model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
     if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
-
         model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
     if best_val is None:  # the best epoch was before a resume
         best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate",

@@ -108,7 +108,7 @@ def test_group_weights_give_every_source_class_group_equal_mass():
     labels = [0] * 10 + [1] * 30 + [0] * 90
     sources = [0] * 40 + [1] * 90
     sampler = BalancedSampler(labels, sources, by="group")
-    mass = lambda mask: float(sampler.weights[torch.tensor(mask)].sum())  # noqa: E731
+    mass = lambda mask: float(sampler.weights[torch.tensor(mask)].sum() / sampler.weights.sum())  # noqa: E731  (share of all draws)
     for group in [(0, 0), (1, 0), (0, 1)]:
         assert mass([(l, s) == group for l, s in zip(labels, sources)]) == pytest.approx(1 / 3)
     assert sampler.class_prior(2).tolist() == pytest.approx([2 / 3, 1 / 3])
