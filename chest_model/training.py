@@ -377,7 +377,7 @@ def checkpoint(run: Run, epoch: int, step_in_epoch: int) -> None:
 def run_epochs(run: Run):
     """Train every remaining epoch; keep the best by the selection metric. Returns its validation logits (or None)."""
     best_val = None
-    preimport("sklearn.metrics", "matplotlib.pyplot")
+    preimports = preimport("sklearn.metrics", "matplotlib.pyplot")
     with GracefulStop() as stop:
         for epoch in range(run.state["epoch"], run.args.epochs):
             row, val_logits = one_epoch(run, epoch, stop)
@@ -393,6 +393,9 @@ def run_epochs(run: Run):
                 checkpoint(run, epoch + 1, 0)
     if run.state["best"] is None:
         raise RuntimeError("no epoch was trained (is --epochs 0, or was the run already complete?)")
+    # After a short run the thread may still be inside matplotlib.pyplot, which then sits half-built in
+    # sys.modules, and matplotlib.use() (in the figures module) fails on it.
+    preimports.join()
     return best_val
 
 
@@ -536,7 +539,7 @@ def _named(specs: list[str]) -> list[tuple[str, Path]]:
     return parse_data_dirs(specs) if specs else []
 
 
-def preimport(*modules: str) -> None:
+def preimport(*modules: str) -> threading.Thread:
     """Import slow, later-needed modules on a background thread while the first epoch trains.
 
     scikit-learn and matplotlib take ~2.5 s to import; training runs in torch kernels that release
@@ -549,7 +552,9 @@ def preimport(*modules: str) -> None:
             except Exception:  # noqa: BLE001 - the real import later reports any problem
                 pass
 
-    threading.Thread(target=work, name="preimport", daemon=True).start()
+    thread = threading.Thread(target=work, name="preimport", daemon=True)
+    thread.start()
+    return thread
 
 
 def tune_allocator() -> None:
