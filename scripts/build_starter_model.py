@@ -65,6 +65,10 @@ def main() -> None:
     context = card_context_from_folder(run)
     if args.data_root:
         context["training"] = relocate_paths(context["training"], args.data_root.rstrip("/") + "/", "data/")
+    # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
+    if context.get("training"):
+        context["training"].setdefault("data_counts", {}).setdefault(
+            "test", {name: row["support"] for name, row in metrics["per_class"].items()})
     context.update(
         test_metrics=metrics, repo_id=None, external_metrics=external or None,
         external_note=("Leave-one-source-out: each row is a model trained with the same command without that source "

@@ -16,7 +16,7 @@ def row(run: Path) -> str:
     record = json.loads((run / "train_config.json").read_text())
     val = json.loads((run / "val_metrics.json").read_text())
     hp = record["hyperparameters"]
-    recipe = f"{hp.get('image_size')} px, augment={hp.get('augment')}, sampling={hp.get('sampling')}, contrast={hp.get('contrast', hp.get('equalize', 'none'))}"
+    recipe = f"{record.get('epochs')} epochs, {hp.get('image_size')} px, augment={hp.get('augment')}, sampling={hp.get('sampling')}, contrast={hp.get('contrast', hp.get('equalize', 'none'))}"
     test_path, external_path = run / "eval" / "metrics.json", run / "eval" / "external.json"
     test = json.loads(test_path.read_text()) if test_path.is_file() else None
     external = json.loads(external_path.read_text()) if external_path.is_file() else {}
