@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import feature_ood
-from .engine import metrics_from_logits
+from .engine import Predictions, metrics_from_logits
 from .model import ChestXrayClassifier, autocast_context, calibrated_log_probabilities, calibrated_probabilities, eval_mode
 from .ood import fit_max_chroma_values, fit_min_confidence
 
@@ -57,16 +57,20 @@ def block_summaries(model: ChestXrayClassifier, images: torch.Tensor, *, batch_s
     return [torch.cat(block).cpu().numpy() for block in feature_ood.split_blocks(captured, n_blocks)]
 
 
-def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val_images: torch.Tensor,
+def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val_images: torch.Tensor | list[torch.Tensor],
                      *, fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32") -> dict[str, Any]:
     """Fit the statistics on training images and the threshold on validation X-rays; store both in the model.
 
-    ``precision`` is the training run's: where bf16 is the fast choice the pass over every training
-    image (a third of an epoch's compute) runs in it, as the demo's ``precision="auto"`` does.
+    ``val_images`` are cached uint8 images, or their block summaries when the validation pass that
+    chose the model already kept them. ``precision`` is the training run's: where bf16 is the fast
+    choice the pass over every training image (a third of an epoch's compute) runs in it, as the
+    demo's ``precision="auto"`` does.
     """
     means, precisions, scales = feature_ood.fit_statistics(block_summaries(model, train_images, precision=precision))
     model.set_feature_statistics(means, precisions, scales, threshold=float("inf"), fpr=fpr)
-    val_scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, val_images, precision=precision)])
+    if isinstance(val_images, torch.Tensor):
+        val_images = [torch.from_numpy(x) for x in block_summaries(model, val_images, precision=precision)]
+    val_scores = model.feature_scores(val_images)
     threshold = feature_ood.fit_threshold(val_scores.numpy(), fpr)
     model.config.feature_threshold = threshold
     flagged = float((val_scores > threshold).double().mean())
@@ -75,12 +79,14 @@ def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val
     return {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged, "n_train": len(train_images)}
 
 
-def calibrate(model: ChestXrayClassifier, val_logits: torch.Tensor, val_labels: torch.Tensor, val,
-              train_images: torch.Tensor, *, fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32") -> dict[str, Any]:
+def calibrate(model: ChestXrayClassifier, val_pass: Predictions, val, train_images: torch.Tensor, *,
+              fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32") -> dict[str, Any]:
     """Fit temperature and every out-of-distribution threshold; return the calibrated validation metrics.
 
-    ``val`` is the validation split: its cached ``images`` and each decoded image's ``chroma``.
+    ``val_pass`` is the chosen model's validation pass (logits, labels, and block summaries if it kept
+    them); ``val`` is the validation split: its cached ``images`` and each decoded image's ``chroma``.
     """
+    val_logits, val_labels = val_pass.logits, val_pass.labels
     class_names = model.class_names
     uncalibrated = metrics_from_logits(val_logits, val_labels, class_names)
     temperature = fit_temperature(val_logits, val_labels)
@@ -91,5 +97,6 @@ def calibrate(model: ChestXrayClassifier, val_logits: torch.Tensor, val_labels: 
     top = calibrated_probabilities(val_logits, temperature).max(dim=1).values
     model.config.min_confidence = fit_min_confidence(top.tolist())
     model.config.max_chroma = fit_max_chroma_values(val.chroma)
-    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val.images, fpr=fpr, precision=precision)
+    val_features = val_pass.block_summaries if val_pass.block_summaries is not None else val.images
+    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val_features, fpr=fpr, precision=precision)
     return val_metrics

@@ -5,9 +5,10 @@ across processes; evaluation gathers logits with ``gather_for_metrics`` so every
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from accelerate.logging import get_logger
 from tqdm.auto import tqdm
 
+from . import feature_ood
 from .data import derived_seed
 from .errors import ChestModelError
 from .metrics import classification_metrics
@@ -112,20 +114,39 @@ def _check_finite(accelerator, loss: torch.Tensor, epoch: int, step: int) -> Non
         )
 
 
+class Predictions(NamedTuple):
+    logits: torch.Tensor
+    labels: torch.Tensor
+    block_summaries: list[torch.Tensor] | None = None  # per VGG block, (N, 2C): what the feature gate is fitted on
+
+
 @torch.no_grad()
-def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Preprocessor, desc: str = "eval",
-                   memory_format: torch.memory_format = torch.channels_last) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels for a whole dataset, gathered across processes (each sample exactly once)."""
+def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Preprocessor, desc: str = "eval", *,
+                   block_summaries: bool = False) -> Predictions:
+    """Logits and labels for a whole dataset, gathered across processes (each sample exactly once).
+
+    Inputs go in channels_last, as ``model.predict`` sends them: for inference it is the faster format
+    even where fp32 training prefers contiguous (VGG19, 224 px, on an AVX2 CPU: 4.0 against 3.4 img/s).
+    With ``block_summaries`` the same pass keeps each block's feature summary, so fitting the feature
+    gate needs no second pass over these images.
+    """
     model.eval()
-    all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None if accelerator.is_local_main_process else True):
-        inputs = preprocessor.normalize(images).contiguous(memory_format=memory_format)
-        with accelerator.autocast():
-            logits = model(inputs).float()
-        logits, labels = accelerator.gather_for_metrics((logits, labels))
-        all_logits.append(logits.cpu())
-        all_labels.append(labels.cpu())
-    return torch.cat(all_logits), torch.cat(all_labels)
+    features = accelerator.unwrap_model(model).features
+    n_blocks = len(feature_ood.block_ends(features))
+    logits_parts, label_parts, summary_parts = [], [], []
+    capture = feature_ood.capture_block_stats(features) if block_summaries else contextlib.nullcontext([])
+    with capture as captured:
+        for images, labels in tqdm(loader, desc=desc, leave=False, disable=None if accelerator.is_local_main_process else True):
+            inputs = preprocessor.normalize(images).contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(inputs).float()
+            batch = accelerator.gather_for_metrics((logits, labels, *captured))
+            captured.clear()
+            logits_parts.append(batch[0].cpu())
+            label_parts.append(batch[1].cpu())
+            summary_parts.append([x.cpu() for x in batch[2:]])
+    summaries = [torch.cat([part[b] for part in summary_parts]) for b in range(n_blocks)] if block_summaries else None
+    return Predictions(torch.cat(logits_parts), torch.cat(label_parts), summaries)
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, temperature: float = 1.0) -> dict[str, Any]:

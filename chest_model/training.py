@@ -36,7 +36,7 @@ from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
                    parse_data_dirs, scan_image_folder, scan_sources, stratified_split)
-from .engine import grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch
+from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch
 from .evaluation import evaluate_external, evaluate_model
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
@@ -374,17 +374,17 @@ def checkpoint(run: Run, epoch: int, step_in_epoch: int) -> None:
                          keep=run.args.checkpoints_total_limit)
 
 
-def run_epochs(run: Run):
-    """Train every remaining epoch; keep the best by the selection metric. Returns its validation logits (or None)."""
+def run_epochs(run: Run) -> Predictions | None:
+    """Train every remaining epoch; keep the best by the selection metric. Returns its validation pass (or None)."""
     best_val = None
     preimports = preimport("sklearn.metrics", "matplotlib.pyplot")
     with GracefulStop() as stop:
         for epoch in range(run.state["epoch"], run.args.epochs):
-            row, val_logits = one_epoch(run, epoch, stop)
+            row, val_pass = one_epoch(run, epoch, stop)
             if is_better(row, run.state["best"], run.select_metric):
                 run.state["best"] = {"epoch": epoch + 1, "metric": run.select_metric, "value": row[f"val_{run.select_metric}"],
                                      "val_loss": row["val_loss"]}
-                best_val = val_logits  # reused for calibration: no extra pass
+                best_val = val_pass  # reused for calibration and the feature gate: no extra pass
                 if run.accelerator.is_main_process and epoch + 1 < run.args.epochs:  # the final save writes the last epoch
                     run.accelerator.unwrap_model(run.model).save_pretrained(
                         run.output_dir, card_context={"training": {**run.record, "best_epoch": epoch + 1}})
@@ -406,7 +406,7 @@ def is_better(row: dict[str, Any], best: dict[str, Any] | None, metric: str) -> 
     return (row[f"val_{metric}"], -row["val_loss"]) > (best.get("value", best.get("val_macro_f1")), -best["val_loss"])
 
 
-def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor]]:
+def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any], Predictions]:
     args, accelerator = run.args, run.accelerator
     run.train_set.set_epoch(epoch)
     run.train_loader.set_epoch(epoch)
@@ -426,9 +426,9 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
                             class_weights=run.class_weights, logit_offset=run.logit_offset, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
                             memory_format=run.memory_format)
-    val_logits, val_labels = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val",
-                                            memory_format=run.memory_format)
-    val = validation_metrics(run, val_logits, val_labels)
+    val_pass = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val",
+                              block_summaries=True)
+    val = validation_metrics(run, val_pass.logits, val_pass.labels)
     row = {
         "epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
@@ -447,7 +447,7 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
         scalars = {f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
         scalars.update({f"val_by_source/{name}/accuracy": m["accuracy"] for name, m in row["val_by_source"].items()})
         accelerator.log(scalars, step=(epoch + 1) * len(run.train_loader))
-    return row, (val_logits, val_labels)
+    return row, val_pass
 
 
 def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> dict[str, Any]:
@@ -462,17 +462,16 @@ def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, 
 # ---- the end: best weights, calibration, test, outputs -------------------------------------------
 
 
-def finish(run: Run, best_val) -> None:
+def finish(run: Run, best_val: Predictions | None) -> None:
     accelerator = run.accelerator
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
     model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
     if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
         model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
     if best_val is None:  # the best epoch was before a resume
-        best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate",
-                                  memory_format=run.memory_format)
+        best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate", block_summaries=True)
     if accelerator.is_main_process:
-        save_outputs(run, model.eval(), *best_val)
+        save_outputs(run, model.eval(), best_val)
     accelerator.wait_for_everyone()
     if run.args.report_to != "none":
         if accelerator.is_main_process:
@@ -495,14 +494,13 @@ def log_figures(accelerator, output_dir: Path, *, step: int) -> None:
             tracker.log_images({k: list(v) for k, v in images.items()}, step=step)
 
 
-def save_outputs(run: Run, model, val_logits: torch.Tensor, val_labels: torch.Tensor) -> None:
+def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
 
     args, record, output_dir = run.args, run.record, run.output_dir
     feature_precision = "bf16" if run.accelerator.precision_choice.precision == "bf16" else "fp32"
-    val_metrics = calibrate(model, val_logits, val_labels, run.data.val, run.data.train.images, fpr=args.ood_fpr,
-                            precision=feature_precision)
-    val_metrics.update(validation_metrics(run, val_logits, val_labels, temperature=model.config.temperature))
+    val_metrics = calibrate(model, val_pass, run.data.val, run.data.train.images, fpr=args.ood_fpr, precision=feature_precision)
+    val_metrics.update(validation_metrics(run, val_pass.logits, val_pass.labels, temperature=model.config.temperature))
     record["best_epoch"] = run.state["best"]["epoch"]
     record["temperature"] = model.config.temperature
     record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded

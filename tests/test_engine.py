@@ -1,13 +1,18 @@
-"""Metrics from logits, per-source metrics, and temperature scaling, on numbers whose answer is known."""
+"""Metrics from logits, per-source metrics, temperature scaling, and the evaluation pass, on inputs whose answer is known."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
 
-from chest_model.calibrate import fit_temperature
-from chest_model.engine import grouped_metrics, metrics_from_logits
+from chest_model.calibrate import block_summaries, fit_temperature
+from chest_model.data import CachedImageDataset
+from chest_model.engine import grouped_metrics, metrics_from_logits, predict_logits
 from chest_model.model import calibrated_log_probabilities, calibrated_probabilities
+from helpers import synthetic_xray
 
 CLASSES = ["Normal", "Covid", "Viral Pneumonia"]
 
@@ -65,3 +70,19 @@ def test_grouped_metrics_give_every_source_and_class_the_same_say():
 def test_grouped_metrics_with_no_source_present_is_nan():
     result = grouped_metrics(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), ["a"], CLASSES)
     assert result["by_source"] == {} and math.isnan(result["group_recall"])
+
+
+def test_the_validation_pass_keeps_the_block_summaries_the_gate_would_compute_itself(tiny_model):
+    # The gate's threshold is fitted on the summaries kept by the validation pass that chose the
+    # model: they must be those of a separate pass over the same images, in dataset order.
+    images = torch.from_numpy(np.stack([np.stack([synthetic_xray(32, 32, seed=i, kind=i % 3)] * 3) for i in range(7)]))
+    labels = [i % 3 for i in range(7)]
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(DataLoader(CachedImageDataset(images, labels), batch_size=3))  # a ragged last batch
+    result = predict_logits(accelerator, tiny_model, loader, tiny_model.preprocessor, block_summaries=True)
+    assert result.labels.tolist() == labels and result.logits.shape == (7, 3)
+    separate = block_summaries(tiny_model, images)
+    assert len(result.block_summaries) == len(separate) == 5
+    for kept, own in zip(result.block_summaries, separate):
+        torch.testing.assert_close(kept, torch.from_numpy(own), rtol=1e-4, atol=1e-5)
+    assert predict_logits(accelerator, tiny_model, loader, tiny_model.preprocessor).block_summaries is None

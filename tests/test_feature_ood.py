@@ -79,3 +79,12 @@ def test_a_bf16_feature_pass_gives_the_fp32_summaries_to_bf16_precision(tiny_mod
         assert b.dtype == np.float32
         np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * float(np.abs(a).mean()))
     assert not all(np.array_equal(a, b) for a, b in zip(fp32, bf16)), "the bf16 pass did not run in bf16"
+
+
+def test_the_gate_fitted_on_kept_validation_summaries_is_the_gate_fitted_on_the_images():
+    torch.manual_seed(0)
+    model = ChestXrayClassifier(image_size=32, hidden_size=16).eval()
+    train, val = cached(40, 0, kind=None), cached(20, 500, kind=None)
+    from_images = fit_feature_gate(model, train, val, fpr=0.1)
+    kept = [torch.from_numpy(x) for x in block_summaries(model, val)]
+    assert fit_feature_gate(model, train, kept, fpr=0.1)["threshold"] == pytest.approx(from_images["threshold"], rel=1e-6)
