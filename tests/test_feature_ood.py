@@ -88,3 +88,28 @@ def test_the_gate_fitted_on_kept_validation_summaries_is_the_gate_fitted_on_the_
     from_images = fit_feature_gate(model, train, val, fpr=0.1)
     kept = [torch.from_numpy(x) for x in block_summaries(model, val)]
     assert fit_feature_gate(model, train, kept, fpr=0.1)["threshold"] == pytest.approx(from_images["threshold"], rel=1e-6)
+
+
+def test_scores_follow_statistics_loaded_or_refitted_after_a_first_call():
+    # The float64 copies of the statistics are kept between calls; they must not outlive the buffers.
+    torch.manual_seed(0)
+    first, second = (ChestXrayClassifier(image_size=32, hidden_size=16).eval() for _ in range(2))
+    fit_feature_gate(first, cached(40, 0, kind=None), cached(20, 500, kind=None), fpr=0.1)
+    fit_feature_gate(second, cached(40, 900, kind=1), cached(20, 1500, kind=1), fpr=0.1)
+    summaries = [torch.from_numpy(x) for x in block_summaries(first, cached(6, 3000, kind=None))]
+
+    def from_the_buffers(model):
+        p = feature_ood.BUFFER_PREFIX
+        return feature_ood.scores(summaries, [getattr(model, f"{p}mean_{b}") for b in range(5)],
+                                  [getattr(model, f"{p}precision_{b}") for b in range(5)], getattr(model, f"{p}scale"))
+
+    before = first.feature_scores(summaries)
+    torch.testing.assert_close(before, from_the_buffers(first))
+    first.load_state_dict(second.state_dict())  # in place: the same tensors, new values
+    after = first.feature_scores(summaries)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, from_the_buffers(second))
+    fit_feature_gate(first, cached(40, 0, kind=None), cached(20, 500, kind=None), fpr=0.1)  # refitted: new buffers
+    refitted = first.feature_scores(summaries)
+    assert not torch.allclose(refitted, after)
+    torch.testing.assert_close(refitted, from_the_buffers(first))
