@@ -65,6 +65,8 @@ def machine_facts() -> dict:
         "cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_capability": cpu_capability(), "amx": cpu_has_amx(), "avx512_bf16": cpu_has_bf16_instructions(),
         "device": device, "auto_precision": choose_precision("cuda" if torch.cuda.is_available() else "cpu").precision,
+        # No bf16 instructions: oneDNN falls back to reference code, tens of times slower than fp32.
+        "bf16_emulated": not torch.cuda.is_available() and not cpu_has_bf16_instructions(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "emulated": os.environ.get("ATEN_CPU_CAPABILITY", "") != "" or os.environ.get("ONEDNN_MAX_CPU_ISA", "") != "",
     }

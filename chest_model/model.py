@@ -122,16 +122,15 @@ class ChestXrayClassifier(
 
     def _feature_statistics_float64(self, n_blocks: int):
         """The gate's buffers in float64, as the distances are computed: converted once, not on every
-        call (five 1024² matrices, ~9 ms of a 130 ms fp32 ``predict``), and again whenever they change."""
+        call (five 1024² matrices: 15 -> 3 ms a call on an AVX2 CPU), and again whenever they change."""
         prefix = feature_ood.BUFFER_PREFIX
         buffers = ([getattr(self, f"{prefix}mean_{b}") for b in range(n_blocks)]
                    + [getattr(self, f"{prefix}precision_{b}") for b in range(n_blocks)] + [getattr(self, f"{prefix}scale")])
         key = tuple((t.data_ptr(), t._version, t.device) for t in buffers)  # load_state_dict bumps _version; .to() moves data
-        cached = self.__dict__.get("_float64_statistics")
+        cached = getattr(self, "_float64_statistics", None)
         if cached is None or cached[0] != key:
             doubles = [t.double() for t in buffers]
-            cached = (key, (doubles[:n_blocks], doubles[n_blocks:-1], doubles[-1]))
-            self.__dict__["_float64_statistics"] = cached
+            cached = self._float64_statistics = (key, (doubles[:n_blocks], doubles[n_blocks:-1], doubles[-1]))
         return cached[1]
 
     # -----------------------------------------------------------------------------------------
