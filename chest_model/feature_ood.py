@@ -3,9 +3,17 @@
 Each VGG block's output is summarised by its per-channel mean and standard deviation (the image's
 texture statistics at that scale). For every block, the Mahalanobis distance of that summary to the
 training X-rays (Ledoit-Wolf shrunk covariance, since there are fewer images than dimensions) is
-divided by the 99th percentile of the training images' own distances. An input's score is the
-largest of these ratios over the blocks: photographs, documents and other modalities stand out at
-some scale even when the head is confident.
+divided by the 99th percentile of held-out training images' distances (out-of-fold: each fold
+scored by statistics fitted without it). An input's score is the largest of these ratios over the
+blocks: photographs, documents and other modalities stand out at some scale even when the head is
+confident.
+
+Why out-of-fold: with fewer images than dimensions, a covariance fits its own images closely, so
+their in-sample distances understate an unseen X-ray's, and by how much differs per block. On the
+starter model (456 training images) the in-sample 99th percentiles were 1.15 to 1.9 times smaller
+than the held-out ones, which matched the validation images' to within 15%; with in-sample units one
+block decided 77 of the 81 validation scores. Out-of-fold units put every block on the scale of
+unseen X-rays, so the maximum compares like with like.
 
 The statistics are fitted on training images and stored as buffers in ``model.safetensors``; the
 threshold is the ``1 - fpr`` quantile of the validation X-rays' scores, stored in ``config.json``
@@ -22,8 +30,9 @@ import torch
 from torch import nn
 
 BUFFER_PREFIX = "ood_"
-# 99th percentile of the training distances: each block's distance is expressed in these units.
+# 99th percentile of held-out training distances: each block's distance is expressed in these units.
 TRAIN_QUANTILE = 0.99
+SCALE_FOLDS = 5
 DEFAULT_FPR = 0.02
 
 
@@ -65,18 +74,41 @@ def split_blocks(captured: list[torch.Tensor], n_blocks: int) -> list[list[torch
     return [captured[b::n_blocks] for b in range(n_blocks)]
 
 
-def fit_statistics(block_summaries: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Per block: mean, precision matrix (Ledoit-Wolf) and the training distances' 99th percentile."""
+def fit_statistics(block_summaries: list[np.ndarray], *, folds: int = SCALE_FOLDS,
+                   seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Per block: mean and precision matrix (Ledoit-Wolf) of every training summary, and the 99th
+    percentile of out-of-fold distances (in-sample ones where there are too few images to hold out)."""
     from sklearn.covariance import LedoitWolf
 
     means, precisions, scales = [], [], []
+    n = len(block_summaries[0]) if block_summaries else 0
+    fold_of = np.random.default_rng(seed).permutation(n) % folds if n >= 2 * folds else None
     for x in block_summaries:
         x = np.asarray(x, dtype=np.float64)
         estimator = LedoitWolf().fit(x)
         means.append(estimator.location_)
         precisions.append(estimator.precision_)
-        scales.append(float(np.quantile(_distances(x, estimator.location_, estimator.precision_), TRAIN_QUANTILE)))
+        distances = (_distances(x, estimator.location_, estimator.precision_) if fold_of is None
+                     else _out_of_fold_distances(x, fold_of, folds))
+        scales.append(float(np.quantile(distances, TRAIN_QUANTILE)))
     return means, precisions, np.asarray(scales)
+
+
+def _out_of_fold_distances(x: np.ndarray, fold_of: np.ndarray, folds: int) -> np.ndarray:
+    """Each image's distance under the Ledoit-Wolf fit of the other folds. A Cholesky solve, not the
+    estimator's eigendecomposition: ten times faster on 1024 dimensions, the same distances."""
+    from scipy.linalg import cho_factor, cho_solve
+    from sklearn.covariance import ledoit_wolf
+
+    distances = np.empty(len(x))
+    for k in range(folds):
+        held_out = fold_of == k
+        rest = x[~held_out]
+        covariance, _ = ledoit_wolf(rest)
+        centred = x[held_out] - rest.mean(axis=0)
+        solved = cho_solve(cho_factor(covariance), centred.T)
+        distances[held_out] = np.sqrt(np.maximum(np.einsum("ij,ji->i", centred, solved), 0))
+    return distances
 
 
 def _distances(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:

@@ -113,3 +113,22 @@ def test_scores_follow_statistics_loaded_or_refitted_after_a_first_call():
     refitted = first.feature_scores(summaries)
     assert not torch.allclose(refitted, after)
     torch.testing.assert_close(refitted, from_the_buffers(first))
+
+
+def test_block_units_are_what_unseen_images_give_not_the_training_images_own_distances():
+    # Fewer images than dimensions, as in training: in-sample distances understate unseen ones.
+    rng = np.random.default_rng(0)
+    dims = 96
+    spread = np.linspace(0.2, 3.0, dims)
+    train, unseen = rng.normal(size=(120, dims)) * spread, rng.normal(size=(2000, dims)) * spread
+    means, precisions, scales = feature_ood.fit_statistics([train])
+    unseen_p99 = np.quantile(feature_ood._distances(unseen, means[0], precisions[0]), feature_ood.TRAIN_QUANTILE)
+    in_sample_p99 = np.quantile(feature_ood._distances(train, means[0], precisions[0]), feature_ood.TRAIN_QUANTILE)
+    assert in_sample_p99 < 0.85 * unseen_p99  # the bias the out-of-fold units remove
+    assert scales[0] == pytest.approx(unseen_p99, rel=0.15)
+
+
+def test_too_few_training_images_to_hold_out_fall_back_to_in_sample_units():
+    x = np.random.default_rng(1).normal(size=(6, 8))
+    means, precisions, scales = feature_ood.fit_statistics([x])
+    assert scales[0] == pytest.approx(np.quantile(feature_ood._distances(x, means[0], precisions[0]), feature_ood.TRAIN_QUANTILE))
