@@ -9,7 +9,9 @@ the out-of-distribution gate on non-X-ray images (chest_model.ood_check), and th
 runs' external figures (each from its own run's eval/external.json, a model trained with the same
 recipe without that source). metrics.json and the model card carry every figure, and the README's
 starter-model paragraph and shortcut sentence (between their <!-- starter:... --> markers) are
-rewritten from them: no figure in them is typed by hand.
+rewritten from them: no figure in them is typed by hand. card_context.json keeps everything the
+card was rendered from (training record, validation figures, selection note), so the card can be
+rendered again from the shipped folder alone.
 """
 from __future__ import annotations
 
@@ -82,6 +84,9 @@ def main() -> None:
     )
     model.save_pretrained(staging, card_context=context, weights_dtype=dtype)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    # The card's inputs travel with the model, so it can be re-rendered (after a re-measurement, a
+    # recalibration) without the training run's folder, which does not outlive the machine it ran on.
+    (staging / "card_context.json").write_text(json.dumps(context, indent=2) + "\n")
     shutil.rmtree(staging / "eval")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
