@@ -10,8 +10,9 @@ runs' external figures (each from its own run's eval/external.json, a model trai
 recipe without that source). metrics.json and the model card carry every figure, and the README's
 starter-model paragraph and shortcut sentence (between their <!-- starter:... --> markers) are
 rewritten from them: no figure in them is typed by hand. card_context.json keeps everything the
-card was rendered from (training record, validation figures, selection note), so the card can be
-rendered again from the shipped folder alone.
+card was rendered from (training record, validation figures, selection note), so a later packaging
+can render it again (``chest_model.card.render_card``) without the training run's folder; no
+command reads it yet.
 """
 from __future__ import annotations
 
