@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--data-root", default=None,
                         help="the folder the run's data paths start with (e.g. ../shared/data); the card names it data/, "
                              "as its command line says: run it from the project root with the datasets under data/")
+    parser.add_argument("--runs-root", default=None,
+                        help="the folder the runs' --output-dir starts with, if it was not runs/ (e.g. /scratch/runs); "
+                             "the card names it runs/, so its command reads as run from the project root")
     parser.add_argument("--output", default=str(ROOT / "demo" / "starter-model"))
     args = parser.parse_args()
 
@@ -60,14 +63,16 @@ def main() -> None:
     ood = check(shipped)
     metrics["ood_check"] = {k: v for k, v in ood.items() if k != "images"}
     metrics["ood_check"]["missed"] = [row["name"] for row in ood["images"] if not row["uncertain"]]
+    # The card names datasets and the project's own folders, never this machine's paths.
+    moves = [(root.rstrip("/") + "/", new) for root, new in ((args.data_root, "data/"), (args.runs_root, "runs/")) if root]
     external = leave_one_source_out(args.external_run)
-    if args.data_root:
-        external = relocate_paths(external, args.data_root.rstrip("/") + "/", "data/")
+    for old, new in moves:
+        external = relocate_paths(external, old, new)
     metrics["external"] = external
 
     context = card_context_from_folder(run)
-    if args.data_root:
-        context["training"] = relocate_paths(context["training"], args.data_root.rstrip("/") + "/", "data/")
+    for old, new in moves:
+        context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
     if context.get("training"):
         context["training"].setdefault("data_counts", {}).setdefault(
@@ -133,7 +138,7 @@ def targets_sentence(metrics: dict) -> str:
 
 def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
     audit, ci, ood = metrics["audit"], metrics["ci"], metrics["ood_check"]
-    covid = metrics["per_class"]["Covid"]["recall"]
+    recalls = ", ".join(f"{name} {row['recall']:.3f}" for name, row in metrics["per_class"].items())
     counts = record["data_counts"]
     n_train, n_val = sum(counts["train"].values()), sum(counts["val"].values())
     minutes = record.get("training_seconds", 0) / 60
@@ -150,7 +155,8 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         f"chosen on validation), {minutes:.0f} minutes of training on a 2-core CPU ({record['cpu_capability']}, "
         f"{'bf16' if record['mixed_precision'] == 'bf16' else 'fp32'}).\n\n"
         f"On the 66-image test split, evaluated once: accuracy {metrics['accuracy']:.3f} (95% CI "
-        f"{ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f}), Covid recall {covid:.3f}, macro-F1 {metrics['macro_f1']:.3f}; "
+        f"{ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f}), macro-F1 {metrics['macro_f1']:.3f}, recall per class "
+        f"{recalls}; "
         f"{metrics['ood']['flagged']} of {metrics['n']} test X-rays flagged as uncertain. A random forest on file metadata "
         f"alone scores {audit['metadata_baseline_accuracy']:.3f} on the same images, so the test score is an upper bound on "
         f"what the model learned about lungs.\n\n"
