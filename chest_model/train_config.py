@@ -37,6 +37,7 @@ class TrainingConfig:
     class_weights: str  # none | balanced
     grad_accum: int
     select_metric: str  # auto | macro_f1 | group_recall
+    ema_decay: float  # 0: off
     # model
     image_size: int
     backbone: str
@@ -63,7 +64,11 @@ class TrainingConfig:
 
 
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:
-    return TrainingConfig(**vars(get_args_parser().parse_args(argv)))
+    parser = get_args_parser()
+    config = TrainingConfig(**vars(parser.parse_args(argv)))
+    if not 0.0 <= config.ema_decay < 1.0:
+        parser.error(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+    return config
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -101,6 +106,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
                      help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
                           "(source, class) group, so no source or class can be sacrificed; 'auto' uses it with several sources")
+    opt.add_argument("--ema-decay", type=float, default=0.0,
+                     help="keep an exponential moving average of the weights (and BatchNorm statistics), updated every "
+                          "optimizer step with this decay, and validate, choose and save it instead of the raw weights; "
+                          "0 turns it off. 0.995 averages over about 200 steps")
     mdl = p.add_argument_group("model")
     mdl.add_argument("--image-size", type=int, default=224)
     mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from . import checkpoints as ckpt
@@ -262,6 +263,12 @@ class Run:
     select_metric: str
     memory_format: torch.memory_format = torch.channels_last
     logit_offset: torch.Tensor | None = None  # log of the sampler's class prior, added to the logits in the loss
+    ema: AveragedModel | None = None  # with --ema-decay: the averaged weights, which are validated, chosen and saved
+
+    @property
+    def evaluated_model(self):
+        """The weights validation measures and the run saves: the moving average if there is one."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
     @property
     def output_dir(self) -> Path:
@@ -287,11 +294,14 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     preprocessor = model.preprocessor
     memory_format = memory_format_of(accelerator)
     model = model.to(memory_format=memory_format)
+    ema = weight_average(model, args.ema_decay, accelerator.device)
     raw_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, raw_optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, _schedule(args, steps_per_epoch))
     accelerator.register_for_checkpointing(scheduler)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
     class_weights = None
     if args.class_weights == "balanced":
         n = torch.bincount(torch.tensor(data.train.labels), minlength=len(class_names)).float()
@@ -310,9 +320,20 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
         record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select,
-              memory_format, logit_offset)
+              memory_format, logit_offset, ema)
     resume(run)
     return run
+
+
+def weight_average(model, decay: float, device) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics (as timm's ModelEma).
+
+    Averaging over the last few hundred steps smooths out where the last noisy steps left the
+    weights, so the epoch chosen on a small validation split depends less on that noise.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, device=device, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def run_record(args, accelerator, data: TrainingData, class_names: list[str], command: str, select: str,
@@ -349,6 +370,7 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
             "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
             "warmup_epochs": args.warmup_epochs, "class_weights": args.class_weights, "grad_accum": args.grad_accum,
             "dropout": args.dropout, "augment": args.augment, "sampling": args.sampling, "seed": args.seed, "optimizer": "SGD",
+            "ema_decay": args.ema_decay,
         },
         "skipped_files": data.skipped,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
@@ -386,7 +408,7 @@ def run_epochs(run: Run) -> Predictions | None:
                                      "val_loss": row["val_loss"]}
                 best_val = val_pass  # reused for calibration and the feature gate: no extra pass
                 if run.accelerator.is_main_process and epoch + 1 < run.args.epochs:  # the final save writes the last epoch
-                    run.accelerator.unwrap_model(run.model).save_pretrained(
+                    run.evaluated_model.save_pretrained(
                         run.output_dir, card_context={"training": {**run.record, "best_epoch": epoch + 1}})
                 run.accelerator.wait_for_everyone()
             if run.args.checkpointing_steps != "none":
@@ -415,6 +437,8 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     every = None if args.checkpointing_steps in ("epoch", "none") else int(args.checkpointing_steps)
 
     def on_step(step: int) -> None:
+        if run.ema is not None and accelerator.sync_gradients:  # before any checkpoint of this step
+            run.ema.update_parameters(accelerator.unwrap_model(run.model))
         signum = stop.requested(accelerator)
         if signum:
             logger.warning("%s received: saving a checkpoint at epoch %d, batch %d, then stopping", signal.Signals(signum).name, epoch + 1, step)
@@ -426,7 +450,8 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
                             class_weights=run.class_weights, logit_offset=run.logit_offset, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
                             memory_format=run.memory_format)
-    val_pass = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val",
+    val_pass = predict_logits(accelerator, run.model if run.ema is None else run.ema.module, run.val_loader, run.preprocessor,
+                              desc=f"epoch {epoch + 1} val",
                               block_summaries=True)
     val = validation_metrics(run, val_pass.logits, val_pass.labels)
     row = {
@@ -465,11 +490,11 @@ def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, 
 def finish(run: Run, best_val: Predictions | None) -> None:
     accelerator = run.accelerator
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
-    model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False)
+    model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False) if run.ema is None else run.ema.module
     if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
         model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
     if best_val is None:  # the best epoch was before a resume
-        best_val = predict_logits(accelerator, run.model, run.val_loader, run.preprocessor, desc="calibrate", block_summaries=True)
+        best_val = predict_logits(accelerator, model, run.val_loader, run.preprocessor, desc="calibrate", block_summaries=True)
     if accelerator.is_main_process:
         save_outputs(run, model.eval(), best_val)
     accelerator.wait_for_everyone()

@@ -143,6 +143,7 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
     n_train, n_val = sum(counts["train"].values()), sum(counts["val"].values())
     minutes = record.get("training_seconds", 0) / 60
     hp = record["hyperparameters"]
+    averaging = f"weights averaged over steps (`--ema-decay {hp['ema_decay']}`), " if hp.get("ema_decay") else ""
     left_out = "; ".join(
         f"a model trained the same way without {name} calls {row['predicted_share']['Covid']:.0%} of its {row['n']} "
         f"adult normal X-rays Covid and {row['predicted_share']['Normal']:.0%} Normal ({row['uncertain_rate']:.0%} flagged uncertain)"
@@ -151,7 +152,9 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         f"\n`demo/starter-model/` is a VGG19-BN trained with this project's `train.py` from random initialisation "
         f"(ImageNet weights cannot be downloaded where it was built) on {', '.join(record['sources'])} "
         f"({n_train} training and {n_val} validation images), {hp['image_size']} px, `--sampling {hp['sampling']}`, "
-        f"`--augment {hp['augment']}`, `--contrast {hp['contrast']}`, {record['epochs']} epochs (epoch {record['best_epoch']} "
+        f"`--augment {hp['augment']}`, `--contrast {hp['contrast']}`, "
+        f"{averaging}"
+        f"{record['epochs']} epochs (epoch {record['best_epoch']} "
         f"chosen on validation), {minutes:.0f} minutes of training on a 2-core CPU ({record['cpu_capability']}, "
         f"{'bf16' if record['mixed_precision'] == 'bf16' else 'fp32'}).\n\n"
         f"On the 66-image test split, evaluated once: accuracy {metrics['accuracy']:.3f} (95% CI "

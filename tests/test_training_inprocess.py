@@ -39,3 +39,26 @@ def test_main_trains_one_epoch_and_saves_a_loadable_model(tmp_path, clean_accele
     assert not (out / "checkpoints").exists()  # --checkpointing-steps none
     probabilities = model.predict_proba([synthetic_xray(40, 40, seed=1), synthetic_xray(50, 40, seed=2, kind=1)])
     assert probabilities.shape == (2, 3) and torch.allclose(probabilities.sum(dim=1), torch.ones(2))
+
+
+def test_with_ema_decay_the_moving_average_is_validated_and_saved(tmp_path, clean_accelerate):
+    from safetensors.torch import load_file
+
+    data = make_class_folders(tmp_path / "data", per_class=5, size=40, seed=6)
+    out = tmp_path / "run"
+    status = main(["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+                   "--weights", "none", "--backbone", "vgg19_bn", "--epochs", "1", "--cpu-threads", "1", "--ema-decay", "0.9"])
+    assert status == 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["hyperparameters"]["ema_decay"] == 0.9
+    (checkpoint,) = (out / "checkpoints").glob("step_*")
+    raw = load_file(str(checkpoint / "model.safetensors"))
+    average = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
+    steps = -(-sum(record["data_counts"]["train"].values()) // 4)
+    assert int(average["n_averaged"]) == steps  # updated once per optimizer step
+    saved = load_file(str(out / "model.safetensors"))
+    name = next(k for k in saved if k.endswith("weight") and saved[k].dim() == 4)  # a convolution
+    assert torch.equal(saved[name], average[f"module.{name}"].to(saved[name].dtype))
+    assert not torch.equal(saved[name], raw[name])  # not the last step's raw weights
+    bn_mean = next(k for k in saved if k.endswith("running_mean"))
+    assert torch.equal(saved[bn_mean], average[f"module.{bn_mean}"])  # BatchNorm statistics are averaged too
