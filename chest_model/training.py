@@ -459,6 +459,7 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
         "val_group_recall": val["group_recall"], "val_by_source": val["by_source"],
         "lr": run.scheduler.get_last_lr()[0], "seconds": stats["seconds"], "images_per_s": stats["images_per_s"],
+        **raw_weights_validation(run, epoch),
     }
     run.state["history"].append(row)
     by_source = " ".join(f"{name} {m['accuracy']:.2f}" for name, m in val["by_source"].items()) if len(val["by_source"]) > 1 else ""
@@ -467,12 +468,26 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
         epoch + 1, args.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_macro_f1"],
         row["val_group_recall"], f" | by source: {by_source}" if by_source else "", row["lr"], row["seconds"], row["images_per_s"],
     )
+    if "raw_val_group_recall" in row:
+        logger.info("epoch %d/%d | the raw weights, not the average: val loss %.4f acc %.3f macro-F1 %.3f group-recall %.3f",
+                    epoch + 1, args.epochs, row["raw_val_loss"], row["raw_val_accuracy"], row["raw_val_macro_f1"],
+                    row["raw_val_group_recall"])
     if args.report_to != "none":
         # On the per-step axis, at the epoch's last step, so the epoch curves line up with the step curves.
         scalars = {f"epoch/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
         scalars.update({f"val_by_source/{name}/accuracy": m["accuracy"] for name, m in row["val_by_source"].items()})
         accelerator.log(scalars, step=(epoch + 1) * len(run.train_loader))
     return row, val_pass
+
+
+def raw_weights_validation(run: Run, epoch: int) -> dict[str, float]:
+    """With a moving average, the last step's own weights are validated too (recorded, never chosen),
+    so a run shows what the average adds."""
+    if run.ema is None:
+        return {}
+    raw = predict_logits(run.accelerator, run.model, run.val_loader, run.preprocessor, desc=f"epoch {epoch + 1} val (raw)")
+    val = validation_metrics(run, raw.logits, raw.labels)
+    return {f"raw_val_{key}": val[key] for key in ("loss", "accuracy", "macro_f1", "group_recall")}
 
 
 def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> dict[str, Any]:

@@ -51,6 +51,8 @@ def test_with_ema_decay_the_moving_average_is_validated_and_saved(tmp_path, clea
     assert status == 0
     record = json.loads((out / "train_config.json").read_text())
     assert record["hyperparameters"]["ema_decay"] == 0.9
+    (row,) = json.loads((out / "history.json").read_text())
+    assert 0.0 <= row["raw_val_group_recall"] <= 1.0 and row["raw_val_loss"] != row["val_loss"]  # the raw weights, validated too
     (checkpoint,) = (out / "checkpoints").glob("step_*")
     raw = load_file(str(checkpoint / "model.safetensors"))
     average = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=True)
