@@ -267,7 +267,7 @@ class Run:
 
     @property
     def evaluated_model(self):
-        """The weights validation measures and the run saves: the moving average if there is one."""
+        """The weights the run saves (and validates): the moving average if there is one."""
         return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
 
     @property
@@ -450,9 +450,9 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
                             class_weights=run.class_weights, logit_offset=run.logit_offset, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
                             memory_format=run.memory_format)
+    share_average_statistics(run)
     val_pass = predict_logits(accelerator, run.model if run.ema is None else run.ema.module, run.val_loader, run.preprocessor,
-                              desc=f"epoch {epoch + 1} val",
-                              block_summaries=True)
+                              desc=f"epoch {epoch + 1} val", block_summaries=True)
     val = validation_metrics(run, val_pass.logits, val_pass.labels)
     row = {
         "epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
@@ -478,6 +478,18 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
         scalars.update({f"val_by_source/{name}/accuracy": m["accuracy"] for name, m in row["val_by_source"].items()})
         accelerator.log(scalars, step=(epoch + 1) * len(run.train_loader))
     return row, val_pass
+
+
+def share_average_statistics(run: Run) -> None:
+    """Give every process rank 0's averaged BatchNorm statistics, the ones that are saved.
+
+    DDP hands every rank rank 0's buffers at each forward, but each rank then updates them on its
+    own batch, so the per-rank averages of those buffers drift apart; the weights never do.
+    """
+    if run.ema is None or run.accelerator.num_processes == 1:
+        return
+    for buffer in run.ema.module.buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def raw_weights_validation(run: Run, epoch: int) -> dict[str, float]:
