@@ -279,6 +279,12 @@ class BalancedSampler(torch.utils.data.Sampler):
     ``by="group"``: every (source, class) group equally often, so that a source's rarer class (the
     children's Normal films beside their Viral Pneumonia) is drawn as often as any other group.
     The class prior this leaves is ``class_prior()``; training corrects for it in the loss.
+    ``by="source"``: classes equally often *within* every source that holds several; sources that
+    hold a single class (supplements, such as adult normals) together weigh as one group of that
+    class. Where a source's classes come from different populations (the Kaggle set's adult Covid
+    films and its children's Normal and Viral Pneumonia films), balancing the classes overall
+    skews each population: with one Normal class spread over children and adults, children draw
+    Normal:Viral Pneumonia 1:3 under ``by="class"``. Here each population is drawn 1:1.
 
     Without either, a pool that is mostly one source's Normal images teaches "mostly Normal". The
     draw of epoch ``e`` depends only on ``(seed, e)``, so every process and a resumed run see the
@@ -311,15 +317,22 @@ class BalancedSampler(torch.utils.data.Sampler):
 
 def balanced_weights(labels: list[int], sources: list[int], by: str = "class") -> torch.Tensor:
     """Relative per-sample weights for ``BalancedSampler``: equal mass per class split equally
-    between its sources (``by="class"``), or equal mass per (source, class) group."""
-    if by not in ("class", "group"):
-        raise ValueError(f"by must be 'class' or 'group', not {by!r}")
+    between its sources (``by="class"``), equal mass per (source, class) group (``by="group"``), or
+    equal mass per group of a several-class source, single-class sources of a class sharing one
+    group's mass (``by="source"``)."""
+    if by not in ("class", "group", "source"):
+        raise ValueError(f"by must be 'class', 'group' or 'source', not {by!r}")
     groups: dict[tuple[int, int], int] = {}
     for group in zip(labels, sources):
         groups[group] = groups.get(group, 0) + 1
     # a group's mass is 1 / shares; each sample gets 1 / (shares * group size)
     if by == "group":
         shares = dict.fromkeys(groups, 1)
+    elif by == "source":
+        classes_per_source = {s: sum(1 for (_, source) in groups if source == s) for _, s in groups}
+        single = {g for g in groups if classes_per_source[g[1]] == 1}
+        singles_per_class = {c: sum(1 for (label, _) in single if label == c) for c, _ in single}
+        shares = {g: singles_per_class[g[0]] if g in single else 1 for g in groups}
     else:
         sources_per_class = {c: sum(1 for (label, _) in groups if label == c) for c, _ in groups}
         shares = {(label, source): sources_per_class[label] for label, source in groups}

@@ -25,7 +25,7 @@ class TrainingConfig:
     output_dir: str
     class_names: list[str] | None
     skip_bad_files: bool
-    sampling: str  # shuffle | balanced | groups
+    sampling: str  # shuffle | balanced | groups | within-source
     # optimisation
     epochs: int
     batch_size: int  # per process
@@ -89,10 +89,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--output-dir", required=True)
     data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {list(DEFAULT_CLASS_NAMES)})")
     data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
-    data.add_argument("--sampling", choices=["shuffle", "balanced", "groups"], default="shuffle",
+    data.add_argument("--sampling", choices=["shuffle", "balanced", "groups", "within-source"], default="shuffle",
                       help="'balanced' draws every class equally often and, within a class, every source equally often; "
                            "'groups' draws every (source, class) group equally often, and the loss corrects for the "
-                           "class prior that leaves (logit adjustment), so predictions stay class-balanced")
+                           "class prior that leaves (logit adjustment), so predictions stay class-balanced; "
+                           "'within-source' balances the classes inside every source that holds several, and lets "
+                           "the sources that hold one class only (supplements) share one group's weight")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=10)
     opt.add_argument("--batch-size", type=int, default=4, help="per process")

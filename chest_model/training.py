@@ -284,9 +284,9 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     train_set = CachedImageDataset(data.train.images, data.train.labels, transform=build_train_augmentation(args.augment), seed=args.seed)
     val_set = CachedImageDataset(data.val.images, data.val.labels)
     sampler = None
-    if args.sampling in ("balanced", "groups"):
-        sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed,
-                                  by="group" if args.sampling == "groups" else "class")
+    if args.sampling != "shuffle":
+        by = {"balanced": "class", "groups": "group", "within-source": "source"}[args.sampling]
+        sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed, by=by)
     loader_kwargs = {"num_workers": args.num_workers, "persistent_workers": False}
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)

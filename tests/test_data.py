@@ -114,4 +114,26 @@ def test_group_weights_give_every_source_class_group_equal_mass():
     assert sampler.class_prior(2).tolist() == pytest.approx([2 / 3, 1 / 3])
     assert BalancedSampler(labels, sources, by="class").class_prior(2).tolist() == pytest.approx([0.5, 0.5])
     with pytest.raises(ValueError, match="by must be"):
-        balanced_weights(labels, sources, by="source")
+        balanced_weights(labels, sources, by="sources")
+
+
+def test_within_source_weights_balance_each_population_not_the_classes_overall():
+    # The Kaggle layout: one source with Covid (adults), Normal and VP (children); two single-class
+    # adult-normal supplements. Balancing classes overall would draw children Normal:VP 1:3.
+    labels = [1] * 100 + [0] * 60 + [2] * 60 + [0] * 120 + [0] * 130
+    sources = [0] * 220 + [1] * 120 + [2] * 130
+    w = balanced_weights(labels, sources, by="source")
+    mass = lambda mask: float(w[torch.tensor(mask)].sum() / w.sum())  # noqa: E731  (share of all draws)
+    group = lambda c, s: [(l, x) == (c, s) for l, x in zip(labels, sources)]  # noqa: E731
+    for c in range(3):
+        assert mass(group(c, 0)) == pytest.approx(1 / 4)
+    assert mass(group(0, 1)) == pytest.approx(1 / 8) and mass(group(0, 2)) == pytest.approx(1 / 8)
+    children = lambda wts: float(wts[torch.tensor(group(0, 0))].sum() / wts[torch.tensor(group(2, 0))].sum())  # noqa: E731
+    assert children(w) == pytest.approx(1.0)
+    assert children(balanced_weights(labels, sources, by="class")) == pytest.approx(1 / 3)
+
+
+def test_within_source_weights_reduce_to_class_balance_when_every_source_has_one_class():
+    labels = [0] * 10 + [0] * 40 + [1] * 25
+    sources = [0] * 10 + [1] * 40 + [2] * 25
+    assert balanced_weights(labels, sources, by="source").tolist() == pytest.approx(balanced_weights(labels, sources).tolist())

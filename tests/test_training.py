@@ -202,11 +202,13 @@ def test_two_sources_are_merged_split_by_source_and_reported_per_source(tmp_path
             shutil.rmtree(root / name)
     out = tmp_path / "multi"
     result = train("--data-dir", str(kids), "--data-dir", f"adult-normals={adults}", "--external-dir", f"elsewhere={external}",
-                   "--output-dir", str(out), "--epochs", "2", "--sampling", "balanced", "--augment", "acquisition",
+                   "--output-dir", str(out), "--epochs", "2", "--sampling", "within-source", "--augment", "acquisition",
                    "--checkpointing-steps", "none", *TINY)
     assert "by source: kids" in result.stderr and "adult-normals" in result.stderr
     record = json.loads((out / "train_config.json").read_text())
     assert record["sources"] == ["kids", "adult-normals"] and record["selection_metric"] == "group_recall"
+    # the kids' three classes 1:1:1, the single-class adult normals one more Normal group
+    assert record["sampled_class_prior"] == pytest.approx({"Normal": 0.5, "Covid": 0.25, "Viral Pneumonia": 0.25})
     assert record["command"].startswith("python train.py --data-dir ")
     by_source = record["data_counts_by_source"]
     assert by_source["val"]["adult-normals"]["Normal"] >= 1 and by_source["val"]["kids"]["Covid"] >= 1
