@@ -77,7 +77,7 @@ def evaluate_model(
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
-    metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config)
+    metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
     order = np.argsort(-losses)
     metrics["hardest"] = [
         {"file": _relative(paths[i], data_dir), "true": class_names[labels[i]], "predicted": class_names[int(probs[i].argmax())],
@@ -139,12 +139,19 @@ def external_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ood_summary(reasons: list[list[str]], config) -> dict[str, Any]:
+def ood_summary(reasons: list[list[str]], config, labels=None, class_names: list[str] | None = None) -> dict[str, Any]:
+    """How many inputs were flagged uncertain, and by the feature gate; per true class when labels are given
+    (a gate that fires on one class only says that class's images differ from its training images)."""
     flagged = [bool(r) for r in reasons]
     by_feature = [any(x.startswith("unlike the training X-rays") for x in r) for r in reasons]
-    return {"flagged_rate": float(np.mean(flagged)) if flagged else 0.0, "flagged": int(sum(flagged)),
-            "feature_flagged": int(sum(by_feature)), "feature_threshold": config.feature_threshold,
-            "feature_fpr": config.feature_fpr, "min_confidence": config.min_confidence, "max_chroma": config.max_chroma}
+    summary = {"flagged_rate": float(np.mean(flagged)) if flagged else 0.0, "flagged": int(sum(flagged)),
+               "feature_flagged": int(sum(by_feature)), "feature_threshold": config.feature_threshold,
+               "feature_fpr": config.feature_fpr, "min_confidence": config.min_confidence, "max_chroma": config.max_chroma}
+    if labels is not None and class_names is not None:
+        labels = np.asarray(labels)
+        summary["flagged_by_class"] = {name: {"flagged": int(np.asarray(flagged)[labels == c].sum()), "n": int((labels == c).sum())}
+                                       for c, name in enumerate(class_names) if (labels == c).any()}
+    return summary
 
 
 def _decode(model: ChestXrayClassifier, folder) -> tuple[list[np.ndarray], np.ndarray, list[Path], list[str]]:
@@ -215,10 +222,18 @@ def summary(metrics: dict[str, Any]) -> str:
         f"  model, only lungs kept    {audit['center_only_accuracy']:.3f}",
         f"  majority class            {audit['majority_class_accuracy']:.3f}",
         f"  -> {audit['verdict']}",
-        f"flagged as not chest X-ray: {metrics['ood']['flagged']} of {metrics['n']}",
+        f"flagged as not chest X-ray: {metrics['ood']['flagged']} of {metrics['n']}"
+        + flagged_by_class_text(metrics["ood"]),
     ]
     if metrics["unreadable_files"]:
         lines.append(f"unreadable files skipped: {len(metrics['unreadable_files'])}")
     if audit.get("unreadable_train_files"):
         lines.append(f"unreadable training files left out of the metadata baseline: {len(audit['unreadable_train_files'])}")
     return "\n".join(lines)
+
+
+def flagged_by_class_text(ood: dict[str, Any]) -> str:
+    by_class = ood.get("flagged_by_class")
+    if not by_class:
+        return ""
+    return " (" + ", ".join(f"{name} {row['flagged']} of {row['n']}" for name, row in by_class.items()) + ")"

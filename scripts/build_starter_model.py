@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.card import card_context_from_folder  # noqa: E402
 from chest_model.data import scan_image_folder  # noqa: E402
-from chest_model.evaluation import evaluate_model  # noqa: E402
+from chest_model.evaluation import evaluate_model, flagged_by_class_text  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
 
@@ -160,7 +160,7 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         f"On the 66-image test split, evaluated once: accuracy {metrics['accuracy']:.3f} (95% CI "
         f"{ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f}), macro-F1 {metrics['macro_f1']:.3f}, recall per class "
         f"{recalls}; "
-        f"{metrics['ood']['flagged']} of {metrics['n']} test X-rays flagged as uncertain. A random forest on file metadata "
+        f"{metrics['ood']['flagged']} of {metrics['n']} test X-rays flagged as uncertain{flagged_by_class_text(metrics['ood'])}. A random forest on file metadata "
         f"alone scores {audit['metadata_baseline_accuracy']:.3f} on the same images, so the test score is an upper bound on "
         f"what the model learned about lungs.\n\n"
         + (f"Sources it was not trained on (leave-one-source-out): {left_out}.\n\n" if left_out else "")

@@ -119,6 +119,9 @@ def test_starter_model_on_the_real_test_split(tmp_path):
     assert metrics["accuracy"] == pytest.approx(shipped["accuracy"], abs=0.02)
     assert metrics["per_class"]["Covid"]["recall"] == pytest.approx(shipped["per_class"]["Covid"]["recall"], abs=0.04)
     assert metrics["ood"]["flagged"] == pytest.approx(shipped["ood"]["flagged"], abs=1)
+    by_class = metrics["ood"]["flagged_by_class"]
+    assert {name: row["n"] for name, row in by_class.items()} == {name: row["support"] for name, row in metrics["per_class"].items()}
+    assert sum(row["flagged"] for row in by_class.values()) == metrics["ood"]["flagged"]
     assert metrics["audit"]["metadata_baseline_accuracy"] == pytest.approx(shipped["audit"]["metadata_baseline_accuracy"])
     # The dataset's known shortcut must show: file metadata alone is far above always guessing the commonest class.
     assert metrics["audit"]["metadata_baseline_accuracy"] >= metrics["audit"]["majority_class_accuracy"] + 0.3
@@ -160,3 +163,14 @@ def test_readme_and_card_figures_are_the_measured_ones():
         assert name in card and f"{100 * row['predicted_share']['Covid']:.0f}%" in card
         assert f"{row['predicted_share']['Covid']:.0%}" in readme
     assert "/shared/" not in card and "/root" not in card and "/home/" not in card
+
+
+def test_ood_summary_counts_flags_per_true_class():
+    from chest_model.evaluation import flagged_by_class_text, ood_summary
+
+    reasons = [[], ["unlike the training X-rays (feature distance 2.00 > 1.00, ...)"], ["low confidence"], [], []]
+    summary = ood_summary(reasons, ChestXrayClassifier().config, [0, 0, 1, 1, 1], ["Normal", "Covid"])
+    assert summary["flagged"] == 2 and summary["feature_flagged"] == 1
+    assert summary["flagged_by_class"] == {"Normal": {"flagged": 1, "n": 2}, "Covid": {"flagged": 1, "n": 3}}
+    assert flagged_by_class_text(summary) == " (Normal 1 of 2, Covid 1 of 3)"
+    assert "flagged_by_class" not in ood_summary(reasons, ChestXrayClassifier().config)  # no labels, no breakdown
