@@ -39,10 +39,13 @@ def shortcut_caveat(metadata_accuracy: float | None) -> str:
     )
 
 
-def short_caveat(metadata_accuracy: float | None) -> str:
+def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: float | None = None) -> str:
     figure = f"about {metadata_accuracy:.0%} of the time" if metadata_accuracy is not None else "far above chance"
+    unseen = (f" Trained the same way without one adult-normal source, it called up to {unseen_normals_called_covid:.0%} "
+              "of that source's normal adult X-rays Covid: a Covid call on an adult film from elsewhere is weak evidence."
+              if unseen_normals_called_covid is not None else "")
     return (f"⚠️ On the public dataset behind this model, file size and source alone predict the class {figure}, so a "
-            "high score may reflect the image's source rather than the lungs. See *About this model*.")
+            f"high score may reflect the image's source rather than the lungs.{unseen} See *About this model*.")
 
 
 DEFAULT_MAX_FILE_SIZE = "50mb"
@@ -115,19 +118,35 @@ def warning_markdown(reasons: list[str]) -> str:
             + "\n\nThe class probabilities are shown for transparency; they are not meaningful for this input.")
 
 
-def metadata_baseline_accuracy(model: ChestXrayClassifier) -> float | None:
-    """The shortcut figure measured for this model (metrics.json or eval/metrics.json in its folder), if any."""
+def _measured_metrics(model: ChestXrayClassifier) -> dict:
+    """The model folder's measured figures (metrics.json, or eval/metrics.json of a training run), or {}."""
     folder = getattr(model, "folder", None)
     for relative in ("metrics.json", "eval/metrics.json"):
         path = Path(folder) / relative if folder else None
         if path and path.is_file():
             try:
-                value = json.loads(path.read_text(encoding="utf-8")).get("audit", {}).get("metadata_baseline_accuracy")
-            except (ValueError, AttributeError):
+                metrics = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
                 continue
-            if isinstance(value, (int, float)):
-                return float(value)
-    return None
+            if isinstance(metrics, dict):
+                return metrics
+    return {}
+
+
+def metadata_baseline_accuracy(model: ChestXrayClassifier) -> float | None:
+    """The shortcut figure measured for this model, if any."""
+    audit = _measured_metrics(model).get("audit")
+    value = audit.get("metadata_baseline_accuracy") if isinstance(audit, dict) else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def unseen_normals_called_covid(model: ChestXrayClassifier) -> float | None:
+    """The largest share of a left-out, all-Normal source called Covid (leave-one-source-out runs), if measured."""
+    external = _measured_metrics(model).get("external")
+    shares = [row["predicted_share"].get("Covid") for row in (external.values() if isinstance(external, dict) else [])
+              if isinstance(row, dict) and set(row.get("true_counts", {})) == {"Normal"} and isinstance(row.get("predicted_share"), dict)]
+    shares = [float(x) for x in shares if isinstance(x, (int, float))]
+    return max(shares) if shares else None
 
 
 def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: str | None) -> str:
@@ -185,7 +204,8 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
     examples = sorted(str(p) for p in examples_dir.glob("*") if p.is_file()) if examples_dir and examples_dir.is_dir() else []
     # Remove uploads from the cache: check every 10 minutes, delete what is older than an hour.
     with gr.Blocks(title="Chest X-ray classifier (research demo)", delete_cache=(600, 3600)) as demo:
-        gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + short_caveat(metadata_baseline_accuracy(model)))
+        gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n"
+                    + short_caveat(metadata_baseline_accuracy(model), unseen_normals_called_covid(model)))
         with gr.Row():
             with gr.Column(scale=1):
                 # No file_types filter: DICOM files often have no extension. The decoder checks content.

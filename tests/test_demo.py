@@ -111,8 +111,10 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
             page.wait_for_selector("#gradcam img", timeout=60_000)
             assert page.inner_text("#ood-warning").strip() == ""
             if (STARTER / "metrics.json").exists():  # the shortcut caveat carries the model's own measured figure
-                measured = json.loads((STARTER / "metrics.json").read_text())["audit"]["metadata_baseline_accuracy"]
-                assert f"{measured:.0%} of the time" in page.inner_text("body")
+                shipped = json.loads((STARTER / "metrics.json").read_text())
+                assert f"{shipped['audit']['metadata_baseline_accuracy']:.0%} of the time" in page.inner_text("body")
+                worst = max(row["predicted_share"]["Covid"] for row in shipped["external"].values())
+                assert f"up to {worst:.0%} of that source's normal adult X-rays Covid" in page.inner_text("body")
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
 
             # A photograph, in a fresh page: the label says "Uncertain" and the page says why.
@@ -126,3 +128,18 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+
+
+def test_the_caveat_names_the_worst_left_out_source_and_only_all_normal_ones(tmp_path):
+    from chest_model import ChestXrayClassifier
+    from chest_model.demo import short_caveat, unseen_normals_called_covid
+
+    ChestXrayClassifier().save_pretrained(tmp_path)
+    assert unseen_normals_called_covid(ChestXrayClassifier.from_pretrained(tmp_path)) is None  # nothing measured
+    row = lambda counts, covid: {"true_counts": counts, "predicted_share": {"Normal": 1 - covid, "Covid": covid}}  # noqa: E731
+    (tmp_path / "metrics.json").write_text(json.dumps({"external": {
+        "a": row({"Normal": 150}, 0.21), "b": row({"Normal": 139}, 0.79), "mixed": row({"Normal": 5, "Covid": 5}, 0.95)}}))
+    worst = unseen_normals_called_covid(ChestXrayClassifier.from_pretrained(tmp_path))
+    assert worst == pytest.approx(0.79)
+    assert "up to 79% of that source's normal adult X-rays Covid" in short_caveat(0.77, worst)
+    assert "adult-normal source" not in short_caveat(0.77)
