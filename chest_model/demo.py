@@ -143,9 +143,10 @@ def metadata_baseline_accuracy(model: ChestXrayClassifier) -> float | None:
 def unseen_normals_called_covid(model: ChestXrayClassifier) -> float | None:
     """The largest share of a left-out, all-Normal source called Covid (leave-one-source-out runs), if measured."""
     external = _measured_metrics(model).get("external")
-    shares = [row["predicted_share"].get("Covid") for row in (external.values() if isinstance(external, dict) else [])
-              if isinstance(row, dict) and set(row.get("true_counts", {})) == {"Normal"} and isinstance(row.get("predicted_share"), dict)]
-    shares = [float(x) for x in shares if isinstance(x, (int, float))]
+    try:
+        shares = [float(row["predicted_share"]["Covid"]) for row in external.values() if set(row["true_counts"]) == {"Normal"}]
+    except (AttributeError, KeyError, TypeError, ValueError):  # no such record, or not one this version wrote
+        return None
     return max(shares) if shares else None
 
 

@@ -142,14 +142,14 @@ def external_summary(result: dict[str, Any]) -> str:
 def ood_summary(reasons: list[list[str]], config, labels=None, class_names: list[str] | None = None) -> dict[str, Any]:
     """How many inputs were flagged uncertain, and by the feature gate; per true class when labels are given
     (a gate that fires on one class only says that class's images differ from its training images)."""
-    flagged = [bool(r) for r in reasons]
+    flagged = np.array([bool(r) for r in reasons], dtype=bool)
     by_feature = [any(x.startswith("unlike the training X-rays") for x in r) for r in reasons]
-    summary = {"flagged_rate": float(np.mean(flagged)) if flagged else 0.0, "flagged": int(sum(flagged)),
+    summary = {"flagged_rate": float(flagged.mean()) if len(flagged) else 0.0, "flagged": int(flagged.sum()),
                "feature_flagged": int(sum(by_feature)), "feature_threshold": config.feature_threshold,
                "feature_fpr": config.feature_fpr, "min_confidence": config.min_confidence, "max_chroma": config.max_chroma}
     if labels is not None and class_names is not None:
         labels = np.asarray(labels)
-        summary["flagged_by_class"] = {name: {"flagged": int(np.asarray(flagged)[labels == c].sum()), "n": int((labels == c).sum())}
+        summary["flagged_by_class"] = {name: {"flagged": int(flagged[labels == c].sum()), "n": int((labels == c).sum())}
                                        for c, name in enumerate(class_names) if (labels == c).any()}
     return summary
 
