@@ -3,7 +3,8 @@
 Runs on CPU, one GPU or several with no code change (`python train.py ...` works too).
 See `python train.py --help`. Research demo, not for clinical use.
 """
+from chest_model.entry import exit_with
 from chest_model.training import main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main())

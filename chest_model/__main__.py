@@ -1,3 +1,4 @@
 from .cli import main
+from .entry import exit_with
 
-raise SystemExit(main())
+exit_with(main())

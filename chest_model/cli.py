@@ -209,3 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run() -> None:
+    """The ``chest-model`` console script: ``main`` on the command line's arguments, then a quick exit."""
+    from .entry import exit_with
+
+    exit_with(main())

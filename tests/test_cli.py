@@ -57,6 +57,9 @@ def test_console_script_is_installed():
     assert script.exists(), "pip install -e . must install the chest-model console script"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "predict" in result.stdout
+    missing = subprocess.run([str(script), "predict", "--model", str(ROOT / "no-such-model"), "x.png"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
 
 
 def test_ood_check_reports_every_non_xray_image(saved_model):
