@@ -80,7 +80,8 @@ def main() -> None:
     context.update(
         test_metrics=metrics, repo_id=None, external_metrics=external or None,
         external_note=("Leave-one-source-out: each row is a model trained with the same command without that source "
-                       "(its own run), then asked to classify it. The starter model itself was trained on every source "
+                       "(its own run), then asked to classify it; a source left out by several runs (different seeds) has a row per "
+                       "run, and the spread between them is how far one run's figure can be trusted. The starter model itself was trained on every source "
                        "listed under Training data, so no set here is unseen by it.") if external else None,
         ood_report=[{"what": "non-X-ray images (photographs, documents, other modalities, generated)", **metrics["ood_check"]},
                     {"what": "test-split X-rays", "n": metrics["n"], "flagged": metrics["ood"]["flagged"],
@@ -145,7 +146,7 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
     hp = record["hyperparameters"]
     averaging = f"weights averaged over steps (`--ema-decay {hp['ema_decay']}`), " if hp.get("ema_decay") else ""
     left_out = "; ".join(
-        f"a model trained the same way without {name} calls {row['predicted_share']['Covid']:.0%} of its {row['n']} "
+        f"a model trained the same way without {left_out_run(name, row)} calls {row['predicted_share']['Covid']:.0%} of its {row['n']} "
         f"adult normal X-rays Covid and {row['predicted_share']['Normal']:.0%} Normal ({row['uncertain_rate']:.0%} flagged uncertain)"
         for name, row in metrics.get("external", {}).items())
     starter = (
@@ -177,6 +178,11 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
     return {"figures": starter, "shortcut": shortcut}
 
 
+def left_out_run(name: str, row: dict) -> str:
+    """``nih-cxr8 (seed 2022)``: the source a leave-one-source-out run left out, and the run's seed."""
+    return f"{row['source']} (seed {row['seed']})" if "seed" in row else name
+
+
 def relocate_paths(record, old: str, new: str):
     """The training record with every string that names ``old`` naming ``new`` instead (datasets, not local folders)."""
     if isinstance(record, dict):
@@ -202,12 +208,24 @@ def half_precision_if_harmless(model: ChestXrayClassifier, check_dirs: list[str]
 
 
 def leave_one_source_out(run_dirs: list[str]) -> dict:
-    external = {}
+    """Every left-out set of every run, keyed by source; by source and seed where several runs left the
+    same source out, so that each run's figure is shown (the spread between seeds is part of the finding)."""
+    rows = []
     for run_dir in run_dirs:
         record = json.loads((Path(run_dir) / "train_config.json").read_text())
+        seed = record["hyperparameters"]["seed"]
         for name, row in json.loads((Path(run_dir) / "eval" / "external.json").read_text()).items():
-            external[name] = {**row, "model": f"trained without it on {', '.join(record['sources'])}",
-                              "command": record["command"]}
+            rows.append({**row, "source": name, "seed": seed, "command": record["command"],
+                         "model": f"trained without it on {', '.join(record['sources'])}, seed {seed}"})
+    runs_per_source = {}
+    for row in rows:
+        runs_per_source[row["source"]] = runs_per_source.get(row["source"], 0) + 1
+    external = {}
+    for row in rows:
+        key = row["source"] if runs_per_source[row["source"]] == 1 else f"{row['source']} (seed {row['seed']})"
+        if key in external:
+            raise SystemExit(f"two leave-one-source-out runs left out {row['source']} with seed {row['seed']}")
+        external[key] = row
     return external
 
 

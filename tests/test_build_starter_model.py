@@ -1,0 +1,42 @@
+"""scripts/build_starter_model.py: how leave-one-source-out runs become the card's external rows."""
+import importlib.util
+import json
+
+import pytest
+
+from helpers import ROOT
+
+spec = importlib.util.spec_from_file_location("build_starter_model", ROOT / "scripts" / "build_starter_model.py")
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+
+
+def fake_run(folder, left_out, seed, covid_share):
+    """A leave-one-source-out run folder as train.py and its --external-dir evaluation leave it."""
+    (folder / "eval").mkdir(parents=True)
+    (folder / "train_config.json").write_text(json.dumps({
+        "command": f"accelerate launch train.py --seed {seed}", "sources": ["covid19-image-dataset", "other"],
+        "hyperparameters": {"seed": seed}}))
+    row = {"name": left_out, "n": 10, "true_counts": {"Normal": 10}, "accuracy": 1 - covid_share, "uncertain_rate": 0.1,
+           "predicted_share": {"Normal": 1 - covid_share, "Covid": covid_share, "Viral Pneumonia": 0.0}}
+    (folder / "eval" / "external.json").write_text(json.dumps({left_out: row}))
+    return str(folder)
+
+
+def test_a_source_left_out_by_several_runs_keeps_a_row_per_seed(tmp_path):
+    runs = [fake_run(tmp_path / "a", "nih", 2022, 0.79), fake_run(tmp_path / "b", "nih", 2023, 0.11),
+            fake_run(tmp_path / "c", "rsna", 2022, 0.21)]
+    external = build.leave_one_source_out(runs)
+    assert list(external) == ["nih (seed 2022)", "nih (seed 2023)", "rsna"]
+    assert [row["predicted_share"]["Covid"] for row in external.values()] == [0.79, 0.11, 0.21]
+    assert external["nih (seed 2023)"]["command"].endswith("--seed 2023")
+    assert "seed 2023" in external["nih (seed 2023)"]["model"]
+    sentence = build.targets_sentence({"accuracy": 0.9, "per_class": {"Covid": {"recall": 0.9}}, "ood": {"flagged_rate": 0.0},
+                                       "ood_check": {"rate": 1.0}, "external": external})
+    assert "nih (seed 2022) adult normals called Covid 0.790" in sentence and "nih (seed 2023) adult normals called Covid 0.110" in sentence
+
+
+def test_the_same_source_and_seed_twice_is_refused(tmp_path):
+    runs = [fake_run(tmp_path / "a", "nih", 2022, 0.79), fake_run(tmp_path / "b", "nih", 2022, 0.5)]
+    with pytest.raises(SystemExit, match="nih with seed 2022"):
+        build.leave_one_source_out(runs)
