@@ -11,9 +11,10 @@ build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
 
 
-def fake_run(folder, left_out, seed, covid_share):
+def fake_run(folder, left_out, seed, covid_share, val_covid_recall=0.9):
     """A leave-one-source-out run folder as train.py and its --external-dir evaluation leave it."""
     (folder / "eval").mkdir(parents=True)
+    (folder / "val_metrics.json").write_text(json.dumps({"group_recall": 0.9, "per_class": {"Covid": {"recall": val_covid_recall}}}))
     (folder / "train_config.json").write_text(json.dumps({
         "command": f"accelerate launch train.py --seed {seed}", "sources": ["covid19-image-dataset", "other"],
         "hyperparameters": {"seed": seed}}))
@@ -33,7 +34,18 @@ def test_a_source_left_out_by_several_runs_keeps_a_row_per_seed(tmp_path):
     assert "seed 2023" in external["nih (seed 2023)"]["model"]
     sentence = build.targets_sentence({"accuracy": 0.9, "per_class": {"Covid": {"recall": 0.9}}, "ood": {"flagged_rate": 0.0},
                                        "ood_check": {"rate": 1.0}, "external": external})
-    assert "nih (seed 2022) adult normals called Covid 0.790" in sentence and "nih (seed 2023) adult normals called Covid 0.110" in sentence
+    assert "nih (seed 2022) adult normals called Covid (that run's validation Covid recall 0.90) 0.790" in sentence
+    assert "nih (seed 2023) adult normals called Covid (that run's validation Covid recall 0.90) 0.110" in sentence
+    assert build.failed_runs_sentence(external) == ""
+
+
+def test_a_run_that_never_learned_covid_is_named_as_such(tmp_path):
+    external = build.leave_one_source_out([fake_run(tmp_path / "a", "rsna", 2022, 0.21),
+                                           fake_run(tmp_path / "b", "rsna", 2023, 0.0, val_covid_recall=0.0)])
+    assert external["rsna (seed 2023)"]["validation"]["covid_recall"] == 0.0
+    assert "Covid recall 0.00" in external["rsna (seed 2023)"]["model"]
+    assert build.failed_runs_sentence(external).startswith("1 of these 2 runs ended with a validation Covid recall below 0.5")
+    assert build.failed_runs_sentence(external) in build.external_note(external)
 
 
 def test_the_same_source_and_seed_twice_is_refused(tmp_path):
