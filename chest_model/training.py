@@ -37,7 +37,7 @@ from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
                    parse_data_dirs, scan_image_folder, scan_sources, stratified_split)
-from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch
+from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .evaluation import evaluate_external, evaluate_model
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
@@ -556,6 +556,10 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     record["best_epoch"] = run.state["best"]["epoch"]
     record["temperature"] = model.config.temperature
     record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded
+    record["unlearned_groups"] = unlearned_groups(val_metrics["by_source"])
+    for group in record["unlearned_groups"]:
+        logger.warning("the chosen model has not learned %s: do not use it as is; try another --seed, more --epochs "
+                       "or a lower --lr", group)
     test_metrics, external = None, {}
     if args.test_dir:
         # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.

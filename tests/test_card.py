@@ -100,3 +100,13 @@ def test_one_tag_list_with_the_mixin_tags_once():
     assert {"model_hub_mixin", "pytorch_model_hub_mixin", "chest-x-ray", "not-for-clinical-use"} <= set(tags)
     assert set(ChestXrayClassifier._hub_mixin_info.model_card_data.tags) == set(tags)
     assert "model_hub_mixin" not in TAGS  # the mixin appends to a copy, not to our constant
+
+
+def test_card_warns_when_the_chosen_model_has_not_learned_a_class():
+    val = {"n": 10, "accuracy": 0.6, "macro_f1": 0.4, "group_recall": 0.67,
+           "by_source": {"kaggle": {"n": 10, "accuracy": 0.6, "recall": {"Normal": 1.0, "Covid": 0.0}}}}
+    failed = {**_training_record(["kaggle"]), "unlearned_groups": ["Covid in kaggle (validation recall 0.00)"]}
+    card = render_card(ChestXrayConfig(), {"training": failed, "val_metrics": val})
+    assert "**This model has not learned every class:** Covid in kaggle (validation recall 0.00). Do not use it as is" in card
+    learned = {**_training_record(["kaggle"]), "unlearned_groups": []}
+    assert "has not learned" not in render_card(ChestXrayConfig(), {"training": learned, "val_metrics": val})

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from chest_model.calibrate import block_summaries, fit_temperature
 from chest_model.data import CachedImageDataset
-from chest_model.engine import grouped_metrics, metrics_from_logits, predict_logits
+from chest_model.engine import grouped_metrics, metrics_from_logits, predict_logits, unlearned_groups
 from chest_model.model import calibrated_log_probabilities, calibrated_probabilities
 from helpers import synthetic_xray
 
@@ -65,6 +65,12 @@ def test_grouped_metrics_give_every_source_and_class_the_same_say():
     assert a == {"n": 5, "accuracy": pytest.approx(0.8), "recall": {"Normal": 0.75, "Covid": 1.0}}
     assert b == {"n": 2, "accuracy": 0.0, "recall": {"Covid": 0.0}}
     assert result["group_recall"] == pytest.approx((0.75 + 1.0 + 0.0) / 3)  # pooled accuracy would be 4/7
+
+
+def test_unlearned_groups_name_every_group_recalled_below_half():
+    by_source = {"kaggle": {"recall": {"Normal": 1.0, "Covid": 0.0, "Viral Pneumonia": 0.5}}, "nih": {"recall": {"Normal": 0.49}}}
+    assert unlearned_groups(by_source) == ["Covid in kaggle (validation recall 0.00)", "Normal in nih (validation recall 0.49)"]
+    assert unlearned_groups({"kaggle": {"recall": {"Normal": 0.5}}}) == []
 
 
 def test_grouped_metrics_with_no_source_present_is_nan():

@@ -39,6 +39,15 @@ def test_main_trains_one_epoch_and_saves_a_loadable_model(tmp_path, clean_accele
     assert not (out / "checkpoints").exists()  # --checkpointing-steps none
     probabilities = model.predict_proba([synthetic_xray(40, 40, seed=1), synthetic_xray(50, 40, seed=2, kind=1)])
     assert probabilities.shape == (2, 3) and torch.allclose(probabilities.sum(dim=1), torch.ones(2))
+    # What the chosen epoch has not learned is recorded and shown on the card (after one epoch, usually something).
+    record = json.loads((out / "train_config.json").read_text())
+    by_source = json.loads((out / "val_metrics.json").read_text())["by_source"]
+    expected = [f"{cls} in {source} (validation recall {r:.2f})" for source, row in by_source.items()
+                for cls, r in row["recall"].items() if r < 0.5]
+    assert record["unlearned_groups"] == expected
+    card = (out / "README.md").read_text()
+    assert ("This model has not learned every class" in card) == bool(expected)
+    assert all(group in card for group in expected)
 
 
 def test_with_ema_decay_the_moving_average_is_validated_and_saved(tmp_path, clean_accelerate):
