@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .entry import exit_with
 from .errors import ChestModelError
 
 DEFAULT_MODEL_HELP = "a local model folder or a Hugging Face Hub repo id"
@@ -213,6 +214,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run() -> None:
     """The ``chest-model`` console script: ``main`` on the command line's arguments, then a quick exit."""
-    from .entry import exit_with
-
     exit_with(main())

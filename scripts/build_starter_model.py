@@ -21,6 +21,7 @@ import json
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.card import card_context_from_folder  # noqa: E402
 from chest_model.data import scan_image_folder  # noqa: E402
+from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
 from chest_model.evaluation import evaluate_model, flagged_by_class_text  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
@@ -191,11 +193,11 @@ def external_note(external: dict) -> str:
 def failed_runs_sentence(external: dict) -> str:
     """A warning when some leave-one-source-out runs never learned Covid: their low Covid share is no generalisation."""
     runs = [row for row in external.values() if "validation" in row]
-    failed = [row for row in runs if row["validation"]["covid_recall"] < 0.5]
+    failed = [row for row in runs if row["validation"]["covid_recall"] < UNLEARNED_RECALL]
     if not failed:
         return ""
-    return (f"{len(failed)} of these {len(runs)} runs ended with a validation Covid recall below 0.5 (it never learned "
-            "Covid), and a low share called Covid from such a run says nothing about generalisation; it also shows that this command, "
+    return (f"{len(failed)} of these {len(runs)} runs ended with a validation Covid recall below {UNLEARNED_RECALL} "
+            f"({'it' if len(failed) == 1 else 'they'} never learned Covid), and a low share called Covid from such a run says nothing about generalisation; it also shows that this command, "
             "from random initialisation, does not always train: check a run's validation figures before using it.")
 
 
@@ -243,9 +245,7 @@ def leave_one_source_out(run_dirs: list[str]) -> dict:
             rows.append({**row, "source": name, "seed": seed, "command": record["command"], "validation": validation,
                          "model": f"trained without it on {', '.join(record['sources'])}, seed {seed}; its validation: group "
                                   f"recall {validation['group_recall']:.2f}, Covid recall {validation['covid_recall']:.2f}"})
-    runs_per_source = {}
-    for row in rows:
-        runs_per_source[row["source"]] = runs_per_source.get(row["source"], 0) + 1
+    runs_per_source = Counter(row["source"] for row in rows)
     external = {}
     for row in rows:
         key = row["source"] if runs_per_source[row["source"]] == 1 else f"{row['source']} (seed {row['seed']})"
