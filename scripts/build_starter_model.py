@@ -145,11 +145,7 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
     minutes = record.get("training_seconds", 0) / 60
     hp = record["hyperparameters"]
     averaging = f"weights averaged over steps (`--ema-decay {hp['ema_decay']}`), " if hp.get("ema_decay") else ""
-    left_out = "; ".join(
-        f"a model trained the same way without {left_out_run(name, row)} calls {row['predicted_share']['Covid']:.0%} of its {row['n']} "
-        f"adult normal X-rays Covid and {row['predicted_share']['Normal']:.0%} Normal ({row['uncertain_rate']:.0%} flagged uncertain"
-        + (f"; its own validation Covid recall {row['validation']['covid_recall']:.2f}" if "validation" in row else "") + ")"
-        for name, row in metrics.get("external", {}).items())
+    left_out = left_out_text(metrics.get("external", {}))
     starter = (
         f"\n`demo/starter-model/` is a VGG19-BN trained with this project's `train.py` from random initialisation "
         f"(ImageNet weights cannot be downloaded where it was built) on {', '.join(record['sources'])} "
@@ -201,9 +197,22 @@ def failed_runs_sentence(external: dict) -> str:
             "from random initialisation, does not always train: check a run's validation figures before using it.")
 
 
-def left_out_run(name: str, row: dict) -> str:
-    """``nih-cxr8 (seed 2022)``: the source a leave-one-source-out run left out, and the run's seed."""
-    return f"{row['source']} (seed {row['seed']})" if "seed" in row else name
+def left_out_text(external: dict) -> str:
+    """The README's words for the leave-one-source-out rows: per left-out source, every run's share called Covid."""
+    by_source: dict[str, list[dict]] = {}
+    for name, row in external.items():
+        by_source.setdefault(row.get("source", name), []).append(row)
+    clauses = []
+    for source, rows in by_source.items():
+        runs = [f"{row['predicted_share']['Covid']:.0%} (" + "; ".join(filter(None, [
+                    f"seed {row['seed']}" if "seed" in row else None,
+                    f"its validation Covid recall {row['validation']['covid_recall']:.2f}" if "validation" in row else None,
+                    f"{row['uncertain_rate']:.0%} flagged uncertain"])) + ")" for row in rows]
+        listed = runs[0] if len(runs) == 1 else ", ".join(runs[:-1]) + " and " + runs[-1]
+        subject = "a model trained the same way without" if len(rows) == 1 else f"{len(rows)} models trained the same way without"
+        clauses.append(f"{subject} {source} call{'s' if len(rows) == 1 else ''} {listed} of its {rows[0]['n']} adult normal "
+                       "X-rays Covid")
+    return "; ".join(clauses)
 
 
 def relocate_paths(record, old: str, new: str):

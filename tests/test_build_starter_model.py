@@ -37,6 +37,11 @@ def test_a_source_left_out_by_several_runs_keeps_a_row_per_seed(tmp_path):
     assert "nih (seed 2022) adult normals called Covid (that run's validation Covid recall 0.90) 0.790" in sentence
     assert "nih (seed 2023) adult normals called Covid (that run's validation Covid recall 0.90) 0.110" in sentence
     assert build.failed_runs_sentence(external) == ""
+    assert build.left_out_text(external) == (
+        "2 models trained the same way without nih call 79% (seed 2022; its validation Covid recall 0.90; 10% flagged "
+        "uncertain) and 11% (seed 2023; its validation Covid recall 0.90; 10% flagged uncertain) of its 10 adult normal "
+        "X-rays Covid; a model trained the same way without rsna calls 21% (seed 2022; its validation Covid recall 0.90; "
+        "10% flagged uncertain) of its 10 adult normal X-rays Covid")
 
 
 def test_a_run_that_never_learned_covid_is_named_as_such(tmp_path):
