@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="class folders to evaluate on (e.g. DATA/test); repeat it for several named sets, each reported "
                                "separately. A set holding only some classes (external adult normals) reports the share "
                                "predicted as each class")
-    evaluate.add_argument("--train-dir", default=None, help="training class folders for the metadata-only baseline (default: a sibling train/)")
+    evaluate.add_argument("--train-dir", default=None, action="append", metavar="[NAME=]PATH",
+                          help="training class folders (default: a sibling train/): the first is what the metadata-only "
+                               "baseline learns from; all are searched for copies of the evaluated images. Repeat it "
+                               "for a model trained on several sources")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(func=run_evaluate)
@@ -80,13 +83,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     model = _load_model(args)
     sets = parse_data_dirs(args.data_dir)
+    train_sources = parse_data_dirs(args.train_dir) if args.train_dir else None
+    train_dir = train_sources[0][1] if train_sources else None
     results = {}
     for name, path in sets:
         folder, _ = scan_image_folder(path, model.class_names, partial=True, name=name)
         complete = all(count > 0 for count in folder.counts().values())
         out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
         if complete:
-            results[name] = evaluate_model(model, path, train_dir=args.train_dir, output_dir=out, n_bootstrap=args.bootstrap)
+            results[name] = evaluate_model(model, path, train_dir=train_dir, copies_of=train_sources, output_dir=out,
+                                           n_bootstrap=args.bootstrap)
         else:
             results[name] = evaluate_external(model, path, name=name)
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")

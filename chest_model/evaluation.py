@@ -16,7 +16,8 @@ import torch
 
 from .atomic import atomic_write_text
 from .audit import mask_center, metadata_baseline, verdict
-from .data import DatasetError, scan_image_folder
+from .data import DatasetError, scan_image_folder, source_name
+from .duplicates import image_hash, train_test_copies
 from .metrics import bootstrap_ci, classification_metrics, reliability_bins
 from .model import ChestXrayClassifier
 from .preprocess import ImageLoadError
@@ -34,12 +35,18 @@ def evaluate_model(
     data_dir: str | Path,
     *,
     train_dir: str | Path | None = None,
+    copies_of: list[tuple[str, str | Path]] | None = None,
     output_dir: str | Path | None = None,
     batch_size: int = 16,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given."""
+    """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given.
+
+    ``train_dir`` holds the training files the metadata-only baseline learns from (default: a sibling
+    ``train/``); ``copies_of`` the training folders, as ``(source name, path)``, searched for copies of
+    the evaluation images (default: ``train_dir``).
+    """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names)
     if problems:
@@ -74,6 +81,9 @@ def evaluate_model(
                          metadata_n_train=baseline["n_train"], unreadable_train_files=baseline["unreadable_train_files"])
             if baseline["unreadable_train_files"]:
                 logger.warning("metadata baseline: %d unreadable training files left out", len(baseline["unreadable_train_files"]))
+    references = copies_of if copies_of is not None else ([(source_name(train_dir), train_dir)] if train_dir is not None else [])
+    if references:
+        audit["train_copies"] = copies_audit(model, images, labels, [_relative(p, data_dir) for p in paths], references, probs)
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
@@ -87,6 +97,42 @@ def evaluate_model(
     if output_dir is not None:
         write_outputs(metrics, images, probs, labels, order, class_names, Path(output_dir))
     return metrics
+
+
+def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: np.ndarray, files: list[str],
+                 train_dirs: list[tuple[str, str | Path]], probs: np.ndarray) -> dict[str, Any]:
+    """Which evaluation images are copies of a training image (duplicates.py), and the figures without them."""
+    class_names = model.class_names
+    train_files, train_hashes = [], []
+    for name, train_dir in train_dirs:
+        folder, _ = scan_image_folder(train_dir, class_names, partial=True, name=name)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            hashes = list(pool.map(_try_hash(model), folder.paths))
+        for path, value in zip(folder.paths, hashes):
+            if value is not None:  # unreadable training files are reported by the metadata baseline
+                train_files.append(f"{folder.source_names[0]}/{_relative(path, train_dir)}")
+                train_hashes.append(value)
+    eval_hashes = np.array([image_hash(im) for im in images]).reshape(len(images), -1)
+    report, copied = train_test_copies(eval_hashes, labels, files, np.array(train_hashes).reshape(len(train_files), -1),
+                                       train_files, class_names)
+    fresh = ~copied
+    predicted = probs.argmax(axis=1)
+    report["accuracy_without"] = float((predicted[fresh] == labels[fresh]).mean()) if fresh.any() else None
+    report["recall_without"] = {name: float((predicted[fresh & (labels == c)] == c).mean())
+                                for c, name in enumerate(class_names) if (fresh & (labels == c)).any()}
+    if report["n"]:
+        logger.warning("%d of %d evaluation images are copies of training images; without them accuracy is %.3f",
+                       report["n"], report["of"], report["accuracy_without"] or 0.0)
+    return report
+
+
+def _try_hash(model):
+    def work(path):
+        try:
+            return image_hash(model.preprocessor.load(path))
+        except ImageLoadError:
+            return None
+    return work
 
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
@@ -222,6 +268,7 @@ def summary(metrics: dict[str, Any]) -> str:
         f"  model, only lungs kept    {audit['center_only_accuracy']:.3f}",
         f"  majority class            {audit['majority_class_accuracy']:.3f}",
         f"  -> {audit['verdict']}",
+        *copies_lines(audit.get("train_copies")),
         f"flagged as not chest X-ray: {metrics['ood']['flagged']} of {metrics['n']}"
         + flagged_by_class_text(metrics["ood"]),
     ]
@@ -230,6 +277,16 @@ def summary(metrics: dict[str, Any]) -> str:
     if audit.get("unreadable_train_files"):
         lines.append(f"unreadable training files left out of the metadata baseline: {len(audit['unreadable_train_files'])}")
     return "\n".join(lines)
+
+
+def copies_lines(copies: dict[str, Any] | None) -> list[str]:
+    if copies is None:
+        return ["copies of training images: not checked (no --train-dir)"]
+    by_class = ", ".join(f"{name} {row['copies']} of {row['n']}" for name, row in copies["by_class"].items())
+    lines = [f"copies of training images: {copies['n']} of {copies['of']} ({by_class})"]
+    if copies["n"] and copies["accuracy_without"] is not None:
+        lines.append(f"  accuracy without them     {copies['accuracy_without']:.3f} on {copies['of'] - copies['n']} images")
+    return lines
 
 
 def flagged_by_class_text(ood: dict[str, Any]) -> str:

@@ -373,8 +373,27 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
             "ema_decay": args.ema_decay,
         },
         "skipped_files": data.skipped,
+        "val_copies_of_train": validation_copies(data, class_names),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
+
+
+def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, Any]:
+    """Validation images that are copies of a training image (the same film; duplicates.py), per class.
+
+    The split is left as it is (the recorded command keeps meaning the same split): the count is
+    logged and recorded so that the card can say how far validation flatters the model.
+    """
+    from .duplicates import MAX_DISTANCE, cached_image_hashes, nearest
+
+    _, distance = nearest(cached_image_hashes(data.val.images), cached_image_hashes(data.train.images))
+    copied, labels = distance <= MAX_DISTANCE, np.asarray(data.val.labels)
+    result = {"n": int(copied.sum()), "of": len(labels),
+              "by_class": {name: int(copied[labels == c].sum()) for c, name in enumerate(class_names) if (labels == c).any()}}
+    if result["n"]:
+        logger.warning("%d of %d validation images are copies of a training image (the same film): validation figures "
+                       "count them, and overstate what the model does on new patients", result["n"], result["of"])
+    return result
 
 
 def resume(run: Run) -> None:
@@ -563,8 +582,9 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     test_metrics, external = None, {}
     if args.test_dir:
         # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
-        train_dir = _named(args.data_dir)[0][1]  # the metadata baseline learns from the first source's files
-        test_metrics = evaluate_model(model, args.test_dir, train_dir=train_dir, output_dir=output_dir / "eval")
+        sources = _named(args.data_dir)  # the metadata baseline learns from the first one's files; copies are sought in all
+        test_metrics = evaluate_model(model, args.test_dir, train_dir=sources[0][1], copies_of=sources,
+                                      output_dir=output_dir / "eval")
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                     record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                     test_metrics["audit"]["metadata_baseline_accuracy"])

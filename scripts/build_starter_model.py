@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import sys
 from collections import Counter
@@ -31,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.card import card_context_from_folder  # noqa: E402
-from chest_model.data import scan_image_folder  # noqa: E402
+from chest_model.config import ChestXrayConfig  # noqa: E402
+from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
 from chest_model.evaluation import evaluate_model, flagged_by_class_text  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
@@ -61,7 +63,9 @@ def main() -> None:
     out = Path(args.output)
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, output_dir=staging / "eval")
+    # Copies of test images are sought in every folder the run trained on, as train.py's own evaluation does.
+    sources = parse_data_dirs(json.loads((run / "train_config.json").read_text())["data_dir"])
+    metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, copies_of=sources, output_dir=staging / "eval")
     ood = check(shipped)
     metrics["ood_check"] = {k: v for k, v in ood.items() if k != "images"}
     metrics["ood_check"]["missed"] = [row["name"] for row in ood["images"] if not row["uncertain"]]
@@ -73,6 +77,8 @@ def main() -> None:
     metrics["external"] = external
 
     context = card_context_from_folder(run)
+    if context.get("training") and "val_copies_of_train" not in context["training"]:
+        context["training"]["val_copies_of_train"] = validation_copies_of(context["training"])
     for old, new in moves:
         context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
@@ -160,7 +166,7 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         f"{recalls}; "
         f"{metrics['ood']['flagged']} of {metrics['n']} test X-rays flagged as uncertain{flagged_by_class_text(metrics['ood'])}. A random forest on file metadata "
         f"alone scores {audit['metadata_baseline_accuracy']:.3f} on the same images, so the test score is an upper bound on "
-        f"what the model learned about lungs.\n\n"
+        f"what the model learned about lungs.{copies_sentence(audit.get('train_copies'))}\n\n"
         + (f"Sources it was not trained on (leave-one-source-out): {left_out}. "
            f"{failed_runs_sentence(metrics.get('external', {}))}\n\n" if left_out else "")
         + f"Non-X-ray images (photographs, documents, other modalities, generated): {ood['flagged']} of {ood['n']} "
@@ -174,6 +180,34 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         "kind of machine measured.\n")
     shortcut = f"scores {audit['metadata_baseline_accuracy']:.0%} on its test split"
     return {"figures": starter, "shortcut": shortcut}
+
+
+def validation_copies_of(record: dict) -> dict:
+    """For a run recorded before train.py counted them: its validation split rebuilt from its command, as
+    train.py builds it (the same seed, fraction and stratification), and its copies of training images counted."""
+    from chest_model.data import parse_data_dirs as named_dirs
+    from chest_model.train_config import parse_config
+    from chest_model.training import decode_data, scan_data, validation_copies
+
+    args = parse_config(shlex.split(record["command"].split("train.py", 1)[1]))
+    class_names = record["class_names"]
+    model = ChestXrayClassifier(ChestXrayConfig(class_names=class_names, image_size=args.image_size, contrast=args.contrast))
+    data = decode_data(args, scan_data(args, named_dirs(args.data_dir), class_names), model.preprocessor)
+    if data.val.counts(class_names) != record["data_counts"]["val"]:
+        raise SystemExit("the rebuilt validation split does not match the run's record; is the data the same?")
+    return validation_copies(data, class_names)
+
+
+def copies_sentence(copies: dict | None) -> str:
+    """The README's words for the test images that are copies of training images (empty when none is)."""
+    if not copies or not copies["n"]:
+        return ""
+    classes = ", ".join(f"{name} {row['copies']} of {row['n']}" for name, row in copies["by_class"].items() if row["copies"])
+    recalls = ", ".join(f"{name} {value:.3f}" for name, value in copies["recall_without"].items())
+    verb = "is a copy" if copies["n"] == 1 else "are copies"
+    return (f" {copies['n']} of the {copies['of']} test images ({classes}) {verb} of a training image (the same "
+            f"film, found by perceptual hash), which the model may answer from memory; without them, accuracy is "
+            f"{copies['accuracy_without']:.3f} and recall per class {recalls}.")
 
 
 def external_note(external: dict) -> str:

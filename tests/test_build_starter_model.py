@@ -57,3 +57,12 @@ def test_the_same_source_and_seed_twice_is_refused(tmp_path):
     runs = [fake_run(tmp_path / "a", "nih", 2022, 0.79), fake_run(tmp_path / "b", "nih", 2022, 0.5)]
     with pytest.raises(SystemExit, match="nih with seed 2022"):
         build.leave_one_source_out(runs)
+
+
+def test_the_readme_names_the_test_images_copied_from_training_only_when_there_are_some():
+    copies = {"n": 9, "of": 66, "accuracy_without": 0.8947, "recall_without": {"Normal": 0.95, "Covid": 0.7647},
+              "by_class": {"Normal": {"copies": 0, "n": 20}, "Covid": {"copies": 9, "n": 26}}}
+    sentence = build.copies_sentence(copies)
+    assert sentence.startswith(" 9 of the 66 test images (Covid 9 of 26) are copies of a training image")
+    assert sentence.endswith("without them, accuracy is 0.895 and recall per class Normal 0.950, Covid 0.765.")
+    assert build.copies_sentence({**copies, "n": 0}) == "" and build.copies_sentence(None) == ""

@@ -110,3 +110,26 @@ def test_card_warns_when_the_chosen_model_has_not_learned_a_class():
     assert "**This model has not learned every class:** Covid in kaggle (validation recall 0.00). Do not use it as is" in card
     learned = {**_training_record(["kaggle"]), "unlearned_groups": []}
     assert "has not learned" not in render_card(ChestXrayConfig(), {"training": learned, "val_metrics": val})
+
+
+def _with_copies(copies):
+    audit = {"majority_class_accuracy": 0.39, "center_masked_accuracy": 0.53, "center_only_accuracy": 0.67,
+             "metadata_baseline_accuracy": 0.77, "verdict": "v", "train_copies": copies}
+    metrics = {"n": 66, "accuracy": 0.909, "macro_f1": 0.91, "per_class": {}, "roc_auc": {"macro": 0.99, "per_class": {}},
+               "ece": 0.04, "confusion_matrix": [], "audit": audit}
+    return render_card(ChestXrayConfig(), {"test_metrics": metrics})
+
+
+def test_card_says_how_many_test_images_are_copies_of_training_images_and_the_figures_without_them():
+    copies = {"n": 9, "of": 66, "n_train": 537, "hash_bits": 256, "max_distance": 40, "accuracy_without": 0.8947,
+              "recall_without": {"Normal": 0.95, "Covid": 0.7647, "Viral Pneumonia": 0.95},
+              "by_class": {"Normal": {"copies": 0, "n": 20}, "Covid": {"copies": 9, "n": 26}, "Viral Pneumonia": {"copies": 0, "n": 20}}}
+    card = _with_copies(copies)
+    assert "**9 of the 66 test images are copies of a training image**" in card
+    assert "Covid 9 of 26" in card and "accuracy 0.895 on 57 images" in card and "Covid 0.765" in card
+    assert "537 training images" in card
+    none = _with_copies({**copies, "n": 0, "accuracy_without": 0.909, "by_class": {}})
+    assert "None of the 66 test images is a copy of a training image." in none and "Without them" not in none
+    every = _with_copies({**copies, "n": 66, "accuracy_without": None, "recall_without": {}})
+    assert "Every test image is one" in every
+    assert "Copies of training images" not in _with_copies(None)

@@ -5,6 +5,7 @@ entry point directly, so a failure shows its traceback here and coverage sees th
 """
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,6 +49,20 @@ def test_main_trains_one_epoch_and_saves_a_loadable_model(tmp_path, clean_accele
     card = (out / "README.md").read_text()
     assert ("This model has not learned every class" in card) == bool(expected)
     assert all(group in card for group in expected)
+    # Synthetic films of one class differ only by their noise: to the hash, copies of one another.
+    copies = record["val_copies_of_train"]
+    assert copies["of"] == sum(record["data_counts"]["val"].values()) and copies["n"] == copies["of"]
+    assert f"{copies['n']} of the {copies['of']} validation images are copies of a training image" in card
+
+
+def test_validation_images_that_are_copies_of_training_images_are_counted_per_class():
+    from chest_model.training import Split, TrainingData, validation_copies
+
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (7, 3, 48, 48), dtype=np.uint8))
+    train = Split(noise[:5], [0, 1, 2, 0, 1], [0] * 5, ["s"], [0.0] * 5)
+    brighter = (noise[3].int() * 3 // 4 + 40).to(torch.uint8)  # the same film, another exposure
+    val = Split(torch.stack([noise[5], brighter, noise[6]]), [0, 0, 2], [0] * 3, ["s"], [0.0] * 3)
+    assert validation_copies(TrainingData(train, val), CLASS_NAMES) == {"n": 1, "of": 3, "by_class": {"Normal": 1, "Viral Pneumonia": 0}}
 
 
 def test_with_ema_decay_the_moving_average_is_validated_and_saved(tmp_path, clean_accelerate):

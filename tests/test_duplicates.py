@@ -1,0 +1,116 @@
+"""The copies audit finds a film saved again (re-encoded, resized, another contrast) and tells distinct films apart."""
+import hashlib
+
+import cv2
+import numpy as np
+import pytest
+
+from chest_model.config import ChestXrayConfig
+from chest_model.duplicates import HASH_SIZE, MAX_DISTANCE, image_hash, nearest, train_test_copies
+from chest_model.evaluation import copies_lines, evaluate_model, summary
+from chest_model.preprocess import Preprocessor
+from helpers import CLASS_NAMES, DATASET, EXAMPLES, make_class_folders, requires_dataset, write_image
+
+LOAD = Preprocessor(ChestXrayConfig(image_size=128)).load  # the decode every command uses
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> int:
+    return int(nearest(a[None], b[None])[1][0])
+
+
+def test_a_film_saved_again_is_a_copy_and_other_films_are_not(tmp_path):
+    original = cv2.imread(str(EXAMPLES / "covid.jpeg"), cv2.IMREAD_GRAYSCALE)
+    h, w = original.shape
+    variants = {
+        "re-encoded at JPEG quality 40": write_image(tmp_path / "q40.jpg", original, params=[cv2.IMWRITE_JPEG_QUALITY, 40]),
+        "half the size, as PNG": write_image(tmp_path / "half.png", cv2.resize(original, (w // 2, h // 2), interpolation=cv2.INTER_AREA)),
+        "another contrast (gamma 0.6)": write_image(tmp_path / "gamma.png", (255 * (original / 255.0) ** 0.6).astype(np.uint8)),
+    }
+    reference = image_hash(LOAD(EXAMPLES / "covid.jpeg"))
+    assert reference.shape == (HASH_SIZE ** 2,) and reference.dtype == bool
+    for what, path in variants.items():
+        assert _distance(image_hash(LOAD(path)), reference) <= MAX_DISTANCE, what
+    others = [image_hash(LOAD(EXAMPLES / name)) for name in ("normal.jpeg", "viral-pneumonia.jpeg")]
+    for other in others:
+        assert _distance(other, reference) > MAX_DISTANCE
+    assert _distance(others[0], others[1]) > MAX_DISTANCE
+
+
+def test_nearest_is_the_hamming_distance_to_the_closest_reference():
+    rng = np.random.default_rng(0)
+    queries, references = rng.random((7, 256)) < 0.5, rng.random((11, 256)) < 0.5
+    index, distance = nearest(queries, references)
+    brute = (queries[:, None, :] != references[None, :, :]).sum(-1)
+    assert (distance == brute.min(1)).all() and (brute[np.arange(7), index] == distance).all()
+    index, distance = nearest(queries, references[:0])
+    assert len(index) == 7 and (distance > MAX_DISTANCE).all()  # nothing to copy from: no copies
+
+
+def test_the_report_counts_copies_per_class_and_names_the_files():
+    rng = np.random.default_rng(1)
+    train = rng.random((4, 256)) < 0.5
+    flipped = train[2].copy()
+    flipped[:10] ^= True  # a copy, 10 bits off
+    evaluated = np.stack([flipped, rng.random(256) < 0.5, train[0]])
+    report, copied = train_test_copies(evaluated, [1, 1, 2], ["Covid/a.png", "Covid/b.png", "Viral Pneumonia/c.png"],
+                                       train, [f"src/{i}.png" for i in range(4)], CLASS_NAMES)
+    assert copied.tolist() == [True, False, True]
+    assert report["n"] == 2 and report["of"] == 3 and report["n_train"] == 4
+    assert report["by_class"] == {"Covid": {"copies": 1, "n": 2}, "Viral Pneumonia": {"copies": 1, "n": 1}}
+    assert report["pairs"] == [{"file": "Covid/a.png", "train_file": "src/2.png", "distance": 10},
+                               {"file": "Viral Pneumonia/c.png", "train_file": "src/0.png", "distance": 0}]
+
+
+def test_evaluation_reports_test_images_copied_from_training_and_the_figures_without_them(tmp_path, tiny_model):
+    train = make_class_folders(tmp_path / "data" / "train", per_class=2, size=64, seed=1)
+    test = tmp_path / "data" / "test"
+    for name in CLASS_NAMES:
+        (test / name).mkdir(parents=True)
+    # Real, distinct films only: three example X-rays, one of them also (re-encoded) in training.
+    for name, example in zip(CLASS_NAMES, ("normal.jpeg", "covid.jpeg", "viral-pneumonia.jpeg")):
+        (test / name / example).write_bytes((EXAMPLES / example).read_bytes())
+    original = cv2.imread(str(EXAMPLES / "covid.jpeg"), cv2.IMREAD_GRAYSCALE)
+    write_image(train / "Covid" / "same-film.jpg", original, params=[cv2.IMWRITE_JPEG_QUALITY, 50])
+    metrics = evaluate_model(tiny_model, test, n_bootstrap=20)
+    copies = metrics["audit"]["train_copies"]
+    assert copies["n"] == 1 and copies["of"] == 3 and copies["n_train"] == 7
+    assert copies["pairs"][0]["file"] == "Covid/covid.jpeg"
+    assert copies["pairs"][0]["train_file"] == "data/Covid/same-film.jpg"  # the source's name, not a local path
+    predicted = {row["file"]: row["predicted"] for row in metrics["hardest"]}
+    fresh = [f"{n}/{e}" for n, e in (("Normal", "normal.jpeg"), ("Viral Pneumonia", "viral-pneumonia.jpeg"))]
+    assert copies["accuracy_without"] == np.mean([predicted[f] == f.split("/")[0] for f in fresh])
+    assert "copies of training images: 1 of 3 (Normal 0 of 1, Covid 1 of 1, Viral Pneumonia 0 of 1)" in summary(metrics)
+    alone = evaluate_model(tiny_model, test, copies_of=[], n_bootstrap=20)
+    assert "train_copies" not in alone["audit"]
+    assert copies_lines(None) == ["copies of training images: not checked (no --train-dir)"]
+
+
+@requires_dataset()
+def test_the_real_test_split_holds_copies_of_training_films_and_nothing_close_to_one():
+    """On the COVID-19 Image Dataset: every test file byte-identical to a training file is found, and
+    the nearest training film of every test image is either a copy (at most 22 bits off) or far (58+),
+    the margin ``MAX_DISTANCE`` sits in (see duplicates.py)."""
+    def files(split):
+        return sorted(p for p in (DATASET / split).rglob("*") if p.is_file() and not p.name.startswith(".")
+                      and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+
+    train, test = files("train"), files("test")
+    train_hashes = np.array([image_hash(LOAD(p)) for p in train])
+    test_hashes = np.array([image_hash(LOAD(p)) for p in test])
+    index, distance = nearest(test_hashes, train_hashes)
+    digests = {hashlib.sha256(p.read_bytes()).hexdigest() for p in train}
+    identical = {i for i, p in enumerate(test) if hashlib.sha256(p.read_bytes()).hexdigest() in digests}
+    assert identical and all(distance[i] == 0 for i in identical)
+    copies = distance <= MAX_DISTANCE
+    assert distance[copies].max() <= 22 and distance[~copies].min() >= 58, sorted(distance.tolist())
+    assert copies.sum() > len(identical)  # re-processed copies too, not only identical files
+    assert {p.parent.name for p, c in zip(test, copies) if c} == {"Covid"}
+
+
+@pytest.mark.parametrize("bits", [0, MAX_DISTANCE, MAX_DISTANCE + 1])
+def test_the_threshold_is_inclusive(bits):
+    a = np.zeros(256, bool)
+    b = a.copy()
+    b[:bits] = True
+    report, copied = train_test_copies(a[None], [0], ["Normal/x.png"], b[None], ["s/y.png"], CLASS_NAMES)
+    assert copied.tolist() == [bits <= MAX_DISTANCE]
