@@ -3,6 +3,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -109,8 +110,13 @@ def _shipped() -> dict:
 @pytest.mark.skipif(not (STARTER / "model.safetensors").exists(), reason="no starter model in this checkout")
 def test_starter_model_on_the_real_test_split(tmp_path):
     """The shipped figures, measured again by `chest-model evaluate` on the real test split."""
+    # Every folder the starter model trained on, as its card records them (under data/), here: the first
+    # teaches the metadata baseline, and all are searched for copies of test images, as packaging did.
+    sources = json.loads((STARTER / "card_context.json").read_text())["training"]["data_dir"]
+    train_dirs = [spec.replace("=data/", f"={DATASET.parent}/", 1) for spec in sources]
+    assert all(Path(spec.partition("=")[2]).is_dir() for spec in train_dirs), train_dirs
     result = cli("evaluate", "--model", str(STARTER), "--data-dir", str(DATASET / "test"), "--output-dir", str(tmp_path),
-                 "--bootstrap", "200")
+                 "--bootstrap", "200", *[arg for spec in train_dirs for arg in ("--train-dir", spec)])
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     shipped = _shipped()
@@ -125,6 +131,9 @@ def test_starter_model_on_the_real_test_split(tmp_path):
     assert metrics["audit"]["metadata_baseline_accuracy"] == pytest.approx(shipped["audit"]["metadata_baseline_accuracy"])
     # The dataset's known shortcut must show: file metadata alone is far above always guessing the commonest class.
     assert metrics["audit"]["metadata_baseline_accuracy"] >= metrics["audit"]["majority_class_accuracy"] + 0.3
+    copies, shipped_copies = metrics["audit"]["train_copies"], shipped["audit"]["train_copies"]
+    assert copies["pairs"] == shipped_copies["pairs"] and copies["n_train"] == shipped_copies["n_train"]
+    assert copies["accuracy_without"] == pytest.approx(shipped_copies["accuracy_without"], abs=0.02)
 
 
 @pytest.mark.skipif(not (STARTER / "metrics.json").exists(), reason="no starter model in this checkout")
@@ -159,6 +168,9 @@ def test_readme_and_card_figures_are_the_measured_ones():
         assert f"{shipped['accuracy']:.3f}" in text
         assert f"scores {shipped['audit']['metadata_baseline_accuracy']:.0%} on its test split" in text
     assert f"{shipped['per_class']['Covid']['recall']:.3f}" in readme
+    copies = shipped["audit"]["train_copies"]
+    assert f"{copies['n']} of the {copies['of']} test images" in readme and f"{copies['n']} of the {copies['of']} test images" in card
+    assert f"Covid {copies['recall_without']['Covid']:.3f}" in readme and f"Covid {copies['recall_without']['Covid']:.3f}" in card
     for name, row in shipped["external"].items():
         assert name in card and f"{100 * row['predicted_share']['Covid']:.0f}%" in card
         assert f"{row['predicted_share']['Covid']:.0%}" in readme
