@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import feature_ood
 from .engine import Predictions, metrics_from_logits
+from .metrics import flagged_by_class
 from .model import ChestXrayClassifier, autocast_context, calibrated_log_probabilities, calibrated_probabilities, eval_mode
 from .ood import fit_max_chroma_values, fit_min_confidence
 
@@ -58,13 +59,14 @@ def block_summaries(model: ChestXrayClassifier, images: torch.Tensor, *, batch_s
 
 
 def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val_images: torch.Tensor | list[torch.Tensor],
-                     *, fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32") -> dict[str, Any]:
+                     *, fpr: float = feature_ood.DEFAULT_FPR, precision: str = "fp32", val_labels=None) -> dict[str, Any]:
     """Fit the statistics on training images and the threshold on validation X-rays; store both in the model.
 
     ``val_images`` are cached uint8 images, or their block summaries when the validation pass that
     chose the model already kept them. ``precision`` is the training run's: where bf16 is the fast
     choice the pass over every training image (a third of an epoch's compute) runs in it, as the
-    demo's ``precision="auto"`` does.
+    demo's ``precision="auto"`` does. With ``val_labels``, the validation flags are also counted per
+    class: the rate is a pooled one, and a class whose images the gate flags more often shows there.
     """
     means, precisions, scales = feature_ood.fit_statistics(block_summaries(model, train_images, precision=precision))
     model.set_feature_statistics(means, precisions, scales, threshold=float("inf"), fpr=fpr)
@@ -76,7 +78,10 @@ def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val
     flagged = float((val_scores > threshold).double().mean())
     logger.info("feature gate: threshold %.3f at a %.0f%% validation false-positive rate (%.1f%% of validation flagged)",
                 threshold, 100 * fpr, 100 * flagged)
-    return {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged, "n_train": len(train_images)}
+    result = {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged, "n_train": len(train_images)}
+    if val_labels is not None:
+        result["validation_flagged_by_class"] = flagged_by_class((val_scores > threshold).numpy(), val_labels, model.class_names)
+    return result
 
 
 def calibrate(model: ChestXrayClassifier, val_pass: Predictions, val, train_images: torch.Tensor, *,
@@ -98,5 +103,6 @@ def calibrate(model: ChestXrayClassifier, val_pass: Predictions, val, train_imag
     model.config.min_confidence = fit_min_confidence(top.tolist())
     model.config.max_chroma = fit_max_chroma_values(val.chroma)
     val_features = val_pass.block_summaries if val_pass.block_summaries is not None else val.images
-    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val_features, fpr=fpr, precision=precision)
+    val_metrics["feature_gate"] = fit_feature_gate(model, train_images, val_features, fpr=fpr, precision=precision,
+                                                   val_labels=val_labels.tolist())
     return val_metrics

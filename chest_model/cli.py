@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "predicted as each class")
     evaluate.add_argument("--train-dir", default=None, action="append", metavar="[NAME=]PATH",
                           help="training class folders (default: a sibling train/): the first is what the metadata-only "
-                               "baseline learns from; all are searched for copies of the evaluated images. Repeat it "
-                               "for a model trained on several sources")
+                               "baseline learns from; all are searched for copies of the evaluated images, which the "
+                               "report names NAME/CLASS/FILE (NAME defaults to the folder's name). Repeat it for a model "
+                               "trained on several sources")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(func=run_evaluate)
@@ -78,20 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .data import parse_data_dirs, scan_image_folder
-    from .evaluation import evaluate_external, evaluate_model, external_summary, summary
+    from .data import DatasetError, parse_data_dirs, scan_image_folder
+    from .evaluation import evaluate_external, evaluate_model, external_summary, folder_files, summary
 
     model = _load_model(args)
     sets = parse_data_dirs(args.data_dir)
-    train_sources = parse_data_dirs(args.train_dir) if args.train_dir else None
-    train_dir = train_sources[0][1] if train_sources else None
+    train_dir, train_files = None, None
+    if args.train_dir:
+        train_sources = parse_data_dirs(args.train_dir)
+        problems = [p for name, path in train_sources for p in scan_image_folder(path, model.class_names, partial=True, name=name)[1]]
+        if problems:
+            raise DatasetError("cannot use --train-dir:\n  - " + "\n  - ".join(problems))
+        train_dir, train_files = train_sources[0][1], folder_files(train_sources, model.class_names)
     results = {}
     for name, path in sets:
         folder, _ = scan_image_folder(path, model.class_names, partial=True, name=name)
         complete = all(count > 0 for count in folder.counts().values())
         out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
         if complete:
-            results[name] = evaluate_model(model, path, train_dir=train_dir, copies_of=train_sources, output_dir=out,
+            results[name] = evaluate_model(model, path, train_dir=train_dir, train_files=train_files, output_dir=out,
                                            n_bootstrap=args.bootstrap)
         else:
             results[name] = evaluate_external(model, path, name=name)

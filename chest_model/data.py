@@ -58,6 +58,14 @@ def source_name(path: str | Path) -> str:
     return path.parent.name if path.name.lower() in SPLIT_NAMES and path.parent.name else path.name
 
 
+def relative_name(path: str | Path, root: str | Path) -> str:
+    """A file's name relative to its data folder: metrics files and cards carry no local paths."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return Path(path).name
+
+
 def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
     """``[NAME=]PATH`` arguments -> unique (name, path) pairs."""
     pairs = []

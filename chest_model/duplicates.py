@@ -9,35 +9,51 @@ two images whose hashes differ in at most ``MAX_DISTANCE`` of their bits are tak
 Why 256 bits and 40: on the COVID-19 Image Dataset, copies of one film (identical files, and films
 exported again with other contrast or cropping) lie 0-22 bits apart, while the closest two distinct
 films among its 248 training images and the 289 adult normals of the two adult-normal sources lie 58
-bits apart. The 64-bit hash cannot separate them: distinct
-children's films come within 6 bits, re-processed copies lie 4 bits apart.
+bits apart. The 64-bit hash cannot separate them: distinct children's films come within 6 bits,
+re-processed copies lie 4 bits apart.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 
 HASH_SIZE = 16  # a 16 x 16 DCT: 256 bits
+HASH_BITS = HASH_SIZE ** 2
 MAX_DISTANCE = 40
 
 
 def image_hash(image: np.ndarray) -> np.ndarray:
-    """The ``(HASH_SIZE ** 2,)`` boolean perceptual hash of a decoded RGB or grey uint8 image."""
-    import cv2
-    import imagehash
+    """The ``(HASH_BITS,)`` boolean perceptual hash of a decoded uint8 image: grey ``(H, W)`` or
+    ``(H, W, 1)``, RGB ``(H, W, 3)`` or RGBA ``(H, W, 4)`` (what ``load_image`` returns is RGB)."""
+    import imagehash  # the training extra: only the audits hash images
     from PIL import Image
 
-    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
-    return imagehash.phash(Image.fromarray(grey), hash_size=HASH_SIZE).hash.flatten()
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise TypeError(f"image_hash needs a uint8 image (decode files with chest_model.load_image), got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] in (3, 4):
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY if image.shape[2] == 3 else cv2.COLOR_RGBA2GRAY)
+    elif image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    elif image.ndim != 2:
+        raise ValueError(f"image_hash needs an (H, W) or (H, W, 1|3|4) image, got shape {image.shape}")
+    return imagehash.phash(Image.fromarray(np.ascontiguousarray(image)), hash_size=HASH_SIZE).hash.flatten()
+
+
+def hash_matrix(hashes: Sequence[np.ndarray]) -> np.ndarray:
+    """``(N, HASH_BITS)`` booleans from a list of hashes (``(0, HASH_BITS)`` for none)."""
+    return np.array(list(hashes), dtype=bool).reshape(len(hashes), HASH_BITS)
 
 
 def cached_image_hashes(images) -> np.ndarray:
-    """Hashes of training's cached ``(N, 3, S, S)`` uint8 images: resized and contrast-normalised, which
-    the hash does not see (it keeps only which low frequencies lie above their median)."""
-    return np.array([image_hash(np.ascontiguousarray(image.permute(1, 2, 0).numpy())) for image in images],
-                    dtype=bool).reshape(len(images), HASH_SIZE ** 2)
+    """Hashes of training's cached ``(N, 3, S, S)`` uint8 images (resized and contrast-normalised).
+
+    The hash keeps only which of the lowest frequencies lie above their median, which resizing and a
+    per-image contrast stretch barely move (tests/test_duplicates.py measures it on real films)."""
+    return hash_matrix([image_hash(image.permute(1, 2, 0).numpy()) for image in images])
 
 
 def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +68,13 @@ def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np
     return index, distances[np.arange(len(queries)), index]
 
 
+def copies_by_class(copied: np.ndarray, labels: Sequence[int], class_names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{class: {"copies": k, "n": n}}`` over the classes present."""
+    copied, labels = np.asarray(copied, dtype=bool), np.asarray(labels)
+    return {name: {"copies": int(copied[labels == c].sum()), "n": int((labels == c).sum())}
+            for c, name in enumerate(class_names) if (labels == c).any()}
+
+
 def train_test_copies(eval_hashes: np.ndarray, eval_labels: Sequence[int], eval_files: Sequence[str],
                       train_hashes: np.ndarray, train_files: Sequence[str], class_names: Sequence[str],
                       *, max_distance: int = MAX_DISTANCE) -> tuple[dict[str, Any], np.ndarray]:
@@ -59,16 +82,14 @@ def train_test_copies(eval_hashes: np.ndarray, eval_labels: Sequence[int], eval_
     files (a JSON-ready report), and the ``(N,)`` mask of those images."""
     index, distance = nearest(eval_hashes, train_hashes)
     copied = distance <= max_distance
-    labels = np.asarray(eval_labels)
     report = {
         "n": int(copied.sum()),
-        "of": len(labels),
-        "by_class": {name: {"copies": int(copied[labels == c].sum()), "n": int((labels == c).sum())}
-                     for c, name in enumerate(class_names) if (labels == c).any()},
+        "of": len(copied),
+        "by_class": copies_by_class(copied, eval_labels, class_names),
         "pairs": [{"file": eval_files[i], "train_file": train_files[index[i]], "distance": int(distance[i])}
                   for i in np.flatnonzero(copied)],
         "max_distance": max_distance,
-        "hash_bits": HASH_SIZE ** 2,
+        "hash_bits": HASH_BITS,
         "n_train": len(train_files),
     }
     return report, copied

@@ -16,9 +16,9 @@ import torch
 
 from .atomic import atomic_write_text
 from .audit import mask_center, metadata_baseline, verdict
-from .data import DatasetError, scan_image_folder, source_name
-from .duplicates import image_hash, train_test_copies
-from .metrics import bootstrap_ci, classification_metrics, reliability_bins
+from .data import DatasetError, relative_name, scan_image_folder, source_name
+from .duplicates import hash_matrix as cached_hashes, image_hash, train_test_copies
+from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, reliability_bins
 from .model import ChestXrayClassifier
 from .preprocess import ImageLoadError
 
@@ -35,7 +35,8 @@ def evaluate_model(
     data_dir: str | Path,
     *,
     train_dir: str | Path | None = None,
-    copies_of: list[tuple[str, str | Path]] | None = None,
+    train_files: list[tuple[str, Path]] | None = None,
+    train_files_are: str = "the training folders",
     output_dir: str | Path | None = None,
     batch_size: int = 16,
     n_bootstrap: int = 1000,
@@ -44,8 +45,9 @@ def evaluate_model(
     """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given.
 
     ``train_dir`` holds the training files the metadata-only baseline learns from (default: a sibling
-    ``train/``); ``copies_of`` the training folders, as ``(source name, path)``, searched for copies of
-    the evaluation images (default: ``train_dir``).
+    ``train/``). ``train_files`` are the ``(name shown, path)`` of the training images searched for
+    copies of the evaluated ones (default: every image under ``train_dir``, see :func:`folder_files`),
+    and ``train_files_are`` says what they are, for the report.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names)
@@ -81,16 +83,18 @@ def evaluate_model(
                          metadata_n_train=baseline["n_train"], unreadable_train_files=baseline["unreadable_train_files"])
             if baseline["unreadable_train_files"]:
                 logger.warning("metadata baseline: %d unreadable training files left out", len(baseline["unreadable_train_files"]))
-    references = copies_of if copies_of is not None else ([(source_name(train_dir), train_dir)] if train_dir is not None else [])
-    if references:
-        audit["train_copies"] = copies_audit(model, images, labels, [_relative(p, data_dir) for p in paths], references, probs)
+    if train_files is None and train_dir is not None:
+        train_files = folder_files([(source_name(train_dir), train_dir)], class_names)
+    copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], train_files or [], probs)
+    if copies is not None:
+        audit["train_copies"] = {**copies, "searched": train_files_are}
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
     metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
     order = np.argsort(-losses)
     metrics["hardest"] = [
-        {"file": _relative(paths[i], data_dir), "true": class_names[labels[i]], "predicted": class_names[int(probs[i].argmax())],
+        {"file": relative_name(paths[i], data_dir), "true": class_names[labels[i]], "predicted": class_names[int(probs[i].argmax())],
          "p_true": float(probs[i, labels[i]]), "loss": float(losses[i])}
         for i in order[:12]
     ]
@@ -99,40 +103,35 @@ def evaluate_model(
     return metrics
 
 
+def folder_files(folders: list[tuple[str, str | Path]], class_names: list[str]) -> list[tuple[str, Path]]:
+    """``(SOURCE/CLASS/FILE, path)`` of every image in named class folders (missing classes allowed)."""
+    files = []
+    for name, root in folders:
+        folder, _ = scan_image_folder(root, class_names, partial=True, name=name)
+        files += [(f"{name}/{relative_name(path, root)}", path) for path in folder.paths]
+    return files
+
+
 def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: np.ndarray, files: list[str],
-                 train_dirs: list[tuple[str, str | Path]], probs: np.ndarray) -> dict[str, Any]:
-    """Which evaluation images are copies of a training image (duplicates.py), and the figures without them."""
-    class_names = model.class_names
-    train_files, train_hashes = [], []
-    for name, train_dir in train_dirs:
-        folder, _ = scan_image_folder(train_dir, class_names, partial=True, name=name)
-        with ThreadPoolExecutor(max_workers=4) as pool:
-            hashes = list(pool.map(_try_hash(model), folder.paths))
-        for path, value in zip(folder.paths, hashes):
-            if value is not None:  # unreadable training files are reported by the metadata baseline
-                train_files.append(f"{folder.source_names[0]}/{_relative(path, train_dir)}")
-                train_hashes.append(value)
-    eval_hashes = np.array([image_hash(im) for im in images]).reshape(len(images), -1)
-    report, copied = train_test_copies(eval_hashes, labels, files, np.array(train_hashes).reshape(len(train_files), -1),
-                                       train_files, class_names)
-    fresh = ~copied
-    predicted = probs.argmax(axis=1)
+                 train_files: list[tuple[str, Path]], probs: np.ndarray) -> dict[str, Any] | None:
+    """Which evaluated images are copies of a training image (duplicates.py), and the figures without them;
+    None when no training image could be read (nothing to compare with)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        hashes = list(pool.map(_try_load(model, then=image_hash), [path for _, path in train_files]))
+    readable = [i for i, h in enumerate(hashes) if not isinstance(h, str)]  # unreadable ones: the metadata baseline lists them
+    if not readable:
+        return None
+    report, copied = train_test_copies(cached_hashes([image_hash(im) for im in images]), labels, files,
+                                       cached_hashes([hashes[i] for i in readable]),
+                                       [train_files[i][0] for i in readable], model.class_names)
+    fresh, predicted = ~copied, probs.argmax(axis=1)
     report["accuracy_without"] = float((predicted[fresh] == labels[fresh]).mean()) if fresh.any() else None
     report["recall_without"] = {name: float((predicted[fresh & (labels == c)] == c).mean())
-                                for c, name in enumerate(class_names) if (fresh & (labels == c)).any()}
+                                for c, name in enumerate(model.class_names) if (fresh & (labels == c)).any()}
     if report["n"]:
-        logger.warning("%d of %d evaluation images are copies of training images; without them accuracy is %.3f",
-                       report["n"], report["of"], report["accuracy_without"] or 0.0)
+        logger.warning("%d of %d evaluated images are copies of training images%s", report["n"], report["of"],
+                       "" if report["accuracy_without"] is None else f"; without them accuracy is {report['accuracy_without']:.3f}")
     return report
-
-
-def _try_hash(model):
-    def work(path):
-        try:
-            return image_hash(model.preprocessor.load(path))
-        except ImageLoadError:
-            return None
-    return work
 
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
@@ -194,9 +193,7 @@ def ood_summary(reasons: list[list[str]], config, labels=None, class_names: list
                "feature_flagged": int(sum(by_feature)), "feature_threshold": config.feature_threshold,
                "feature_fpr": config.feature_fpr, "min_confidence": config.min_confidence, "max_chroma": config.max_chroma}
     if labels is not None and class_names is not None:
-        labels = np.asarray(labels)
-        summary["flagged_by_class"] = {name: {"flagged": int(flagged[labels == c].sum()), "n": int((labels == c).sum())}
-                                       for c, name in enumerate(class_names) if (labels == c).any()}
+        summary["flagged_by_class"] = flagged_by_class(flagged, labels, class_names)
     return summary
 
 
@@ -210,20 +207,14 @@ def _decode(model: ChestXrayClassifier, folder) -> tuple[list[np.ndarray], np.nd
             [folder.paths[i] for i in keep], errors)
 
 
-def _relative(path: Path, root: str | Path) -> str:
-    """File names relative to the evaluated folder: metrics files and cards carry no local paths."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return Path(path).name
-
-
-def _try_load(model):
+def _try_load(model, then=None):
+    """Decode a file as the model does (then apply ``then``), or return the error message."""
     def load(path):
         try:
-            return model.preprocessor.load(path)
+            image = model.preprocessor.load(path)
         except ImageLoadError as err:
             return str(err)
+        return image if then is None else then(image)
     return load
 
 

@@ -128,3 +128,10 @@ def bootstrap_ci(
         key: [float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))] if values else None
         for key, values in samples.items()
     }
+
+
+def flagged_by_class(flags, labels, class_names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{class: {"flagged": k, "n": n}}`` over the classes present: how a flag's rate splits by true class."""
+    flags, labels = np.asarray(flags, dtype=bool), np.asarray(labels)
+    return {name: {"flagged": int(flags[labels == c].sum()), "n": int((labels == c).sum())}
+            for c, name in enumerate(class_names) if (labels == c).any()}

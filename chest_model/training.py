@@ -36,7 +36,8 @@ from .atomic import atomic_write_text
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
-                   parse_data_dirs, scan_image_folder, scan_sources, stratified_split)
+                   parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
+from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .evaluation import evaluate_external, evaluate_model
 from .model import ChestXrayClassifier
@@ -177,10 +178,11 @@ class Split:
     sources: list[int]
     source_names: list[str]
     chroma: list[float]  # of each decoded image, for the colour check's threshold
+    paths: list[Path] = field(default_factory=list)
 
     def take(self, indices: list[int]) -> Split:
         return Split(self.images[indices], [self.labels[i] for i in indices], [self.sources[i] for i in indices],
-                     self.source_names, [self.chroma[i] for i in indices])
+                     self.source_names, [self.chroma[i] for i in indices], [self.paths[i] for i in indices] if self.paths else [])
 
     def counts(self, class_names: list[str]) -> dict[str, int]:
         return {name: self.labels.count(i) for i, name in enumerate(class_names)}
@@ -223,7 +225,7 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
         keep = [i for i, e in enumerate(errors) if e is None]
         bad += [e for e in errors if e is not None]
         splits[name] = Split(images[keep], [folder.labels[i] for i in keep], [folder.sources[i] for i in keep],
-                             folder.source_names, [chromas[i] for i in keep])
+                             folder.source_names, [chromas[i] for i in keep], [folder.paths[i] for i in keep])
     if bad and not args.skip_bad_files:
         raise DatasetError(f"cannot train, {len(bad)} file(s) cannot be read (use --skip-bad-files to leave them out):\n  - " + "\n  - ".join(bad))
     for message in bad:
@@ -378,18 +380,22 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
     }
 
 
+def split_files(split: Split, sources: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """``(SOURCE/relative path, path)`` of each image of a split, as the copies audit names them."""
+    roots = dict(sources)
+    return [(f"{name}/{relative_name(path, roots[name])}", path)
+            for path, name in zip(split.paths, (split.source_names[s] for s in split.sources))]
+
+
 def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, Any]:
     """Validation images that are copies of a training image (the same film; duplicates.py), per class.
 
     The split is left as it is (the recorded command keeps meaning the same split): the count is
     logged and recorded so that the card can say how far validation flatters the model.
     """
-    from .duplicates import MAX_DISTANCE, cached_image_hashes, nearest
-
     _, distance = nearest(cached_image_hashes(data.val.images), cached_image_hashes(data.train.images))
-    copied, labels = distance <= MAX_DISTANCE, np.asarray(data.val.labels)
-    result = {"n": int(copied.sum()), "of": len(labels),
-              "by_class": {name: int(copied[labels == c].sum()) for c, name in enumerate(class_names) if (labels == c).any()}}
+    copied = distance <= MAX_DISTANCE
+    result = {"n": int(copied.sum()), "of": len(copied), "by_class": copies_by_class(copied, data.val.labels, class_names)}
     if result["n"]:
         logger.warning("%d of %d validation images are copies of a training image (the same film): validation figures "
                        "count them, and overstate what the model does on new patients", result["n"], result["of"])
@@ -582,9 +588,11 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     test_metrics, external = None, {}
     if args.test_dir:
         # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
-        sources = _named(args.data_dir)  # the metadata baseline learns from the first one's files; copies are sought in all
-        test_metrics = evaluate_model(model, args.test_dir, train_dir=sources[0][1], copies_of=sources,
-                                      output_dir=output_dir / "eval")
+        # The metadata baseline learns from the first source's files; copies of test images are sought
+        # among the images the model was trained on (the training split of every source).
+        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1],
+                                      train_files=split_files(run.data.train, _named(args.data_dir)),
+                                      train_files_are="the training split", output_dir=output_dir / "eval")
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                     record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                     test_metrics["audit"]["metadata_baseline_accuracy"])

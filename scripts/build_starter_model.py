@@ -32,12 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.card import card_context_from_folder  # noqa: E402
-from chest_model.config import ChestXrayConfig  # noqa: E402
+from chest_model.calibrate import block_summaries  # noqa: E402
 from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
 from chest_model.evaluation import evaluate_model, flagged_by_class_text  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
+from chest_model.metrics import flagged_by_class  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
+from chest_model.train_config import parse_config  # noqa: E402
+from chest_model.training import decode_data, scan_data, split_files, validation_copies  # noqa: E402
 
 
 def main() -> None:
@@ -63,9 +66,12 @@ def main() -> None:
     out = Path(args.output)
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    # Copies of test images are sought in every folder the run trained on, as train.py's own evaluation does.
-    sources = parse_data_dirs(json.loads((run / "train_config.json").read_text())["data_dir"])
-    metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, copies_of=sources, output_dir=staging / "eval")
+    # The run's split, rebuilt as train.py built it: copies of test images are sought among the images
+    # it trained on, as train.py's own evaluation does.
+    record = json.loads((run / "train_config.json").read_text())
+    data, sources = rebuilt_split(record, model)
+    metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, train_files=split_files(data.train, sources),
+                             train_files_are="the training split", output_dir=staging / "eval")
     ood = check(shipped)
     metrics["ood_check"] = {k: v for k, v in ood.items() if k != "images"}
     metrics["ood_check"]["missed"] = [row["name"] for row in ood["images"] if not row["uncertain"]]
@@ -77,8 +83,7 @@ def main() -> None:
     metrics["external"] = external
 
     context = card_context_from_folder(run)
-    if context.get("training") and "val_copies_of_train" not in context["training"]:
-        context["training"]["val_copies_of_train"] = validation_copies_of(context["training"])
+    complete_validation_record(model, context, data)
     for old, new in moves:
         context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
@@ -182,20 +187,34 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
     return {"figures": starter, "shortcut": shortcut}
 
 
-def validation_copies_of(record: dict) -> dict:
-    """For a run recorded before train.py counted them: its validation split rebuilt from its command, as
-    train.py builds it (the same seed, fraction and stratification), and its copies of training images counted."""
-    from chest_model.data import parse_data_dirs as named_dirs
-    from chest_model.train_config import parse_config
-    from chest_model.training import decode_data, scan_data, validation_copies
-
+def rebuilt_split(record: dict, model: ChestXrayClassifier):
+    """A run's training and validation split, rebuilt from its command as train.py builds it (same
+    folders, seed, fraction and stratification), checked against the counts it recorded."""
     args = parse_config(shlex.split(record["command"].split("train.py", 1)[1]))
+    sources = parse_data_dirs(args.data_dir)
+    data = decode_data(args, scan_data(args, sources, record["class_names"]), model.preprocessor)
+    for split in ("train", "val"):
+        if getattr(data, split).counts(record["class_names"]) != record["data_counts"][split]:
+            raise SystemExit(f"the rebuilt {split} split does not match the run's record; is the data the same?")
+    return data, sources
+
+
+def complete_validation_record(model: ChestXrayClassifier, context: dict, data) -> None:
+    """Add what train.py now records about validation, for a run recorded before it did: the copies of
+    training images among the validation images, and the gate's validation flags per class."""
+    record, gate = context.get("training"), (context.get("val_metrics") or {}).get("feature_gate")
+    if not record:
+        return
     class_names = record["class_names"]
-    model = ChestXrayClassifier(ChestXrayConfig(class_names=class_names, image_size=args.image_size, contrast=args.contrast))
-    data = decode_data(args, scan_data(args, named_dirs(args.data_dir), class_names), model.preprocessor)
-    if data.val.counts(class_names) != record["data_counts"]["val"]:
-        raise SystemExit("the rebuilt validation split does not match the run's record; is the data the same?")
-    return validation_copies(data, class_names)
+    record.setdefault("val_copies_of_train", validation_copies(data, class_names))
+    if gate and "validation_flagged_by_class" not in gate:
+        precision = "bf16" if record["mixed_precision"] == "bf16" else "fp32"  # as the run fitted the gate
+        summaries = [torch.from_numpy(x) for x in block_summaries(model, data.val.images, precision=precision)]
+        flags = (model.feature_scores(summaries) > model.config.feature_threshold).numpy()
+        if abs(flags.mean() - gate["validation_flagged_rate"]) > 1.5 / len(flags):  # one image may flip with rounding
+            raise SystemExit(f"the gate flags {flags.mean():.3f} of the rebuilt validation split, the run recorded "
+                             f"{gate['validation_flagged_rate']:.3f}")
+        gate["validation_flagged_by_class"] = flagged_by_class(flags, data.val.labels, class_names)
 
 
 def copies_sentence(copies: dict | None) -> str:
@@ -203,11 +222,14 @@ def copies_sentence(copies: dict | None) -> str:
     if not copies or not copies["n"]:
         return ""
     classes = ", ".join(f"{name} {row['copies']} of {row['n']}" for name, row in copies["by_class"].items() if row["copies"])
+    one = copies["n"] == 1
+    sentence = (f" {copies['n']} of the {copies['of']} test images ({classes}) {'is a copy' if one else 'are copies'} of "
+                f"an image it was trained on (the same film, found by perceptual hash), which the model may answer from memory")
+    if copies["accuracy_without"] is None:
+        return sentence + "; no test image is left without one."
     recalls = ", ".join(f"{name} {value:.3f}" for name, value in copies["recall_without"].items())
-    verb = "is a copy" if copies["n"] == 1 else "are copies"
-    return (f" {copies['n']} of the {copies['of']} test images ({classes}) {verb} of a training image (the same "
-            f"film, found by perceptual hash), which the model may answer from memory; without them, accuracy is "
-            f"{copies['accuracy_without']:.3f} and recall per class {recalls}.")
+    return sentence + (f"; without {'it' if one else 'them'}, accuracy is {copies['accuracy_without']:.3f} and recall "
+                       f"per class {recalls}.")
 
 
 def external_note(external: dict) -> str:

@@ -63,6 +63,9 @@ def test_the_readme_names_the_test_images_copied_from_training_only_when_there_a
     copies = {"n": 9, "of": 66, "accuracy_without": 0.8947, "recall_without": {"Normal": 0.95, "Covid": 0.7647},
               "by_class": {"Normal": {"copies": 0, "n": 20}, "Covid": {"copies": 9, "n": 26}}}
     sentence = build.copies_sentence(copies)
-    assert sentence.startswith(" 9 of the 66 test images (Covid 9 of 26) are copies of a training image")
+    assert sentence.startswith(" 9 of the 66 test images (Covid 9 of 26) are copies of an image it was trained on")
     assert sentence.endswith("without them, accuracy is 0.895 and recall per class Normal 0.950, Covid 0.765.")
+    one = build.copies_sentence({**copies, "n": 1, "by_class": {"Covid": {"copies": 1, "n": 26}}})
+    assert " 1 of the 66 test images (Covid 1 of 26) is a copy of" in one and "without it, accuracy" in one
+    assert build.copies_sentence({**copies, "accuracy_without": None}).endswith("; no test image is left without one.")
     assert build.copies_sentence({**copies, "n": 0}) == "" and build.copies_sentence(None) == ""

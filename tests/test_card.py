@@ -121,15 +121,32 @@ def _with_copies(copies):
 
 
 def test_card_says_how_many_test_images_are_copies_of_training_images_and_the_figures_without_them():
-    copies = {"n": 9, "of": 66, "n_train": 537, "hash_bits": 256, "max_distance": 40, "accuracy_without": 0.8947,
-              "recall_without": {"Normal": 0.95, "Covid": 0.7647, "Viral Pneumonia": 0.95},
-              "by_class": {"Normal": {"copies": 0, "n": 20}, "Covid": {"copies": 9, "n": 26}, "Viral Pneumonia": {"copies": 0, "n": 20}}}
+    pairs = [{"file": f"Covid/{i}.jpg", "train_file": f"s/Covid/{i}.jpg", "distance": 12 if i < 2 else 0} for i in range(7)]
+    copies = {"n": 7, "of": 66, "n_train": 456, "hash_bits": 256, "max_distance": 40, "accuracy_without": 0.8983,
+              "recall_without": {"Normal": 0.95, "Covid": 0.7895, "Viral Pneumonia": 0.95}, "pairs": pairs,
+              "searched": "the training split",
+              "by_class": {"Normal": {"copies": 0, "n": 20}, "Covid": {"copies": 7, "n": 26}, "Viral Pneumonia": {"copies": 0, "n": 20}}}
     card = _with_copies(copies)
-    assert "**9 of the 66 test images are copies of a training image**" in card
-    assert "Covid 9 of 26" in card and "accuracy 0.895 on 57 images" in card and "Covid 0.765" in card
-    assert "537 training images" in card
-    none = _with_copies({**copies, "n": 0, "accuracy_without": 0.909, "by_class": {}})
+    assert "**7 of the 66 test images are copies of a training image**: the same film (2 of 7 not identical" in card
+    assert "Covid 7 of 26" in card and "accuracy 0.898 on 59 images" in card and "Covid 0.789" in card
+    assert "The model may answer them from memory" in card and "Without them" in card
+    assert "the 456 images of the training split" in card
+    one = _with_copies({**copies, "n": 1, "pairs": pairs[-1:]})
+    assert "**1 of the 66 test images is a copy of a training image**: the same film;" in one
+    assert "answer it from memory" in one and "Without it:" in one
+    none = _with_copies({**copies, "n": 0, "accuracy_without": 0.909, "by_class": {}, "pairs": []})
     assert "None of the 66 test images is a copy of a training image." in none and "Without them" not in none
     every = _with_copies({**copies, "n": 66, "accuracy_without": None, "recall_without": {}})
     assert "Every test image is one" in every
     assert "Copies of training images" not in _with_copies(None)
+
+
+def test_the_gate_paragraph_gives_the_validation_flags_per_class_beside_the_pooled_rate():
+    config = ChestXrayConfig(feature_threshold=0.922, feature_fpr=0.02)
+    gate = {"threshold": 0.922, "fpr": 0.02, "validation_flagged_rate": 2 / 81,
+            "validation_flagged_by_class": {"Normal": {"flagged": 2, "n": 54}, "Covid": {"flagged": 0, "n": 16}}}
+    val = {"accuracy": 0.95, "macro_f1": 0.94, "n": 81, "feature_gate": gate}
+    card = render_card(config, {"val_metrics": val})
+    assert "set so that 2% of validation X-rays exceed it: on validation, by true class, Normal 2 of 54, Covid 0 of 16)" in card
+    without = render_card(config, {"val_metrics": {**val, "feature_gate": {"threshold": 0.922}}})
+    assert "set so that 2% of validation X-rays exceed it)," in without

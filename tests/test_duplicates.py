@@ -73,16 +73,63 @@ def test_evaluation_reports_test_images_copied_from_training_and_the_figures_wit
     write_image(train / "Covid" / "same-film.jpg", original, params=[cv2.IMWRITE_JPEG_QUALITY, 50])
     metrics = evaluate_model(tiny_model, test, n_bootstrap=20)
     copies = metrics["audit"]["train_copies"]
-    assert copies["n"] == 1 and copies["of"] == 3 and copies["n_train"] == 7
+    assert copies["n"] == 1 and copies["of"] == 3 and copies["n_train"] == 7 and copies["searched"] == "the training folders"
     assert copies["pairs"][0]["file"] == "Covid/covid.jpeg"
     assert copies["pairs"][0]["train_file"] == "data/Covid/same-film.jpg"  # the source's name, not a local path
     predicted = {row["file"]: row["predicted"] for row in metrics["hardest"]}
-    fresh = [f"{n}/{e}" for n, e in (("Normal", "normal.jpeg"), ("Viral Pneumonia", "viral-pneumonia.jpeg"))]
-    assert copies["accuracy_without"] == np.mean([predicted[f] == f.split("/")[0] for f in fresh])
+    fresh = {"Normal": "Normal/normal.jpeg", "Viral Pneumonia": "Viral Pneumonia/viral-pneumonia.jpeg"}
+    assert copies["accuracy_without"] == np.mean([predicted[f] == name for name, f in fresh.items()])
+    assert copies["recall_without"] == {name: float(predicted[f] == name) for name, f in fresh.items()}
     assert "copies of training images: 1 of 3 (Normal 0 of 1, Covid 1 of 1, Viral Pneumonia 0 of 1)" in summary(metrics)
-    alone = evaluate_model(tiny_model, test, copies_of=[], n_bootstrap=20)
-    assert "train_copies" not in alone["audit"]
+    # Given files (train.py gives its training split): only those are searched, and named as given.
+    only = evaluate_model(tiny_model, test, train_files=[("kids/x.jpg", train / "Covid" / "same-film.jpg")],
+                          train_files_are="the training split", n_bootstrap=20)["audit"]["train_copies"]
+    assert only["n_train"] == 1 and only["pairs"][0]["train_file"] == "kids/x.jpg" and only["searched"] == "the training split"
+    assert "train_copies" not in evaluate_model(tiny_model, test, train_files=[], n_bootstrap=20)["audit"]
+
+
+def test_without_readable_training_images_the_audit_says_not_checked_and_a_wrong_train_dir_is_an_error(tmp_path, tiny_model, capsys):
+    from chest_model.cli import main as cli_main
+
+    test = make_class_folders(tmp_path / "data" / "test", per_class=2, size=48, seed=2)
+    (tmp_path / "data" / "train" / "Covid").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "Covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    metrics = evaluate_model(tiny_model, test, n_bootstrap=20)
+    assert "train_copies" not in metrics["audit"]
+    assert "copies of training images: not checked (no --train-dir)" in summary(metrics)
+    tiny_model.save_pretrained(tmp_path / "model")
+    missing = tmp_path / "no-such-folder"
+    status = cli_main(["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(test), "--train-dir", str(missing)])
+    assert status == 2
+    assert f"cannot use --train-dir:\n  - {missing}: data folder does not exist" in capsys.readouterr().err
+
+
+def test_image_hash_takes_grey_rgb_and_rgba_alike_and_refuses_what_it_would_misread():
+    rgb = LOAD(EXAMPLES / "normal.jpeg")
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    reference = image_hash(rgb)
+    for same in (grey, grey[:, :, None], cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)):
+        assert _distance(image_hash(same), reference) <= 2
+    with pytest.raises(TypeError, match="uint8"):
+        image_hash(grey.astype(np.uint16) * 257)
+    with pytest.raises(ValueError, match="shape"):
+        image_hash(np.zeros((4, 8, 8, 3), np.uint8))
     assert copies_lines(None) == ["copies of training images: not checked (no --train-dir)"]
+
+
+def test_training_cached_images_hash_as_their_files_do():
+    """train.py hashes its cached images (resized, contrast-standardised): a film's cached hash stays
+    within a few bits of its file's, and distinct films stay far apart."""
+    from chest_model.duplicates import cached_image_hashes
+
+    config = ChestXrayConfig(image_size=128, contrast="standardize")
+    preprocessor = Preprocessor(config)
+    names = ("covid.jpeg", "normal.jpeg", "viral-pneumonia.jpeg")
+    files = np.array([image_hash(preprocessor.load(EXAMPLES / n)) for n in names])
+    cached = cached_image_hashes([preprocessor.to_uint8_tensor(preprocessor.load(EXAMPLES / n)) for n in names])
+    index, distance = nearest(cached, files)
+    assert index.tolist() == [0, 1, 2] and distance.max() <= 12, distance
+    assert nearest(cached[:1], cached[1:])[1][0] > MAX_DISTANCE
 
 
 @requires_dataset()

@@ -1,6 +1,5 @@
 """`chest-model export`: onnxruntime against PyTorch on real X-rays, the metadata, and the README's snippet run as written."""
 import json
-import os
 import re
 import subprocess
 import sys

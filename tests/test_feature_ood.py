@@ -132,3 +132,16 @@ def test_too_few_training_images_to_hold_out_fall_back_to_in_sample_units():
     x = np.random.default_rng(1).normal(size=(6, 8))
     means, precisions, scales = feature_ood.fit_statistics([x])
     assert scales[0] == pytest.approx(np.quantile(feature_ood._distances(x, means[0], precisions[0]), feature_ood.TRAIN_QUANTILE))
+
+
+def test_with_labels_the_validation_flags_are_counted_per_class(gated_model):
+    model, _ = gated_model
+    val = cached(30, 500, kind=None)
+    labels = [i % 3 for i in range(30)]  # the kind each cached image was drawn with
+    report = fit_feature_gate(model, cached(60, 0, kind=None), val, fpr=0.1, val_labels=labels)
+    scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, val)]).numpy()
+    flagged = scores > report["threshold"]
+    expected = {name: {"flagged": int(flagged[np.array(labels) == c].sum()), "n": 10} for c, name in enumerate(model.class_names)}
+    assert report["validation_flagged_by_class"] == expected
+    assert sum(row["flagged"] for row in expected.values()) == round(report["validation_flagged_rate"] * 30) > 0
+    assert "validation_flagged_by_class" not in fit_feature_gate(model, cached(60, 0, kind=None), val, fpr=0.1)

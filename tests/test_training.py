@@ -64,6 +64,10 @@ def test_outputs_of_a_run_with_a_test_dir(data, tmp_path):
     for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "n"):
         assert key in metrics
     assert metrics["n"] == 12 and sum(map(sum, metrics["confusion_matrix"])) == 12
+    # Copies of test images are sought among the 17 images the model trained on, not its validation ones.
+    copies = metrics["audit"]["train_copies"]
+    assert copies["searched"] == "the training split" and copies["n_train"] == 17 and copies["of"] == 12
+    assert copies["pairs"] and all(pair["train_file"].startswith(record["sources"][0] + "/") for pair in copies["pairs"])  # SOURCE/CLASS/FILE
     card = (out / "README.md").read_text()
     assert record["command"] in card and f"{metrics['accuracy']:.3f}" in card
     assert "| test | 4 | 4 | 4 | 12 |" in card

@@ -62,7 +62,7 @@ def test_validation_images_that_are_copies_of_training_images_are_counted_per_cl
     train = Split(noise[:5], [0, 1, 2, 0, 1], [0] * 5, ["s"], [0.0] * 5)
     brighter = (noise[3].int() * 3 // 4 + 40).to(torch.uint8)  # the same film, another exposure
     val = Split(torch.stack([noise[5], brighter, noise[6]]), [0, 0, 2], [0] * 3, ["s"], [0.0] * 3)
-    assert validation_copies(TrainingData(train, val), CLASS_NAMES) == {"n": 1, "of": 3, "by_class": {"Normal": 1, "Viral Pneumonia": 0}}
+    assert validation_copies(TrainingData(train, val), CLASS_NAMES) == {"n": 1, "of": 3, "by_class": {"Normal": {"copies": 1, "n": 2}, "Viral Pneumonia": {"copies": 0, "n": 1}}}
 
 
 def test_with_ema_decay_the_moving_average_is_validated_and_saved(tmp_path, clean_accelerate):
