@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--train-dir", default=None, action="append", metavar="[NAME=]PATH",
                           help="training class folders (default: a sibling train/): the first is what the metadata-only "
                                "baseline learns from; all are searched for copies of the evaluated images, which the "
-                               "report names NAME/CLASS/FILE (NAME defaults to the folder's name). Repeat it for a model "
-                               "trained on several sources")
+                               "report names NAME/CLASS/FILE (NAME defaults to the folder's name, or its parent's for "
+                               "train/ and the like). Repeat it for a model trained on several sources")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures")
     evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     evaluate.set_defaults(func=run_evaluate)

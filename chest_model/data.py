@@ -59,11 +59,17 @@ def source_name(path: str | Path) -> str:
 
 
 def relative_name(path: str | Path, root: str | Path) -> str:
-    """A file's name relative to its data folder: metrics files and cards carry no local paths."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(root).resolve()))
-    except ValueError:
-        return Path(path).name
+    """A file's name relative to its data folder: metrics files and cards carry no local paths.
+
+    As listed first (a symlinked file keeps its place in the folder), then resolved (a root given
+    through a symlink), else the bare file name."""
+    listed, top = Path(path).absolute(), Path(root).absolute()
+    for file, folder in ((listed, top), (listed, top.resolve()), (listed.resolve(), top.resolve())):
+        try:
+            return str(file.relative_to(folder))
+        except ValueError:
+            continue
+    return Path(path).name
 
 
 def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:

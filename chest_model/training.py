@@ -382,9 +382,11 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
 
 def split_files(split: Split, sources: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
     """``(SOURCE/relative path, path)`` of each image of a split, as the copies audit names them."""
+    if len(split.paths) != len(split.labels):
+        raise ValueError(f"a split of {len(split.labels)} images holds {len(split.paths)} paths")
     roots = dict(sources)
     return [(f"{name}/{relative_name(path, roots[name])}", path)
-            for path, name in zip(split.paths, (split.source_names[s] for s in split.sources))]
+            for path, name in zip(split.paths, (split.source_names[s] for s in split.sources), strict=True)]
 
 
 def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, Any]:

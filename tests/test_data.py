@@ -137,3 +137,18 @@ def test_within_source_weights_reduce_to_class_balance_when_every_source_has_one
     labels = [0] * 10 + [0] * 40 + [1] * 25
     sources = [0] * 10 + [1] * 40 + [2] * 25
     assert balanced_weights(labels, sources, by="source").tolist() == pytest.approx(balanced_weights(labels, sources).tolist())
+
+
+def test_relative_names_keep_the_class_folder_of_symlinked_files_and_of_a_symlinked_root(tmp_path):
+    from chest_model.data import relative_name
+
+    real = tmp_path / "elsewhere" / "a.jpg"
+    real.parent.mkdir()
+    real.write_bytes(b"x")
+    linked = tmp_path / "data" / "Covid" / "a.jpg"
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(real)
+    assert relative_name(linked, tmp_path / "data") == "Covid/a.jpg"
+    (tmp_path / "alias").symlink_to(tmp_path / "data")
+    assert relative_name(linked, tmp_path / "alias") == "Covid/a.jpg"
+    assert relative_name(real, tmp_path / "data") == "a.jpg"  # outside the folder: the bare name
