@@ -77,7 +77,7 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         placeholder=LOCAL_PLACEHOLDER,
         repository_url=repository_url(),
         base_model=base_model(config),
-        citations=cited_sources(training_sources(context)),
+        citations=cited_sources(training_sources(context), external_sources(context)),
         config=config.to_dict(),
         training=context.get("training"),
         val_metrics=context.get("val_metrics"),
@@ -139,6 +139,12 @@ def training_sources(context: dict[str, Any]) -> list[str]:
     """The data sources the weights were trained on: the training record's, else what the context names."""
     training = context.get("training") or {}
     return list(training.get("sources") or context.get("sources") or [])
+
+
+def external_sources(context: dict[str, Any]) -> list[str]:
+    """The sources of the external validation sets (a set's own source name, else its name)."""
+    rows = context.get("external_metrics") or {}
+    return list(dict.fromkeys(row.get("source") or row.get("name") or key for key, row in rows.items()))
 
 
 def card_for_repo(card: str, repo_id: str) -> str:

@@ -63,14 +63,22 @@ class Collection:
     cites: tuple[str, ...]            # BibTeX keys: the works its authors ask to be cited
     matches: tuple[str, ...]          # substrings of a normalised source name that mean this collection
     note: str = ""
+    origin: str = ""                  # the one institution its images come from, where there is one
 
 
 # Checked in order: the first collection whose pattern occurs in a source's name is the one.
 COLLECTIONS = (
+    # Before the Radiography Database: its adult normals came from the RSNA challenge, which drew them
+    # from NIH ChestX-ray14, so a source named for them shares its hospital with NIH's own releases.
+    Collection("RSNA Pneumonia Detection Challenge images, via the COVID-19 Radiography Database",
+               "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database",
+               ("chowdhury2020can", "rahman2021exploring"), ("rsna",),
+               note="the RSNA challenge drew its films from NIH ChestX-ray14", origin="NIH Clinical Center"),
     Collection("COVID-19 Radiography Database", "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database",
                ("chowdhury2020can", "rahman2021exploring"), ("radiography",)),
     Collection("NIH ChestX-ray8 / ChestX-ray14", "https://nihcc.app.box.com/v/ChestXray-NIHCC",
-               ("wang2017chestxray8",), ("nih", "cxr8", "cxr14", "chestx-ray", "chestxray8", "chestxray14")),
+               ("wang2017chestxray8",), ("nih", "cxr8", "cxr14", "chestx-ray", "chestxray8", "chestxray14"),
+               origin="NIH Clinical Center"),
     Collection("COVID-19 Image Dataset (Kaggle, Pranav Raikote)", "https://www.kaggle.com/datasets/pranavraikokte/covid19-image-dataset",
                ("cohen2020covid", "kermany2018identifying"), ("covid19-image-dataset", "covid19-dataset", "covid-19-image-dataset"),
                note="compiled from the COVID-19 image data collection (https://github.com/ieee8023/covid-chestxray-dataset) "
@@ -87,16 +95,26 @@ def collection_for(source: str) -> Collection | None:
     return next((c for c in COLLECTIONS if any(pattern in name for pattern in c.matches)), None)
 
 
-def cited_sources(sources: Iterable[str]) -> dict:
-    """``{"collections": [{source, name, url, note}], "bibtex": [entries]}`` for a run's source names.
+def cited_sources(sources: Iterable[str], also_evaluated: Iterable[str] = ()) -> dict:
+    """``{"collections": [{source, name, url, note}], "bibtex": [entries], "shared_origins": [...]}`` for a
+    run's source names.
 
     Each BibTeX entry appears once, in the order the sources name them; unknown sources get
-    ``name: None``.
+    ``name: None``. ``shared_origins`` lists ``{origin, sources}`` for every institution that two or
+    more of the training and ``also_evaluated`` sources come from: one of them left out is not a new
+    hospital, so a figure measured on it is optimistic for films from elsewhere.
     """
+    sources = list(sources)
     collections, keys = [], []
     for source in sources:
         found = collection_for(source)
         collections.append({"source": source, "name": found.name if found else None,
                             "url": found.url if found else None, "note": found.note if found else ""})
         keys += [key for key in (found.cites if found else ()) if key not in keys]
-    return {"collections": collections, "bibtex": [BIBTEX[key] for key in keys]}
+    by_origin: dict[str, list[str]] = {}
+    for source in dict.fromkeys([*sources, *also_evaluated]):
+        found = collection_for(source)
+        if found and found.origin:
+            by_origin.setdefault(found.origin, []).append(source)
+    shared = [{"origin": origin, "sources": names} for origin, names in by_origin.items() if len(names) > 1]
+    return {"collections": collections, "bibtex": [BIBTEX[key] for key in keys], "shared_origins": shared}

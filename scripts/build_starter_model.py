@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.card import card_context_from_folder  # noqa: E402
+from chest_model.citations import cited_sources  # noqa: E402
 from chest_model.calibrate import block_summaries  # noqa: E402
 from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
@@ -173,7 +174,8 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         f"alone scores {audit['metadata_baseline_accuracy']:.3f} on the same images, so the test score is an upper bound on "
         f"what the model learned about lungs.{copies_sentence(audit.get('train_copies'))}\n\n"
         + (f"Sources it was not trained on (leave-one-source-out): {left_out}. "
-           f"{failed_runs_sentence(metrics.get('external', {}))}\n\n" if left_out else "")
+           f"{failed_runs_sentence(metrics.get('external', {}))}{shared_origin_sentence(record['sources'])}\n\n"
+           if left_out else "")
         + f"Non-X-ray images (photographs, documents, other modalities, generated): {ood['flagged']} of {ood['n']} "
         f"flagged as uncertain ({ood['rate']:.0%}).\n\n"
         + targets_sentence(metrics) + " The previous starter model, trained on the tutorial's data alone, called nearly "
@@ -230,6 +232,13 @@ def copies_sentence(copies: dict | None) -> str:
     recalls = ", ".join(f"{name} {value:.3f}" for name, value in copies["recall_without"].items())
     return sentence + (f"; without {'it' if one else 'them'}, accuracy is {copies['accuracy_without']:.3f} and recall "
                        f"per class {recalls}.")
+
+
+def shared_origin_sentence(sources: list[str]) -> str:
+    """The README's warning when two training sources come from one hospital (chest_model.citations)."""
+    return "".join(f" {' and '.join(row['sources'])} come from one hospital, the {row['origin']}: a model trained on one "
+                   "and tested on the other is tested on that hospital's films, so these figures are optimistic for "
+                   "films from elsewhere." for row in cited_sources(sources)["shared_origins"])
 
 
 def external_note(external: dict) -> str:

@@ -69,3 +69,9 @@ def test_the_readme_names_the_test_images_copied_from_training_only_when_there_a
     assert " 1 of the 66 test images (Covid 1 of 26) is a copy of" in one and "without it, accuracy" in one
     assert build.copies_sentence({**copies, "accuracy_without": None}).endswith("; no test image is left without one.")
     assert build.copies_sentence({**copies, "n": 0}) == "" and build.copies_sentence(None) == ""
+
+
+def test_the_readme_says_when_two_training_sources_come_from_one_hospital():
+    sentence = build.shared_origin_sentence(["covid19-image-dataset", "nih-cxr8", "rsna-radiography-db"])
+    assert sentence.startswith(" nih-cxr8 and rsna-radiography-db come from one hospital, the NIH Clinical Center")
+    assert build.shared_origin_sentence(["covid19-image-dataset", "nih-cxr8"]) == ""

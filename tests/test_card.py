@@ -69,6 +69,9 @@ def test_card_cites_exactly_the_collections_it_was_trained_on():
     assert "https://nihcc.app.box.com/v/ChestXray-NIHCC" in three
     assert "https://www.kaggle.com/datasets/tawsifurrahman/covid19-radiography-database" in three
 
+    assert "**Not independent sources:** nih-cxr8 and rsna-covid19-radiography-db come from one hospital, the NIH Clinical Center" in three
+    assert "Not independent" not in one
+
     unknown = render_card(ChestXrayConfig(), {"training": _training_record(["my-hospital"])})
     assert "@article" not in unknown and "my-hospital" in unknown.split("## Citation")[1]
     assert "@article" not in render_card(ChestXrayConfig())
@@ -150,3 +153,18 @@ def test_the_gate_paragraph_gives_the_validation_flags_per_class_beside_the_pool
     assert "set so that 2% of validation X-rays exceed it: on validation, by true class, Normal 2 of 54, Covid 0 of 16)" in card
     without = render_card(config, {"val_metrics": {**val, "feature_gate": {"threshold": 0.922}}})
     assert "set so that 2% of validation X-rays exceed it)," in without
+
+
+def test_sources_from_one_hospital_are_named_even_when_one_is_only_evaluated():
+    from chest_model.citations import cited_sources
+
+    assert cited_sources(["covid19-image-dataset", "nih-cxr8"])["shared_origins"] == []
+    shared = cited_sources(["covid19-image-dataset", "nih-cxr8"], ["rsna-radiography-db"])["shared_origins"]
+    assert shared == [{"origin": "NIH Clinical Center", "sources": ["nih-cxr8", "rsna-radiography-db"]}]
+    assert cited_sources(["nih-a", "nih-a"])["shared_origins"] == []  # one source named twice is one source
+    # A leave-one-source-out run's card: trained on one NIH release, validated externally on the other.
+    external = {"rsna-radiography-db": {"name": "rsna-radiography-db", "n": 10, "true_counts": {"Normal": 10}, "accuracy": 0.8,
+                                        "uncertain_rate": 0.1, "predicted_share": {"Normal": 0.8, "Covid": 0.2, "Viral Pneumonia": 0.0}}}
+    card = render_card(ChestXrayConfig(), {"training": _training_record(["covid19-image-dataset", "nih-cxr8"]),
+                                           "external_metrics": external})
+    assert "nih-cxr8 and rsna-radiography-db come from one hospital (NIH Clinical Center; see Training data)" in card
