@@ -100,7 +100,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             results[name] = evaluate_model(model, path, train_dir=train_dir, train_files=train_files, output_dir=out,
                                            n_bootstrap=args.bootstrap)
         else:
-            results[name] = evaluate_external(model, path, name=name)
+            results[name] = evaluate_external(model, path, name=name, train_files=train_files)
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
         print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:

@@ -135,19 +135,23 @@ def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: n
 
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
-                      batch_size: int = 16) -> dict[str, Any]:
+                      batch_size: int = 16, train_files: list[tuple[str, Path]] | None = None,
+                      train_files_are: str = "the training folders") -> dict[str, Any]:
     """How a set from a source the model was not trained on is classified.
 
     The set may hold only some classes (a folder of adult normals): it reports the share predicted as
-    each class, per true class, the accuracy, and how many inputs the model flagged as uncertain.
+    each class, per true class, the accuracy, and how many inputs the model flagged as uncertain. With
+    ``train_files`` (as for :func:`evaluate_model`), also how many of its images are copies of a
+    training image: a set that holds some is not unseen.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names, partial=True, name=name)
     if problems:
         raise DatasetError("cannot evaluate:\n  - " + "\n  - ".join(problems))
-    images, labels, _, errors = _decode(model, folder)
+    images, labels, paths, errors = _decode(model, folder)
     inference = model.infer(images, batch_size=batch_size)
-    predicted = inference.probabilities.numpy().argmax(axis=1)
+    probs = inference.probabilities.numpy()
+    predicted = probs.argmax(axis=1)
     reasons = inference.reasons(images, model.config)
     uncertain = np.array([bool(r) for r in reasons])
     present = [c for c in range(len(class_names)) if (labels == c).any()]
@@ -167,6 +171,9 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
         "ood": ood_summary(reasons, model.config),
         "unreadable_files": errors,
     }
+    copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], train_files or [], probs)
+    if copies is not None:
+        result["train_copies"] = {**copies, "searched": train_files_are}
     called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
     result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
                         f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"
@@ -179,6 +186,8 @@ def external_summary(result: dict[str, Any]) -> str:
     for true, shares in result["predicted_share_by_true_class"].items():
         lines.append(f"{true:18s} " + " ".join(f"{share:20.1%}" for share in shares.values()))
     lines += [f"accuracy {result['accuracy']:.3f}", f"flagged as uncertain: {result['ood']['flagged']} of {result['n']}"]
+    if "train_copies" in result:
+        lines += copies_lines(result["train_copies"])
     if result["unreadable_files"]:
         lines.append(f"unreadable files skipped: {len(result['unreadable_files'])}")
     return "\n".join(lines)

@@ -588,18 +588,18 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
         logger.warning("the chosen model has not learned %s: do not use it as is; try another --seed, more --epochs "
                        "or a lower --lr", group)
     test_metrics, external = None, {}
+    # Copies of evaluated images are sought among the images the model was trained on (the training
+    # split of every source); the metadata baseline learns from the first source's files.
+    trained_on = {"train_files": split_files(run.data.train, _named(args.data_dir)), "train_files_are": "the training split"}
     if args.test_dir:
         # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
-        # The metadata baseline learns from the first source's files; copies of test images are sought
-        # among the images the model was trained on (the training split of every source).
-        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1],
-                                      train_files=split_files(run.data.train, _named(args.data_dir)),
-                                      train_files_are="the training split", output_dir=output_dir / "eval")
+        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1], **trained_on,
+                                      output_dir=output_dir / "eval")
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                     record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                     test_metrics["audit"]["metadata_baseline_accuracy"])
     for name, path in _named(args.external_dir):
-        external[name] = evaluate_external(model, path, name=name)
+        external[name] = evaluate_external(model, path, name=name, **trained_on)
         logger.info("external %s: %s", name, external[name]["summary"])
     if external:
         output_dir.mkdir(parents=True, exist_ok=True)

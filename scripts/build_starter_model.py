@@ -36,7 +36,7 @@ from chest_model.citations import cited_sources  # noqa: E402
 from chest_model.calibrate import block_summaries  # noqa: E402
 from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
-from chest_model.evaluation import evaluate_model, flagged_by_class_text  # noqa: E402
+from chest_model.evaluation import evaluate_external, evaluate_model, flagged_by_class_text  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
 from chest_model.metrics import flagged_by_class  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
@@ -79,6 +79,7 @@ def main() -> None:
     # The card names datasets and the project's own folders, never this machine's paths.
     moves = [(root.rstrip("/") + "/", new) for root, new in ((args.data_root, "data/"), (args.runs_root, "runs/")) if root]
     external = leave_one_source_out(args.external_run)
+    add_left_out_copies(external, args.external_run)
     for old, new in moves:
         external = relocate_paths(external, old, new)
     metrics["external"] = external
@@ -325,6 +326,23 @@ def leave_one_source_out(run_dirs: list[str]) -> dict:
             raise SystemExit(f"two leave-one-source-out runs left out {row['source']} with seed {row['seed']}")
         external[key] = row
     return external
+
+
+def add_left_out_copies(external: dict, run_dirs: list[str]) -> None:
+    """Give every left-out row its copies audit: how many of the set's images are copies of an image its
+    run trained on (its split rebuilt as train.py built it), for runs recorded before train.py checked."""
+    for run_dir in run_dirs:
+        record = json.loads((Path(run_dir) / "train_config.json").read_text())
+        rows = {row["source"]: row for row in external.values()
+                if row["seed"] == record["hyperparameters"]["seed"] and row["command"] == record["command"]}
+        if all("train_copies" in row for row in rows.values()):
+            continue
+        run_model = ChestXrayClassifier.from_pretrained(run_dir)
+        data, sources = rebuilt_split(record, run_model)
+        trained_on = split_files(data.train, sources)
+        for name, path in parse_data_dirs(record["external_dirs"]):
+            rows[name].setdefault("train_copies", evaluate_external(
+                run_model, path, name=name, train_files=trained_on, train_files_are="the training split")["train_copies"])
 
 
 if __name__ == "__main__":

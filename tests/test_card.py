@@ -168,3 +168,16 @@ def test_sources_from_one_hospital_are_named_even_when_one_is_only_evaluated():
     card = render_card(ChestXrayConfig(), {"training": _training_record(["covid19-image-dataset", "nih-cxr8"]),
                                            "external_metrics": external})
     assert "nih-cxr8 and rsna-radiography-db come from one hospital (NIH Clinical Center; see Training data)" in card
+
+
+def test_the_external_table_says_which_sets_hold_copies_of_training_images():
+    def row(name, copies):
+        out = {"name": name, "n": 10, "true_counts": {"Normal": 10}, "accuracy": 0.8, "uncertain_rate": 0.1,
+               "predicted_share": {"Normal": 0.8, "Covid": 0.2, "Viral Pneumonia": 0.0}}
+        return {**out, "train_copies": {"n": copies, "of": 10}} if copies is not None else out
+
+    card = render_card(ChestXrayConfig(), {"external_metrics": {"a": row("a", 3), "b": row("b", 0), "c": row("c", None)}})
+    assert "| 80% | 20% | 0% | 0.800 | 10% | 3 |" in card and "| 10% | 0 |" in card and "| 10% | not checked |" in card
+    assert "**Not unseen:** 3 of the 10 images of a are copies of an image its model was trained on." in card
+    clean = render_card(ChestXrayConfig(), {"external_metrics": {"b": row("b", 0), "c": row("c", None)}})
+    assert "Not unseen" not in clean

@@ -161,3 +161,21 @@ def test_the_threshold_is_inclusive(bits):
     b[:bits] = True
     report, copied = train_test_copies(a[None], [0], ["Normal/x.png"], b[None], ["s/y.png"], CLASS_NAMES)
     assert copied.tolist() == [bits <= MAX_DISTANCE]
+
+
+def test_an_external_set_says_how_many_of_its_images_the_model_was_trained_on(tmp_path, tiny_model):
+    from chest_model.evaluation import evaluate_external, external_summary
+
+    external = tmp_path / "adults"
+    (external / "Normal").mkdir(parents=True)
+    for example in ("normal.jpeg", "covid.jpeg"):  # two distinct real films, filed as Normal
+        (external / "Normal" / example).write_bytes((EXAMPLES / example).read_bytes())
+    original = cv2.imread(str(EXAMPLES / "covid.jpeg"), cv2.IMREAD_GRAYSCALE)
+    trained = write_image(tmp_path / "train" / "Covid" / "resaved.png", original)
+    result = evaluate_external(tiny_model, external, train_files=[("src/Covid/resaved.png", trained)],
+                               train_files_are="the training split")
+    copies = result["train_copies"]
+    assert copies["n"] == 1 and copies["of"] == 2 and copies["by_class"] == {"Normal": {"copies": 1, "n": 2}}
+    assert copies["pairs"] == [{"file": "Normal/covid.jpeg", "train_file": "src/Covid/resaved.png", "distance": copies["pairs"][0]["distance"]}]
+    assert "copies of training images: 1 of 2 (Normal 1 of 2)" in external_summary(result)
+    assert "train_copies" not in evaluate_external(tiny_model, external)

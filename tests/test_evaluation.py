@@ -184,6 +184,9 @@ def test_readme_and_card_figures_are_the_measured_ones():
     assert f"Covid {copies['recall_without']['Covid']:.3f}" in readme and f"Covid {copies['recall_without']['Covid']:.3f}" in card
     for name, row in shipped["external"].items():
         assert name in card and f"{100 * row['predicted_share']['Covid']:.0f}%" in card
+        # Each left-out set was checked for copies of the images its run trained on.
+        assert row["train_copies"]["searched"] == "the training split" and row["train_copies"]["of"] == row["n"]
+        assert f"| {100 * row['uncertain_rate']:.0f}% | {row['train_copies']['n']} |" in card
         assert f"{row['predicted_share']['Covid']:.0%}" in readme
     assert "/shared/" not in card and "/root" not in card and "/home/" not in card
 

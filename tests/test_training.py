@@ -226,6 +226,10 @@ def test_two_sources_are_merged_split_by_source_and_reported_per_source(tmp_path
     assert sum(external_metrics["predicted_share"].values()) == pytest.approx(1)
     card = (out / "README.md").read_text()
     assert "External validation" in card and "| train | adult-normals | " in card and "children only" in card
+    # Is the external set unseen? Its images are compared with those the model trained on.
+    copies = external_metrics["train_copies"]
+    assert copies["searched"] == "the training split" and copies["n_train"] == sum(record["data_counts"]["train"].values())
+    assert ("**Not unseen:**" in card) == (copies["n"] > 0)
     model = ChestXrayClassifier.from_pretrained(out)
     assert model.config.feature_threshold > 0 and model.config.feature_fpr == 0.02
 
