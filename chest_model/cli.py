@@ -80,27 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .data import DatasetError, parse_data_dirs, scan_image_folder
-    from .evaluation import evaluate_external, evaluate_model, external_summary, folder_files, summary
+    from .evaluation import evaluate_external, evaluate_model, external_summary, folder_files, hash_training_files, summary
 
     model = _load_model(args)
     sets = parse_data_dirs(args.data_dir)
-    train_dir, train_files = None, None
+    train_dir, training_images = None, None
     if args.train_dir:
         train_sources = parse_data_dirs(args.train_dir)
         problems = [p for name, path in train_sources for p in scan_image_folder(path, model.class_names, partial=True, name=name)[1]]
         if problems:
             raise DatasetError("cannot use --train-dir:\n  - " + "\n  - ".join(problems))
-        train_dir, train_files = train_sources[0][1], folder_files(train_sources, model.class_names)
+        # Hashed once for every evaluated set.
+        train_dir = train_sources[0][1]
+        training_images = hash_training_files(model, folder_files(train_sources, model.class_names))
     results = {}
     for name, path in sets:
         folder, _ = scan_image_folder(path, model.class_names, partial=True, name=name)
         complete = all(count > 0 for count in folder.counts().values())
         out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
         if complete:
-            results[name] = evaluate_model(model, path, train_dir=train_dir, train_files=train_files, output_dir=out,
+            results[name] = evaluate_model(model, path, train_dir=train_dir, training_images=training_images, output_dir=out,
                                            n_bootstrap=args.bootstrap)
         else:
-            results[name] = evaluate_external(model, path, name=name, train_files=train_files)
+            results[name] = evaluate_external(model, path, name=name, training_images=training_images)
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
         print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,7 @@ def evaluate_model(
     data_dir: str | Path,
     *,
     train_dir: str | Path | None = None,
-    train_files: list[tuple[str, Path]] | None = None,
-    train_files_are: str = "the training folders",
+    training_images: TrainingHashes | None = None,
     output_dir: str | Path | None = None,
     batch_size: int = 16,
     n_bootstrap: int = 1000,
@@ -45,9 +45,8 @@ def evaluate_model(
     """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given.
 
     ``train_dir`` holds the training files the metadata-only baseline learns from (default: a sibling
-    ``train/``). ``train_files`` are the ``(name shown, path)`` of the training images searched for
-    copies of the evaluated ones (default: every image under ``train_dir``, see :func:`folder_files`),
-    and ``train_files_are`` says what they are, for the report.
+    ``train/``). ``training_images`` are the hashed training images searched for copies of the
+    evaluated ones (:func:`hash_training_files`; default: every image under ``train_dir``).
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names)
@@ -83,11 +82,11 @@ def evaluate_model(
                          metadata_n_train=baseline["n_train"], unreadable_train_files=baseline["unreadable_train_files"])
             if baseline["unreadable_train_files"]:
                 logger.warning("metadata baseline: %d unreadable training files left out", len(baseline["unreadable_train_files"]))
-    if train_files is None and train_dir is not None:
-        train_files = folder_files([(source_name(train_dir), train_dir)], class_names)
-    copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], train_files or [], probs)
+    if training_images is None and train_dir is not None:
+        training_images = hash_training_files(model, folder_files([(source_name(train_dir), train_dir)], class_names))
+    copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], training_images, probs)
     if copies is not None:
-        audit["train_copies"] = {**copies, "searched": train_files_are}
+        audit["train_copies"] = copies
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
@@ -112,22 +111,39 @@ def folder_files(folders: list[tuple[str, str | Path]], class_names: list[str]) 
     return files
 
 
-def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: np.ndarray, files: list[str],
-                 train_files: list[tuple[str, Path]], probs: np.ndarray) -> dict[str, Any] | None:
-    """Which evaluated images are copies of a training image (duplicates.py), and the figures without them;
-    None when no training image could be read (nothing to compare with)."""
+@dataclass
+class TrainingHashes:
+    """The training images evaluated images are compared with (the copies audit): hashed once, then
+    used for every evaluated set."""
+
+    names: list[str]      # SOURCE/CLASS/FILE, as the report names them
+    hashes: np.ndarray    # (N, HASH_BITS) booleans
+    searched: str         # what these images are, for the report
+
+
+def hash_training_files(model: ChestXrayClassifier, files: list[tuple[str, Path]],
+                        searched: str = "the training folders") -> TrainingHashes:
+    """Each readable file of ``(name shown, path)`` decoded as the model does and hashed (unreadable
+    ones are left out: the metadata baseline lists them)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        hashes = list(pool.map(_try_load(model, then=image_hash), [path for _, path in train_files]))
-    readable = [i for i, h in enumerate(hashes) if not isinstance(h, str)]  # unreadable ones: the metadata baseline lists them
-    if not readable:
+        hashes = list(pool.map(_try_load(model, then=image_hash), [path for _, path in files]))
+    readable = [i for i, h in enumerate(hashes) if not isinstance(h, str)]
+    return TrainingHashes([files[i][0] for i in readable], cached_hashes([hashes[i] for i in readable]), searched)
+
+
+def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: np.ndarray, files: list[str],
+                 training: TrainingHashes | None, probs: np.ndarray) -> dict[str, Any] | None:
+    """Which evaluated images are copies of a training image (duplicates.py), and the figures without them;
+    None when there is no training image to compare with."""
+    if training is None or not training.names:
         return None
     report, copied = train_test_copies(cached_hashes([image_hash(im) for im in images]), labels, files,
-                                       cached_hashes([hashes[i] for i in readable]),
-                                       [train_files[i][0] for i in readable], model.class_names)
+                                       training.hashes, training.names, model.class_names)
     fresh, predicted = ~copied, probs.argmax(axis=1)
     report["accuracy_without"] = float((predicted[fresh] == labels[fresh]).mean()) if fresh.any() else None
     report["recall_without"] = {name: float((predicted[fresh & (labels == c)] == c).mean())
                                 for c, name in enumerate(model.class_names) if (fresh & (labels == c)).any()}
+    report["searched"] = training.searched
     if report["n"]:
         logger.warning("%d of %d evaluated images are copies of training images%s", report["n"], report["of"],
                        "" if report["accuracy_without"] is None else f"; without them accuracy is {report['accuracy_without']:.3f}")
@@ -135,13 +151,12 @@ def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: n
 
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
-                      batch_size: int = 16, train_files: list[tuple[str, Path]] | None = None,
-                      train_files_are: str = "the training folders") -> dict[str, Any]:
+                      batch_size: int = 16, training_images: TrainingHashes | None = None) -> dict[str, Any]:
     """How a set from a source the model was not trained on is classified.
 
     The set may hold only some classes (a folder of adult normals): it reports the share predicted as
     each class, per true class, the accuracy, and how many inputs the model flagged as uncertain. With
-    ``train_files`` (as for :func:`evaluate_model`), also how many of its images are copies of a
+    ``training_images`` (as for :func:`evaluate_model`), also how many of its images are copies of a
     training image: a set that holds some is not unseen.
     """
     class_names = model.class_names
@@ -171,9 +186,9 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
         "ood": ood_summary(reasons, model.config),
         "unreadable_files": errors,
     }
-    copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], train_files or [], probs)
+    copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], training_images, probs)
     if copies is not None:
-        result["train_copies"] = {**copies, "searched": train_files_are}
+        result["train_copies"] = copies
     called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
     result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
                         f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"

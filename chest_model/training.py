@@ -39,7 +39,7 @@ from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_trai
                    parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
-from .evaluation import evaluate_external, evaluate_model
+from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .train_config import TrainingConfig, parse_config
@@ -375,7 +375,6 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
             "ema_decay": args.ema_decay,
         },
         "skipped_files": data.skipped,
-        "val_copies_of_train": validation_copies(data, class_names),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
 
@@ -584,22 +583,26 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     record["temperature"] = model.config.temperature
     record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded
     record["unlearned_groups"] = unlearned_groups(val_metrics["by_source"])
+    record["val_copies_of_train"] = validation_copies(run.data, run.class_names)  # after training, not in its start-up
     for group in record["unlearned_groups"]:
         logger.warning("the chosen model has not learned %s: do not use it as is; try another --seed, more --epochs "
                        "or a lower --lr", group)
     test_metrics, external = None, {}
     # Copies of evaluated images are sought among the images the model was trained on (the training
-    # split of every source); the metadata baseline learns from the first source's files.
-    trained_on = {"train_files": split_files(run.data.train, _named(args.data_dir)), "train_files_are": "the training split"}
+    # split of every source), hashed once for the test and every external set; the metadata baseline
+    # learns from the first source's files.
+    trained_on = None
+    if args.test_dir or args.external_dir:
+        trained_on = hash_training_files(model, split_files(run.data.train, _named(args.data_dir)), "the training split")
     if args.test_dir:
         # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
-        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1], **trained_on,
+        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1], training_images=trained_on,
                                       output_dir=output_dir / "eval")
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                     record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                     test_metrics["audit"]["metadata_baseline_accuracy"])
     for name, path in _named(args.external_dir):
-        external[name] = evaluate_external(model, path, name=name, **trained_on)
+        external[name] = evaluate_external(model, path, name=name, training_images=trained_on)
         logger.info("external %s: %s", name, external[name]["summary"])
     if external:
         output_dir.mkdir(parents=True, exist_ok=True)

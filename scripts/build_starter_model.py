@@ -36,7 +36,7 @@ from chest_model.citations import cited_sources  # noqa: E402
 from chest_model.calibrate import block_summaries  # noqa: E402
 from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
-from chest_model.evaluation import evaluate_external, evaluate_model, flagged_by_class_text  # noqa: E402
+from chest_model.evaluation import evaluate_external, evaluate_model, flagged_by_class_text, hash_training_files  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
 from chest_model.metrics import flagged_by_class  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
@@ -71,8 +71,9 @@ def main() -> None:
     # it trained on, as train.py's own evaluation does.
     record = json.loads((run / "train_config.json").read_text())
     data, sources = rebuilt_split(record, model)
-    metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, train_files=split_files(data.train, sources),
-                             train_files_are="the training split", output_dir=staging / "eval")
+    trained_on = hash_training_files(shipped, split_files(data.train, sources), "the training split")
+    metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, training_images=trained_on,
+                             output_dir=staging / "eval")
     ood = check(shipped)
     metrics["ood_check"] = {k: v for k, v in ood.items() if k != "images"}
     metrics["ood_check"]["missed"] = [row["name"] for row in ood["images"] if not row["uncertain"]]
@@ -339,10 +340,10 @@ def add_left_out_copies(external: dict, run_dirs: list[str]) -> None:
             continue
         run_model = ChestXrayClassifier.from_pretrained(run_dir)
         data, sources = rebuilt_split(record, run_model)
-        trained_on = split_files(data.train, sources)
+        trained_on = hash_training_files(run_model, split_files(data.train, sources), "the training split")
         for name, path in parse_data_dirs(record["external_dirs"]):
-            rows[name].setdefault("train_copies", evaluate_external(
-                run_model, path, name=name, train_files=trained_on, train_files_are="the training split")["train_copies"])
+            rows[name].setdefault("train_copies", evaluate_external(run_model, path, name=name,
+                                                                    training_images=trained_on)["train_copies"])
 
 
 if __name__ == "__main__":

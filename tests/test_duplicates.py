@@ -7,7 +7,7 @@ import pytest
 
 from chest_model.config import ChestXrayConfig
 from chest_model.duplicates import HASH_SIZE, MAX_DISTANCE, image_hash, nearest, train_test_copies
-from chest_model.evaluation import copies_lines, evaluate_model, summary
+from chest_model.evaluation import copies_lines, evaluate_model, hash_training_files, summary
 from chest_model.preprocess import Preprocessor
 from helpers import CLASS_NAMES, DATASET, EXAMPLES, make_class_folders, requires_dataset, write_image
 
@@ -82,10 +82,11 @@ def test_evaluation_reports_test_images_copied_from_training_and_the_figures_wit
     assert copies["recall_without"] == {name: float(predicted[f] == name) for name, f in fresh.items()}
     assert "copies of training images: 1 of 3 (Normal 0 of 1, Covid 1 of 1, Viral Pneumonia 0 of 1)" in summary(metrics)
     # Given files (train.py gives its training split): only those are searched, and named as given.
-    only = evaluate_model(tiny_model, test, train_files=[("kids/x.jpg", train / "Covid" / "same-film.jpg")],
-                          train_files_are="the training split", n_bootstrap=20)["audit"]["train_copies"]
+    given = hash_training_files(tiny_model, [("kids/x.jpg", train / "Covid" / "same-film.jpg")], "the training split")
+    only = evaluate_model(tiny_model, test, training_images=given, n_bootstrap=20)["audit"]["train_copies"]
     assert only["n_train"] == 1 and only["pairs"][0]["train_file"] == "kids/x.jpg" and only["searched"] == "the training split"
-    assert "train_copies" not in evaluate_model(tiny_model, test, train_files=[], n_bootstrap=20)["audit"]
+    assert "train_copies" not in evaluate_model(tiny_model, test, training_images=hash_training_files(tiny_model, []),
+                                                n_bootstrap=20)["audit"]
 
 
 def test_without_readable_training_images_the_audit_says_not_checked_and_a_wrong_train_dir_is_an_error(tmp_path, tiny_model, capsys):
@@ -172,8 +173,8 @@ def test_an_external_set_says_how_many_of_its_images_the_model_was_trained_on(tm
         (external / "Normal" / example).write_bytes((EXAMPLES / example).read_bytes())
     original = cv2.imread(str(EXAMPLES / "covid.jpeg"), cv2.IMREAD_GRAYSCALE)
     trained = write_image(tmp_path / "train" / "Covid" / "resaved.png", original)
-    result = evaluate_external(tiny_model, external, train_files=[("src/Covid/resaved.png", trained)],
-                               train_files_are="the training split")
+    result = evaluate_external(tiny_model, external, training_images=hash_training_files(
+        tiny_model, [("src/Covid/resaved.png", trained)], "the training split"))
     copies = result["train_copies"]
     assert copies["n"] == 1 and copies["of"] == 2 and copies["by_class"] == {"Normal": {"copies": 1, "n": 2}}
     assert copies["pairs"] == [{"file": "Normal/covid.jpeg", "train_file": "src/Covid/resaved.png", "distance": copies["pairs"][0]["distance"]}]
