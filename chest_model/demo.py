@@ -111,6 +111,19 @@ def label_value(prediction):
     return LabelData(label=UNCERTAIN, confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked])
 
 
+def clear_results():
+    """Empty label, warning, heat map and states: what the page shows before a file's results arrive."""
+    return None, "", None, None, None
+
+
+def require_upload(path: str | None) -> None:
+    """Stops the page's chain quietly when the upload box was cleared (the API still says what is missing)."""
+    import gradio as gr
+
+    if not path:
+        raise gr.Error("no file", visible=False, print_exception=False)
+
+
 def warning_markdown(reasons: list[str]) -> str:
     if not reasons:
         return ""
@@ -227,11 +240,17 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
             gr.Markdown(service.model_panel(), elem_id="model-panel")
         state, pending_warning = gr.State(), gr.State()
 
+        # Every new upload first clears the last file's results, so a file that cannot be read (or a
+        # cleared upload box) never leaves another file's label, warning or heat map on the page.
         # State outputs stay out of the API: /predict returns the label alone, the page also gets the warning.
-        upload.change(service.predict_with_warning, upload, [label, pending_warning], api_name="predict").then(
-            lambda text: text, pending_warning, warning, api_visibility="private", queue=False).then(
+        upload.change(clear_results, None, [label, warning, heat, state, pending_warning],
+                      api_visibility="private", queue=False).then(
+            require_upload, upload, None, api_visibility="private", queue=False).success(
+            service.predict_with_warning, upload, [label, pending_warning], api_name="predict").success(
+            lambda text: text, pending_warning, warning, api_visibility="private", queue=False).success(
             service.explain, [upload, target, opacity], [heat, state], api_name="explain")
-        target.change(service.explain, [upload, target, opacity], [heat, state], api_visibility="private")
+        target.change(require_upload, upload, None, api_visibility="private", queue=False).success(
+            service.explain, [upload, target, opacity], [heat, state], api_visibility="private")
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
 

@@ -125,6 +125,20 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
             page.wait_for_function("document.querySelector('#ood-warning').innerText.includes('Uncertain')", timeout=60_000)
             assert "colour image" in page.inner_text("#ood-warning")
             assert page.inner_text("#probabilities h2").strip() == "Uncertain"
+            page.wait_for_selector("#gradcam img", timeout=60_000)
+
+            # Clearing the upload box clears the photograph's results, quietly; a file that cannot be read
+            # then gets an error naming it, and no other file's label, warning or heat map stays on the page.
+            page.click("#xray-upload button[aria-label=Clear]")
+            page.wait_for_function("!document.querySelector('#gradcam img')", timeout=30_000)
+            assert page.inner_text("#ood-warning").strip() == "" and page.query_selector("#probabilities h2") is None
+            page.wait_for_timeout(1000)
+            assert page.query_selector_all("[data-testid=toast-body]") == []
+            page.evaluate(DROP, [base64.b64encode(b"not an image\n" * 20).decode(), "scan.png"])
+            toast = page.wait_for_selector("[data-testid=toast-body]", timeout=60_000)
+            assert "scan.png: not an image" in toast.inner_text()
+            assert page.inner_text("#ood-warning").strip() == ""
+            assert page.query_selector("#gradcam img") is None and page.query_selector("#probabilities h2") is None
         finally:
             browser.close()
     assert (tmp_path / "demo.png").stat().st_size > 10_000
