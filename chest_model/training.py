@@ -40,6 +40,7 @@ from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_trai
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
+from .feature_ood import BUFFER_PREFIX
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .train_config import TrainingConfig, parse_config
@@ -545,7 +546,10 @@ def finish(run: Run, best_val: Predictions | None) -> None:
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
     model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False) if run.ema is None else run.ema.module
     if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
-        model.load_state_dict(ChestXrayClassifier.from_pretrained(run.output_dir).state_dict())
+        saved = ChestXrayClassifier.from_pretrained(run.output_dir).state_dict()
+        # A finished run extended with more epochs saved its model with the fitted feature statistics;
+        # they are fitted again below, for the model being trained has none.
+        model.load_state_dict({k: v for k, v in saved.items() if not k.startswith(BUFFER_PREFIX)})
     if best_val is None:  # the best epoch was before a resume
         best_val = predict_logits(accelerator, model, run.val_loader, run.preprocessor, desc="calibrate", block_summaries=True)
     if accelerator.is_main_process:

@@ -88,3 +88,23 @@ def test_with_ema_decay_the_moving_average_is_validated_and_saved(tmp_path, clea
     assert not torch.equal(saved[name], raw[name])  # not the last step's raw weights
     bn_mean = next(k for k in saved if k.endswith("running_mean"))
     assert torch.equal(saved[bn_mean], average[f"module.{bn_mean}"])  # BatchNorm statistics are averaged too
+
+
+def test_a_finished_run_extended_with_more_epochs_keeps_its_best_epoch_and_finishes(tmp_path, clean_accelerate):
+    """Resuming a finished run with a larger --epochs: when the new epochs are no better, the best
+    epoch's saved model (which holds the fitted feature statistics) is the one finished again."""
+    data = make_class_folders(tmp_path / "data", per_class=5, size=40, seed=6)
+    out = tmp_path / "run"
+    # lr 0 keeps the weights (VGG19 has no BatchNorm), so epoch 2 ties epoch 1 and epoch 1 stays best.
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1", "--lr", "0"]
+    assert main([*common, "--epochs", "1"]) == 0
+    first = ChestXrayClassifier.from_pretrained(out).state_dict()
+    assert any(k.startswith("ood_") for k in first)
+    assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["best_epoch"] == 1
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+    again = ChestXrayClassifier.from_pretrained(out).state_dict()
+    assert again.keys() == first.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first if not k.startswith("ood_"))
