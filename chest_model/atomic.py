@@ -1,12 +1,25 @@
-"""Atomic writes: a folder or file is either completely the old one or completely the new one."""
+"""Atomic writes: a folder or file is either completely the old one or completely the new one.
+
+Temporary and set-aside folders are siblings named ``.NAME.tmp-PID-XXXX`` / ``.NAME.old-PID-XXXX``.
+A process killed mid-write leaves one behind; the next write to ``NAME`` removes those of processes
+that no longer run, and puts back an old folder that was set aside when the kill came between the
+two renames of a swap.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from .errors import ChestModelError
+
+
+class NotAFolderError(ChestModelError, FileExistsError):
+    """The path to write a folder to is an existing file."""
 
 
 def fsync_tree(root: Path) -> None:
@@ -17,23 +30,25 @@ def fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, *, keep_existing: bool = True) -> Iterator[Path]:
+def atomic_directory(target: str | Path, *, keep_existing: bool = True, drop: Iterable[str] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``target`` in one rename.
 
     With ``keep_existing``, entries of an existing ``target`` that the new folder does not write
     (checkpoints, history, eval results in a training run's folder) are hard-linked into the new
-    folder first, so they survive the swap without being copied. If anything fails, ``target`` is
-    left untouched and the temporary folder is removed.
+    folder first, so they survive the swap without being copied; those named in ``drop`` are not.
+    If anything fails, ``target`` is left untouched and the temporary folder is removed. A symlink
+    to a folder is written through (the folder it points to is replaced); an existing file is refused.
     """
-    target = Path(target).absolute()
+    target = writable_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = sibling(target, "tmp")
     tmp.mkdir()
+    dropped = set(drop)
     try:
         yield tmp
         if keep_existing and target.is_dir():
             for entry in target.iterdir():
-                if not (tmp / entry.name).exists() and not entry.name.startswith(".tmp-"):
+                if not (tmp / entry.name).exists() and not entry.name.startswith(".tmp-") and entry.name not in dropped:
                     _link_tree(entry, tmp / entry.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -41,15 +56,74 @@ def atomic_directory(target: str | Path, *, keep_existing: bool = True) -> Itera
     replace_directory(tmp, target)
 
 
+def writable_target(target: str | Path) -> Path:
+    """``target`` as an absolute path to write a folder at: symlinks followed, files refused, and
+    what an interrupted earlier write left beside it cleared up."""
+    target = Path(target).absolute()
+    if target.is_symlink():
+        target = target.resolve()
+    if target.exists() and not target.is_dir():
+        raise NotAFolderError(f"{target}: is a file, not a folder; choose another folder to save to")
+    recover_interrupted(target)
+    return target
+
+
+def sibling(target: Path, kind: str) -> Path:
+    """A fresh temporary (``tmp``) or set-aside (``old``) name next to ``target``, owned by this process."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def recover_interrupted(target: str | Path) -> None:
+    """Remove what killed writes to ``target`` left beside it; restore a set-aside folder if ``target`` is gone."""
+    target = Path(target)
+    recover_folder(target.parent, only=target.name)
+
+
+def recover_folder(folder: str | Path, *, only: str | None = None) -> None:
+    """:func:`recover_interrupted` for every name in ``folder`` (or ``only`` that one)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    leftovers = []
+    for entry in folder.iterdir():
+        found = _LEFTOVER.match(entry.name)
+        if found and (only is None or found["name"] == only) and not _running(int(found["pid"])):
+            leftovers.append((found["kind"], folder / found["name"], entry))
+    try:
+        for kind, target, entry in sorted(leftovers, key=lambda item: item[0] != "old"):  # restore before removing
+            if kind == "old" and not target.exists():
+                os.rename(entry, target)
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+    except OSError:  # a read-only folder: leave it as it is
+        pass
+
+
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def replace_directory(tmp: str | Path, target: str | Path) -> None:
     """Make the finished folder ``tmp`` (a sibling of ``target``) be ``target``: synced, then renamed in.
 
     An existing ``target`` is renamed aside first and removed only once the new one is in place;
     if anything fails, it is renamed back and ``tmp`` is removed, so ``target`` is either completely
-    the old folder or completely the new one.
+    the old folder or completely the new one (after a kill between the two renames, the next write
+    or load puts the old one back: :func:`recover_interrupted`).
     """
     tmp, target = Path(tmp), Path(target)
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    old = sibling(target, "old")
     try:
         fsync_tree(tmp)
         if target.exists():

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, recover_interrupted, writable_target
 from .config import ChestXrayConfig, ConfigError
 from .errors import ChestModelError
 from .feature_ood import BUFFER_PREFIX
@@ -47,18 +47,57 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
     """
     from .card import render_card
 
-    directory = Path(directory)
+    directory = writable_target(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if weights_dtype is not None:
         # Feature statistics stay fp32: a precision matrix's entries can overflow float16.
         state = {k: v.to(weights_dtype) if v.is_floating_point() and not k.startswith(BUFFER_PREFIX) else v
                  for k, v in state.items()}
-    with atomic_directory(directory) as tmp:
+    # With no card context given, the card and records of the folder the model was loaded from still
+    # describe it while it is unchanged, and travel with it; records in the target that describe
+    # another model would be false next to this one, and are dropped.
+    source = unchanged_source(model) if card_context is None and weights_dtype is None else None
+    stale = [] if card_context is not None else _stale_records(directory, model)
+    with atomic_directory(directory, drop=stale) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _chmod_like_new_file(tmp / WEIGHTS_NAME)
         model.config.save(tmp / CONFIG_NAME)
-        (tmp / CARD_NAME).write_text(render_card(model.config, card_context), encoding="utf-8")
+        if source is not None:
+            for name in (CARD_NAME, *MODEL_RECORDS):
+                if (source / name).exists() and not (tmp / name).exists():
+                    _copy_tree(source / name, tmp / name)
+        if not (tmp / CARD_NAME).exists():
+            (tmp / CARD_NAME).write_text(render_card(model.config, card_context), encoding="utf-8")
+    if stale:
+        logger.warning("%s held another model; its records (%s) described that model and were removed",
+                       directory, ", ".join(stale))
     return directory
+
+
+# What a model folder may hold about the model in it, besides the card: training records, evaluations.
+MODEL_RECORDS = ("train_config.json", "val_metrics.json", "history.json", "training_curves.png", "metrics.json",
+                 "card_context.json", "eval")
+
+
+def unchanged_source(model: ChestXrayClassifier) -> Path | None:
+    """The folder the model was loaded from, while it still holds exactly this model."""
+    source = Path(model.folder) if getattr(model, "folder", None) else None
+    return source if source is not None and (source / CARD_NAME).is_file() and _holds_model(source, model) else None
+
+
+def _stale_records(directory: Path, model: ChestXrayClassifier) -> list[str]:
+    """The records in ``directory`` when it holds a model other than ``model``."""
+    holds_a_model = (directory / CONFIG_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
+    if not holds_a_model or _holds_model(directory, model):
+        return []
+    return [name for name in MODEL_RECORDS if (directory / name).exists()]
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
 
 
 def _chmod_like_new_file(path: Path) -> None:
@@ -84,6 +123,8 @@ def resolve_model_folder(
 ) -> Path:
     """A local folder as is, or a Hub repo downloaded (config, weights and card only) to the cache."""
     path = Path(name_or_path).expanduser()
+    if not path.exists():
+        recover_interrupted(path)  # a save killed between its two renames set the folder aside
     if path.is_dir():
         return path
     text = str(name_or_path)

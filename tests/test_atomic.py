@@ -58,3 +58,35 @@ def test_atomic_directory_keeps_unwritten_entries_and_cleans_up_on_error(tmp_pat
             raise RuntimeError("interrupted")
     assert _contents(target) == {"weights": "new", "history": "kept"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_folder_set_aside_by_a_killed_swap_is_put_back_and_leftovers_removed(tmp_path):
+    """Killed between the swap's two renames: the old folder is set aside and the target is missing."""
+    pid = _dead_pid()
+    _folder(tmp_path / f".run.old-{pid}-0123abcd", weights="old")
+    _folder(tmp_path / f".run.tmp-{pid}-4567abcd", weights="half")
+    _folder(tmp_path / f".run.tmp-{os.getpid()}-89abcdef", weights="mine, in progress")
+    _folder(tmp_path / f".other.tmp-{pid}-0123abcd", weights="not this target's")
+    atomic.recover_interrupted(tmp_path / "run")
+    assert _contents(tmp_path / "run") == {"weights": "old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["run", f".run.tmp-{os.getpid()}-89abcdef", f".other.tmp-{pid}-0123abcd"])
+    atomic.recover_folder(tmp_path)  # every name in the folder
+    assert f".other.tmp-{pid}-0123abcd" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_model_set_aside_by_a_killed_save_loads_again(tmp_path):
+    from chest_model import ChestXrayClassifier
+
+    ChestXrayClassifier(image_size=32, hidden_size=8).save_pretrained(tmp_path / "m")
+    os.rename(tmp_path / "m", tmp_path / f".m.old-{_dead_pid()}-0123abcd")
+    assert ChestXrayClassifier.from_pretrained(tmp_path / "m").config.image_size == 32

@@ -273,3 +273,76 @@ def test_a_model_changed_since_loading_does_not_push_the_old_card(tiny_model, tm
     (upload,) = fake_hub
     assert "measured run" not in upload["files"]["README.md"].decode()
     assert upload["files"]["model.safetensors"] != (folder / "model.safetensors").read_bytes()
+
+
+def test_saving_another_model_over_a_folder_drops_the_records_that_described_the_old_one(tiny_model, tmp_path, caplog):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder)
+    (folder / "metrics.json").write_text(json.dumps({"accuracy": 0.99, "n": 66}))
+    (folder / "eval").mkdir()
+    (folder / "eval" / "metrics.json").write_text("{}")
+    (folder / "notes.txt").write_text("mine")
+    other = ChestXrayClassifier(tiny_model.config)
+    with caplog.at_level("WARNING"):
+        other.save_pretrained(folder)
+    assert {p.name for p in folder.iterdir()} == MODEL_FILES | {"notes.txt"}
+    assert "held another model" in caplog.text and "metrics.json" in caplog.text
+    # The same model saved again keeps them: they still describe it.
+    (folder / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "n": 66}))
+    other.save_pretrained(folder)
+    assert json.loads((folder / "metrics.json").read_text())["accuracy"] == 0.5
+
+
+def test_a_loaded_model_saved_elsewhere_keeps_its_card_and_records_while_unchanged(tiny_model, tmp_path):
+    source = tmp_path / "source"
+    tiny_model.save_pretrained(source, card_context={"model_name": "the measured one"})
+    (source / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "n": 8}))
+    loaded = ChestXrayClassifier.from_pretrained(source)
+    loaded.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "README.md").read_text() == (source / "README.md").read_text()
+    assert (tmp_path / "copy" / "metrics.json").read_text() == (source / "metrics.json").read_text()
+    with torch.no_grad():  # changed since loading: a fresh card, no records
+        next(loaded.parameters()).add_(1.0)
+    loaded.save_pretrained(tmp_path / "changed")
+    assert {p.name for p in (tmp_path / "changed").iterdir()} == MODEL_FILES
+    assert "the measured one" not in (tmp_path / "changed" / "README.md").read_text()
+
+
+def test_saving_onto_a_file_is_refused_and_a_symlink_is_written_through(tiny_model, tmp_path):
+    from chest_model import ChestModelError
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    with pytest.raises(ChestModelError, match="afile: is a file, not a folder"):
+        tiny_model.save_pretrained(afile)
+    assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    tiny_model.save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and {p.name for p in (tmp_path / "real").iterdir()} == MODEL_FILES
+
+
+def test_what_a_killed_save_leaves_is_cleared_by_the_next_save(tmp_path):
+    """A real process saving a full-size model in a loop, killed with SIGKILL mid-write."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "m"
+    script = ("import sys; from chest_model import ChestXrayClassifier; m = ChestXrayClassifier(); "
+              "[m.save_pretrained(sys.argv[1]) for _ in range(1000)]")
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(folder)])
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(p.name.startswith(".m.tmp-") for p in tmp_path.iterdir()):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if any(p.name.startswith(".m.") for p in tmp_path.iterdir()):
+            break
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+    assert leftovers, "no kill landed inside a save"
+    ChestXrayClassifier(image_size=32, hidden_size=8).save_pretrained(folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert ChestXrayClassifier.from_pretrained(folder).config.image_size == 32
