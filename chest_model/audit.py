@@ -104,11 +104,16 @@ def mask_center(image: np.ndarray, *, keep: bool) -> np.ndarray:
     return out
 
 
-def verdict(model_accuracy: float, metadata_accuracy: float, center_masked_accuracy: float, chance: float) -> str:
-    """A plain-language reading of the audit figures."""
+def verdict(model_accuracy: float, metadata_accuracy: float | None, center_masked_accuracy: float, chance: float) -> str:
+    """A plain-language reading of the audit figures (``metadata_accuracy`` None: that check did not run)."""
     notes = []
-    if metadata_accuracy >= max(0.6, chance + 0.25):
+    if metadata_accuracy is not None and metadata_accuracy >= max(0.6, chance + 0.25):
         notes.append(f"file metadata alone reaches {metadata_accuracy:.0%}: the classes differ by source, not only by anatomy")
     if center_masked_accuracy >= max(chance + 0.2, model_accuracy - 0.1):
         notes.append(f"with the lungs hidden the model still scores {center_masked_accuracy:.0%}: it reads cues outside the lungs")
-    return "; ".join(notes) if notes else "no shortcut detected by these two checks (which does not prove there is none)"
+    if notes:
+        return "; ".join(notes)
+    if metadata_accuracy is None:
+        return ("no shortcut detected with the lungs hidden; the metadata check did not run (no training folder), "
+                "and neither proves there is none")
+    return "no shortcut detected by these two checks (which does not prove there is none)"

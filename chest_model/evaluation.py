@@ -87,7 +87,7 @@ def evaluate_model(
     copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], training_images, probs)
     if copies is not None:
         audit["train_copies"] = copies
-    audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"] or 0.0, audit["center_masked_accuracy"], chance)
+    audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"], audit["center_masked_accuracy"], chance)
     metrics["audit"] = audit
 
     metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
@@ -203,8 +203,7 @@ def external_summary(result: dict[str, Any]) -> str:
     lines += [f"accuracy {result['accuracy']:.3f}", f"flagged as uncertain: {result['ood']['flagged']} of {result['n']}"]
     if "train_copies" in result:
         lines += copies_lines(result["train_copies"])
-    if result["unreadable_files"]:
-        lines.append(f"unreadable files skipped: {len(result['unreadable_files'])}")
+    lines += unreadable_lines(result["unreadable_files"])
     return "\n".join(lines)
 
 
@@ -284,14 +283,20 @@ def summary(metrics: dict[str, Any]) -> str:
         f"  majority class            {audit['majority_class_accuracy']:.3f}",
         f"  -> {audit['verdict']}",
         *copies_lines(audit.get("train_copies")),
-        f"flagged as not chest X-ray: {metrics['ood']['flagged']} of {metrics['n']}"
+        f"flagged as uncertain: {metrics['ood']['flagged']} of {metrics['n']}"
         + flagged_by_class_text(metrics["ood"]),
     ]
-    if metrics["unreadable_files"]:
-        lines.append(f"unreadable files skipped: {len(metrics['unreadable_files'])}")
+    lines += unreadable_lines(metrics["unreadable_files"])
     if audit.get("unreadable_train_files"):
         lines.append(f"unreadable training files left out of the metadata baseline: {len(audit['unreadable_train_files'])}")
     return "\n".join(lines)
+
+
+def unreadable_lines(errors: list[str]) -> list[str]:
+    """Each file that could not be read, by name and problem: it is not in any figure above."""
+    if not errors:
+        return []
+    return [f"unreadable files skipped ({len(errors)}; not in the figures above):", *(f"  - {e}" for e in errors)]
 
 
 def copies_lines(copies: dict[str, Any] | None) -> list[str]:

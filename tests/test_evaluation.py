@@ -86,10 +86,16 @@ def test_several_named_sets_are_reported_separately_and_a_one_class_set_gives_sh
         for path in (adults / name).iterdir():
             path.unlink()
         (adults / name).rmdir()
+    (adults / "Normal" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (tmp_path / "data" / "test" / "Covid" / "empty.jpg").write_bytes(b"")
     tiny_model.save_pretrained(tmp_path / "model")
     result = cli("evaluate", "--model", str(tmp_path / "model"), "--data-dir", f"kids={tmp_path / 'data' / 'test'}",
                  "--data-dir", f"adult-normals={adults}", "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50")
     assert result.returncode == 0, result.stderr
+    # Files left out are named, with their problem, in each set's printed report (not only counted).
+    kids, adults_text = result.stdout.split("== adult-normals ==")
+    assert "unreadable files skipped (1; not in the figures above)" in kids and "empty.jpg: empty file" in kids
+    assert "broken.png" in adults_text and "broken.png" not in kids
     assert "== kids ==" in result.stdout and "== adult-normals ==" in result.stdout
     sets = json.loads((tmp_path / "eval" / "metrics.json").read_text())["sets"]
     assert sets["kids"]["n"] == 9 and KEYS <= set(sets["kids"])
