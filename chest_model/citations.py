@@ -90,6 +90,10 @@ COLLECTIONS = (
 )
 
 
+# The tutorial's dataset: children's Normal and Viral Pneumonia films against adults' Covid films.
+REFERENCE_COLLECTION = next(c for c in COLLECTIONS if "covid19-image-dataset" in c.matches)
+
+
 def collection_for(source: str) -> Collection | None:
     name = source.lower().replace("_", "-").replace(" ", "-")
     return next((c for c in COLLECTIONS if any(pattern in name for pattern in c.matches)), None)

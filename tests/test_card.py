@@ -21,7 +21,8 @@ def test_card_metadata_and_sections_without_measurements():
     card = render_card(ChestXrayConfig())
     meta = _front_matter(card)
     assert meta["pipeline_tag"] == "image-classification" and meta["library_name"] == "chest-xray-classifier"
-    assert meta["license"] and meta["tags"] and meta["datasets"] and meta["metrics"]
+    assert meta["license"] and meta["tags"] and meta["metrics"]
+    assert "datasets" not in meta and "model_name" not in meta  # no Hub dataset id is known; no model-index to name
     for section in ("## Intended use", "## Out-of-scope use", "## Training data", "## Evaluation", "## Limitations", "## How to use"):
         assert section in card
     assert "research demo, not for clinical use" in card.lower()
@@ -181,3 +182,20 @@ def test_the_external_table_says_which_sets_hold_copies_of_training_images():
     assert "**Not unseen:** 3 of the 10 images of a are copies of an image its model was trained on." in card
     clean = render_card(ChestXrayConfig(), {"external_metrics": {"b": row("b", 0), "c": row("c", None)}})
     assert "Not unseen" not in clean
+
+
+def test_the_tutorial_datasets_caveats_appear_only_for_models_trained_on_it():
+    metrics = {"n": 9, "accuracy": 0.5, "macro_f1": 0.5, "per_class": {}, "roc_auc": {"macro": 0.6},
+               "audit": {"metadata_baseline_accuracy": 0.81, "center_masked_accuracy": 0.4, "center_only_accuracy": 0.5,
+                         "majority_class_accuracy": 0.34, "verdict": "file metadata alone reaches 81%"}}
+    kaggle = render_card(ChestXrayConfig(), {"training": _training_record(["covid19-image-dataset"]), "test_metrics": metrics})
+    assert "**Known source confounding:**" in kaggle and "Viral Pneumonia was learned from children only" in kaggle
+    assert "scores 81% on its test split" in kaggle
+    results = _front_matter(kaggle)["model-index"][0]["results"][0]
+    assert results["dataset"] == {"type": "covid19-image-dataset", "name": "COVID-19 Image Dataset (test split)", "split": "test"}
+
+    mine = render_card(ChestXrayConfig(), {"training": _training_record(["My Hospital 2024"]), "test_metrics": metrics})
+    assert "Known source confounding" not in mine and "children only" not in mine and "Pranav Raikote" not in mine
+    assert "**Check for source confounding:**" in mine and "scores 81% on the test split" in mine
+    results = _front_matter(mine)["model-index"][0]["results"][0]
+    assert results["dataset"] == {"type": "my-hospital-2024", "name": "test split", "split": "test"}
