@@ -10,11 +10,10 @@ import hashlib
 import json
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
-from .atomic import replace_directory
+from .atomic import recover_folder, replace_directory, sibling
 from .errors import ChestModelError
 
 MANIFEST = "manifest.json"
@@ -38,9 +37,10 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
     """Save model, optimizer, scheduler and RNG states plus ``trainer_state``; all processes must call."""
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / f"step_{global_step:08d}"
-    tmp = checkpoints_dir / f".tmp-step_{global_step:08d}-{uuid.uuid4().hex[:6]}"
+    tmp = sibling(final, "tmp")
     if accelerator.is_main_process:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        recover_folder(checkpoints_dir)  # what a killed run left half-written
     tmp = Path(accelerator_broadcast_str(accelerator, str(tmp)))
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
@@ -90,6 +90,23 @@ def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     return path
+
+
+def check_same_recipe(path: Path, saved: dict[str, Any] | None, asked: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint with other training settings: the weights, optimizer and data
+    order it holds belong to its own. (Checkpoints written before settings were recorded pass.)"""
+    if saved is None:
+        return
+    changed = [f"--{key.replace('_', '-')} {_shown(saved.get(key))} (now {_shown(asked.get(key))})"
+               for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"{path}: this checkpoint was trained with other settings: {'; '.join(changed)}. Resume with the "
+            "run's own settings (its train_config.json records the command), or start a new run in another --output-dir")
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
     names = [name for name, _ in pairs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DatasetError(f"two data folders share the source name(s) {duplicates}; name them with NAME=PATH")
+        raise DatasetError(f"two data folders share the source name(s) {duplicates}; give each folder its own NAME with NAME=PATH")
     return pairs
 
 

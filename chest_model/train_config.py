@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 
 from .config import DEFAULT_CLASS_NAMES
@@ -54,13 +55,38 @@ class TrainingConfig:
     checkpointing_steps: str  # "epoch", a number of batches, or "none"
     checkpoints_total_limit: int
     resume_from_checkpoint: str | None
+    overwrite_output_dir: bool
     push_to_hub: str | None
     hub_private: bool
     report_to: str
 
+    def recipe(self) -> dict:
+        """The settings a checkpoint belongs to: a resume must ask for the same ones. Data folders
+        are compared as absolute paths, so a resume from another working folder still matches."""
+        settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_CHANGES}
+        settings["data_dir"] = [_absolute_spec(spec) for spec in self.data_dir]
+        settings["val_dir"] = os.path.abspath(self.val_dir) if self.val_dir else None
+        return settings
+
     def scalars(self) -> dict[str, int | float | str | bool]:
         """The settings a tracker can log as hyperparameters."""
         return {k: v for k, v in dataclasses.asdict(self).items() if isinstance(v, (int, float, str, bool))}
+
+
+# What may differ between a run and its resume: more epochs, where results go, how it is run and
+# logged, and what is evaluated at the end. Everything else shapes the weights a checkpoint holds.
+RESUMABLE_CHANGES = frozenset({
+    "epochs", "test_dir", "external_dir", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
+    "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_private", "report_to", "cpu_threads",
+    "num_workers", "mixed_precision", "ood_fpr"})
+
+
+def _absolute_spec(spec: str) -> str:
+    """``[NAME=]PATH`` with PATH made absolute (the NAME rule of ``chest_model.data.parse_data_dirs``)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or "/" in name or os.sep in name:
+        return os.path.abspath(spec)
+    return f"{name}={os.path.abspath(path)}"
 
 
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:
@@ -136,6 +162,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpointing-steps", default="epoch", help="'epoch', a number of batches, or 'none'")
     run.add_argument("--checkpoints-total-limit", type=int, default=2)
     run.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
+    run.add_argument("--overwrite-output-dir", action="store_true",
+                     help="start over in an --output-dir that holds an earlier run's checkpoints (they are deleted)")
     run.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the final model folder to this Hub repo")
     run.add_argument("--hub-private", action="store_true")
     run.add_argument("--report-to", default="none", help="accelerate trackers: none, all, tensorboard, wandb, ...")

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -38,6 +39,7 @@ from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
                    parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
+from .errors import ChestModelError
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return train(args, command)
     except Interrupted as stop:
         return 128 + stop.signum
+    except ChestModelError as err:  # bad data, a checkpoint that does not fit: the message says it all
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
 
 
 def launch_command(argv: list[str]) -> str:
@@ -209,6 +214,8 @@ def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str
         if path:
             folders[split], more = scan_image_folder(path, class_names)
             problems += more
+    for name, path in _named(args.external_dir):  # checked now, not after the training
+        problems += scan_image_folder(path, class_names, partial=True, name=name)[1]
     if problems:
         raise DatasetError("cannot train, the data has problems:\n  - " + "\n  - ".join(problems))
     return folders
@@ -322,7 +329,8 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     if sampled_prior is not None:
         record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
-              class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None}, select,
+              class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
+                                        "recipe": args.recipe()}, select,
               memory_format, logit_offset, ema)
     resume(run)
     return run
@@ -405,14 +413,27 @@ def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, A
 
 
 def resume(run: Run) -> None:
-    if not run.args.resume_from_checkpoint:
-        return
     checkpoints_dir = run.output_dir / "checkpoints"
+    if not run.args.resume_from_checkpoint:
+        earlier = ckpt.list_checkpoints(checkpoints_dir)
+        if earlier and not run.args.overwrite_output_dir:
+            raise ckpt.CheckpointError(
+                f"{checkpoints_dir}: holds checkpoints of an earlier run ({', '.join(p.name for p in earlier)}). "
+                "Continue it with --resume-from-checkpoint latest, pass --overwrite-output-dir to start over "
+                "(its checkpoints are deleted), or choose another --output-dir")
+        if earlier and run.accelerator.is_main_process:
+            logger.warning("--overwrite-output-dir: deleting the earlier run's checkpoints in %s", checkpoints_dir)
+            for old in earlier:
+                shutil.rmtree(old)
+        run.accelerator.wait_for_everyone()
+        return
     path = ckpt.resolve_checkpoint(run.args.resume_from_checkpoint, checkpoints_dir)
     if path is None:
         logger.info("no checkpoint in %s yet; starting from scratch", checkpoints_dir)
         return
-    run.state = ckpt.verify_checkpoint(path)
+    state = ckpt.verify_checkpoint(path)
+    ckpt.check_same_recipe(path, state.get("recipe"), run.state["recipe"])
+    run.state = state
     run.accelerator.load_state(str(path))
     logger.info("resumed from %s (epoch %d, batch %d)", path, run.state["epoch"] + 1, run.state["step_in_epoch"])
 
@@ -604,7 +625,9 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
                                       output_dir=output_dir / "eval")
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                     record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
-                    test_metrics["audit"]["metadata_baseline_accuracy"])
+                    _figure(test_metrics["audit"]["metadata_baseline_accuracy"]))
+        for message in test_metrics["unreadable_files"]:
+            logger.warning("test file left out: %s", message)
     for name, path in _named(args.external_dir):
         external[name] = evaluate_external(model, path, name=name, training_images=trained_on)
         logger.info("external %s: %s", name, external[name]["summary"])
@@ -624,6 +647,10 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     if args.push_to_hub:
         url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
         logger.info("pushed to %s", url)
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _named(specs: list[str]) -> list[tuple[str, Path]]:

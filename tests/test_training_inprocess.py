@@ -108,3 +108,44 @@ def test_a_finished_run_extended_with_more_epochs_keeps_its_best_epoch_and_finis
     again = ChestXrayClassifier.from_pretrained(out).state_dict()
     assert again.keys() == first.keys()
     assert all(torch.equal(first[k], again[k]) for k in first if not k.startswith("ood_"))
+
+
+def test_an_earlier_runs_checkpoints_are_never_mixed_with_a_new_run(tmp_path, clean_accelerate, capsys, monkeypatch):
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1", "--epochs", "1"]
+    assert main(common) == 0
+    (earlier,) = (out / "checkpoints").glob("step_*")
+    capsys.readouterr()
+
+    # A new run (no resume) into the same folder is refused before any work, with what to do.
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert earlier.name in err and "--resume-from-checkpoint latest" in err and "--overwrite-output-dir" in err
+    # Resuming with settings that shape the weights is refused too, naming each one.
+    assert main([*common[:-2], "--epochs", "2", "--image-size", "48", "--lr", "0.01", "--resume-from-checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size 32 (now 48)" in err and "--lr 0.001 (now 0.01)" in err and "--epochs" not in err
+    assert list((out / "checkpoints").glob("step_*")) == [earlier]
+    # From another working folder, the same data given by a relative path still resumes.
+    monkeypatch.chdir(tmp_path)
+    assert main(["--data-dir", "data", *common[2:-2], "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 0
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+    # --overwrite-output-dir starts over, and the earlier checkpoints go.
+    assert main([*common, "--overwrite-output-dir"]) == 0
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1]
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == [earlier.name]  # epoch 2's is gone
+
+
+def test_a_mistyped_external_dir_stops_the_run_before_training(tmp_path, clean_accelerate, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    status = main(["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--weights", "none",
+                   "--epochs", "1", "--external-dir", f"typo={tmp_path / 'nosuch'}"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nosuch'}: data folder does not exist" in err and "Traceback" not in err
+    assert not out.exists()
