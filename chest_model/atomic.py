@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import ChestModelError
 
 
-class NotAFolderError(ChestModelError, FileExistsError):
+class NotAFolderError(ChestModelError, ValueError):
     """The path to write a folder to is an existing file."""
 
 

@@ -205,7 +205,9 @@ def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, 
             "uncertain": result["uncertain"], "reasons": result["reasons"]}
         print(json.dumps(record), flush=True)
     elif error:
-        print(f"{path}: ERROR {error}", file=sys.stderr, flush=True)
+        # Errors already name their file; say it once.
+        detail = error[len(path) + 1:].lstrip() if error.startswith(f"{path}:") else error
+        print(f"{path}: ERROR {detail}", file=sys.stderr, flush=True)
     else:
         scores = "  ".join(f"{name}={p:.3f}" for name, p in result["probabilities"].items())
         flag = f"  [uncertain: {'; '.join(result['reasons'])}]" if result["uncertain"] else ""

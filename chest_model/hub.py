@@ -7,6 +7,7 @@ validated; saving is atomic; and the card on the Hub is ours.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -148,10 +149,13 @@ def resolve_model_folder(
     except HFValidationError:
         raise ModelLoadError(f"{text}: neither a local folder nor a valid Hugging Face Hub repo id") from None
     except Exception as err:  # noqa: BLE001 - offline, 404, auth: all end here with advice
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        advice = ("HF_HUB_OFFLINE is set and it is not in the local cache: download it once with a network, "
+                  "or pass a local model folder" if offline else
+                  "If it is a local folder, check the path; if it is a Hub repo, check the name, your network "
+                  "and your token (`hf auth login`); models already in the cache load with HF_HUB_OFFLINE=1")
         raise ModelLoadError(
-            f"{text}: could not download from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "If it is a local folder, check the path; if it is a Hub repo, check the name, your network "
-            "and your token (`hf auth login`); models already in the cache load with HF_HUB_OFFLINE=1."
+            f"{text}: could not download from the Hugging Face Hub ({type(err).__name__}: {err}). {advice}."
         ) from None
     return Path(folder)
 
@@ -168,6 +172,10 @@ def load_model(
     map_location: str | torch.device = "cpu",
     **config_overrides: Any,
 ) -> ChestXrayClassifier:
+    unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(ChestXrayConfig)})
+    if unknown:  # before any download: a mistyped argument is not the model's fault
+        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {unknown}; it takes revision, cache_dir, "
+                        "force_download, local_files_only, token, map_location, and ChestXrayConfig fields to override")
     folder = resolve_model_folder(
         name_or_path,
         revision=revision,
@@ -179,7 +187,10 @@ def load_model(
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        found = f" It has {', '.join(pickles)}, which" if pickles else " Pickle checkpoints (.bin, .pt, .pth, .ckpt)"
+        if not pickles:
+            raise ModelLoadError(f"{name_or_path}: no {WEIGHTS_NAME}: not a saved model folder (save_pretrained "
+                                 f"writes {CONFIG_NAME}, {WEIGHTS_NAME} and {CARD_NAME})")
+        found = f" It has {', '.join(pickles)}, which"
         raise ModelLoadError(
             f"{name_or_path}: no {WEIGHTS_NAME}.{found} are never loaded, because unpickling can run "
             "arbitrary code. Convert the weights to safetensors (safetensors.torch.save_file) in a "
@@ -207,13 +218,12 @@ def load_model(
     if missing or unexpected or mismatched:
         details = []
         if missing:
-            details.append(f"missing tensors {missing}")
+            details.append(f"missing tensors {_first(missing)}")
         if unexpected:
-            details.append(f"unexpected tensors {unexpected}")
+            details.append(f"unexpected tensors {_first(unexpected)}")
         if mismatched:
-            details.append(
-                "shape mismatch " + ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched)
-            )
+            details.append("shape mismatch " + _first(
+                [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]))
         raise ModelLoadError(f"{weights}: does not match {CONFIG_NAME}: " + "; ".join(details))
     # Weights may be stored in half precision to keep the file small; compute in fp32.
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
@@ -222,6 +232,12 @@ def load_model(
     model.folder = str(folder)
     model.revision = revision
     return model.eval()
+
+
+def _first(items: list[str], n: int = 4) -> str:
+    """A long list of tensor names, shortened: the first few say what is wrong."""
+    shown = ", ".join(items[:n])
+    return f"{shown} and {len(items) - n} more ({len(items)} in all)" if len(items) > n else shown
 
 
 def push_model(

@@ -206,6 +206,10 @@ class ChestXrayClassifier(
 
         if kwargs.pop("push_to_hub", False):
             raise TypeError("use model.push_to_hub(repo_id) to upload")
+        if kwargs.pop("safe_serialization", True) is False:
+            raise ValueError("weights are only saved as safetensors: pickled weights are never written or loaded")
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}")
         save_model_folder(self, save_directory, card_context=card_context, weights_dtype=weights_dtype)
 
     @classmethod

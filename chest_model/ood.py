@@ -60,7 +60,7 @@ def image_flags(image: np.ndarray, max_chroma: float = MAX_CHROMA) -> list[str]:
 
 def confidence_flag(probabilities: dict[str, float], min_confidence: float) -> list[str]:
     top = max(probabilities.values())
-    return [f"low confidence ({top:.2f} < {min_confidence:.2f}: no class has a clear majority)"] if top < min_confidence else []
+    return [f"low confidence ({top:.3f} < {min_confidence:.3f}: no class has a clear majority)"] if top < min_confidence else []
 
 
 def feature_flag(score: float | None, config) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # a plain checkout holds chest_model/ next to demo/
 
-from chest_model import ChestXrayClassifier  # noqa: E402
+from chest_model import ChestModelError, ChestXrayClassifier  # noqa: E402
 from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, launch_options  # noqa: E402
 
 DEFAULT_MODEL = os.environ.get("CHEST_MODEL", str(HERE / "starter-model"))
@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="largest accepted upload, e.g. 50mb")
     args = parser.parse_args(argv)
-    app = create(args.model, args.revision)
+    try:
+        app = create(args.model, args.revision)
+    except ChestModelError as err:  # a model that cannot be found or loaded: say why, in one line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     app.launch(server_name=args.host, server_port=args.port, **launch_options(EXAMPLES, args.max_file_size))
 
 

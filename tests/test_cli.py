@@ -52,6 +52,14 @@ def test_predict_text_output_and_success_status(saved_model):
     assert len(result.stdout.splitlines()) == 3 and "Normal=" in result.stdout
 
 
+def test_an_unreadable_file_is_named_once_in_its_error_line(saved_model, tmp_path):
+    (tmp_path / "tiny.png").write_bytes(EXAMPLES.joinpath("covid.jpeg").read_bytes()[:300])
+    result = run("predict", "--model", str(saved_model), str(tmp_path / "tiny.png"))
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert line.startswith(f"{tmp_path / 'tiny.png'}: ERROR ") and line.count("tiny.png") == 1, line
+
+
 def test_console_script_is_installed():
     script = Path(sys.executable).parent / "chest-model"
     assert script.exists(), "pip install -e . must install the chest-model console script"

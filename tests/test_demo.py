@@ -157,3 +157,15 @@ def test_the_caveat_names_the_worst_left_out_source_and_only_all_normal_ones(tmp
     assert worst == pytest.approx(0.79)
     assert "up to 79% of that source's normal adult X-rays Covid" in short_caveat(0.77, worst)
     assert "adult-normal source" not in short_caveat(0.77)
+
+
+def test_a_model_that_cannot_be_loaded_stops_the_demo_with_one_error_line(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    result = subprocess.run([sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(tmp_path / "nonexistent")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'nonexistent'}: no such model folder"

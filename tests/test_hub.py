@@ -346,3 +346,37 @@ def test_what_a_killed_save_leaves_is_cleared_by_the_next_save(tmp_path):
     ChestXrayClassifier(image_size=32, hidden_size=8).save_pretrained(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert ChestXrayClassifier.from_pretrained(folder).config.image_size == 32
+
+
+def test_mistyped_or_unsupported_arguments_are_named(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['subfolder'\]"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m", subfolder="x")
+    monkeypatch.setattr(hub, "resolve_model_folder", lambda *a, **k: pytest.fail("checked before any download"))
+    with pytest.raises(TypeError, match="proxies"):
+        ChestXrayClassifier.from_pretrained("someone/model", proxies={})
+    monkeypatch.undo()
+    assert ChestXrayClassifier.from_pretrained(tmp_path / "m", temperature=2.0).config.temperature == 2.0  # a config field
+    with pytest.raises(TypeError, match="bogus"):
+        tiny_model.save_pretrained(tmp_path / "n", bogus=True)
+    with pytest.raises(ValueError, match="only saved as safetensors"):
+        tiny_model.save_pretrained(tmp_path / "n", safe_serialization=False)
+    assert not (tmp_path / "n").exists()
+
+
+def test_a_folder_without_weights_or_pickles_is_not_a_model_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="no model.safetensors: not a saved model folder") as info:
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+    assert "pickle" not in str(info.value).lower()
+
+
+def test_a_config_that_does_not_fit_the_weights_says_so_briefly(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["backbone"] = "vgg19_bn"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"more \(\d+ in all\)") as info:
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+    assert len(str(info.value)) < 1000
