@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import is_image_file
+from .data import image_files_under
 from .preprocess import ImageLoadError
 
 FIXED_COLUMNS = ("file", "label", "uncertain")
@@ -32,8 +32,7 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = image_files_under(path)
             if not found:
                 problems.append((path, f"{path}: folder holds no image files (searched recursively)"))
             files.extend(found)

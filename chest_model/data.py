@@ -103,6 +103,21 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom_by_content(path)
 
 
+def image_files_under(folder: str | Path) -> list[Path]:
+    """Every image file below ``folder``, sorted: hidden files and folders (``.thumbs/``, ``.git/``)
+    skipped, symlinked folders followed (each real folder once, so a link loop ends)."""
+    found, seen = [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [path for name in names if is_image_file(path := Path(top) / name)]
+    return sorted(found)
+
+
 def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool = False,
                       name: str | None = None) -> tuple[ImageFolder, list[str]]:
     """List ``root/<class>/<image>`` files; return the folder and a list of problems (empty when fine).
@@ -129,7 +144,7 @@ def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool
             if not partial:
                 problems.append(f"{class_dir}: missing class folder for '{class_name}'")
             continue
-        files = sorted(p for p in class_dir.rglob("*") if is_image_file(p))
+        files = image_files_under(class_dir)
         if not files:
             problems.append(f"{class_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}, any case)")
         folder.paths.extend(files)

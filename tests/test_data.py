@@ -7,7 +7,7 @@ import torch
 
 from chest_model.data import (BalancedSampler, DatasetError, balanced_weights, build_train_augmentation, parse_data_dirs,
                               scan_image_folder, scan_sources, source_name, stratified_split)
-from helpers import CLASS_NAMES, make_class_folders
+from helpers import CLASS_NAMES, make_class_folders, synthetic_xray, write_image
 
 
 @pytest.fixture
@@ -152,3 +152,22 @@ def test_relative_names_keep_the_class_folder_of_symlinked_files_and_of_a_symlin
     (tmp_path / "alias").symlink_to(tmp_path / "data")
     assert relative_name(linked, tmp_path / "alias") == "Covid/a.jpg"
     assert relative_name(real, tmp_path / "data") == "a.jpg"  # outside the folder: the bare name
+
+
+def test_folders_are_searched_without_hidden_folders_and_through_symlinked_ones(tmp_path):
+    from chest_model.data import image_files_under, scan_image_folder
+
+    root = make_class_folders(tmp_path / "data", per_class=1, size=40)
+    normal = root / "Normal"
+    (normal / ".thumbs").mkdir()
+    write_image(normal / ".thumbs" / "thumb.png", synthetic_xray(40, 40))   # an app's cache: not training data
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    write_image(extra / "linked.PNG", synthetic_xray(40, 40, seed=3))
+    (normal / "more").symlink_to(extra, target_is_directory=True)
+    (extra / "loop").symlink_to(normal, target_is_directory=True)           # a link loop ends
+    names = [p.relative_to(root).as_posix() for p in image_files_under(normal)]
+    assert "Normal/more/linked.PNG" in names
+    assert not any(".thumbs" in n for n in names) and len(names) == 2, names
+    folder, problems = scan_image_folder(root, ["Normal", "Covid", "Viral Pneumonia"])
+    assert not problems and len(folder.paths) == 4
