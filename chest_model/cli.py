@@ -148,6 +148,7 @@ def run_card(args: argparse.Namespace) -> int:
     config = ChestXrayConfig.load(folder / "config.json")
     context = card_context_from_folder(folder)
     context["test_metrics"] = _read_metrics(args.metrics)
+    _check_measured_this_model(args.metrics, context["test_metrics"], folder)
     output = Path(args.output) if args.output else folder / "README.md"
     atomic_write_text(output, render_card(config, context))
     print(f"wrote {output}")
@@ -186,6 +187,22 @@ def _load_model(args: argparse.Namespace):
     from .model import ChestXrayClassifier
 
     return ChestXrayClassifier.from_pretrained(args.model, revision=args.revision)
+
+
+def _check_measured_this_model(path: str, metrics: dict, folder: Path) -> None:
+    """A card shows figures of the model it describes: refuse a metrics file measured on another one."""
+    from .config import ConfigError
+    from .hub import weights_fingerprint
+    from .model import ChestXrayClassifier
+
+    measured = metrics.get("model_fingerprint")
+    if measured is None:
+        print(f"warning: {path} does not record which model it measured (written before metrics.json carried "
+              "model_fingerprint); check that it is this model's", file=sys.stderr)
+        return
+    if measured != weights_fingerprint(ChestXrayClassifier.from_pretrained(folder)):
+        raise ConfigError(f"{path}: measured another model than {folder} (its model_fingerprint differs); "
+                          f"measure this one with `chest-model evaluate --model {folder} --data-dir ...`")
 
 
 def _read_metrics(path: str) -> dict:

@@ -19,6 +19,7 @@ from .atomic import atomic_write_text
 from .audit import mask_center, metadata_baseline, verdict
 from .data import DatasetError, relative_name, scan_image_folder, source_name
 from .duplicates import hash_matrix as cached_hashes, image_hash, train_test_copies
+from .hub import weights_fingerprint
 from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, reliability_bins
 from .model import ChestXrayClassifier
 from .preprocess import ImageLoadError
@@ -60,6 +61,7 @@ def evaluate_model(
     metrics["ci"]["confidence"] = 0.95
     metrics["reliability"] = reliability_bins(labels, probs)
     metrics["temperature"] = model.config.temperature
+    metrics["model_fingerprint"] = weights_fingerprint(model)
     metrics["unreadable_files"] = errors
     losses = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1))
 

@@ -234,6 +234,19 @@ def load_model(
     return model.eval()
 
 
+def weights_fingerprint(model: ChestXrayClassifier) -> str:
+    """SHA-256 of every tensor the model holds (names, shapes and fp32 values) and its temperature:
+    which model a metrics file measured, so that a card is never filled with another model's figures."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    digest.update(f"temperature:{float(model.config.temperature)!r}".encode())
+    return digest.hexdigest()
+
+
 def _first(items: list[str], n: int = 4) -> str:
     """A long list of tensor names, shortened: the first few say what is wrong."""
     shown = ", ".join(items[:n])

@@ -66,6 +66,14 @@ def test_card_is_rendered_from_the_metrics_file(evaluated):
     assert f"{metrics['ci']['accuracy'][0]:.3f}" in section
     assert ChestXrayClassifier.from_pretrained(tmp_path / "model").config.image_size == 32
 
+    # Figures measured on another model never reach this model's card.
+    other = tmp_path / "other"
+    ChestXrayClassifier(image_size=32, hidden_size=16).save_pretrained(other)
+    before = (other / "README.md").read_text()
+    refused = cli("card", "--model", str(other), "--metrics", str(tmp_path / "eval" / "metrics.json"))
+    assert refused.returncode == 2 and "measured another model" in refused.stderr and "Traceback" not in refused.stderr
+    assert (other / "README.md").read_text() == before
+
 
 def _numbers(obj):
     if isinstance(obj, bool):
