@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="print class probabilities for image files")
     predict.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
     predict.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    predict.add_argument("--json", action="store_true", help="print one JSON object per line")
+    output = predict.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON object per line")
     predict.add_argument("--batch-size", type=int, default=16)
-    predict.add_argument("--csv", default=None, metavar="OUT.csv",
+    output.add_argument("--csv", default=None, metavar="OUT.csv",
                          help="write one row per file (file, label, uncertain, one probability per class, error) "
                               "instead of printing, with a progress bar")
     predict.add_argument("--gradcam-dir", default=None, metavar="DIR",

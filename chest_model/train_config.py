@@ -113,7 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--external-dir", action="append", default=[], metavar="NAME=PATH",
                       help="a set from a source not trained on (may hold only some classes), evaluated once at the end; repeatable")
     data.add_argument("--output-dir", required=True)
-    data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {list(DEFAULT_CLASS_NAMES)})")
+    # "%(default).0s" prints nothing, and tells the help formatter not to append "(default: None)".
+    data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {', '.join(DEFAULT_CLASS_NAMES)})".replace("%", "%%") + "%(default).0s")
     data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
     data.add_argument("--sampling", choices=["shuffle", "balanced", "groups", "within-source"], default="shuffle",
                       help="'balanced' draws every class equally often and, within a class, every source equally often; "

@@ -153,6 +153,9 @@ def make_accelerator(args: TrainingConfig):
     if precision.precision == "bf16" and not precision.bf16_fast:
         warnings.warn(f"bf16 was asked for, but it will run slower than fp32 here: {precision.reason}. "
                       "Leave the precision unset (or pass --mixed-precision no) for the fast choice.")
+    if precision.precision == "fp16" and accelerator.device.type == "cpu":
+        warnings.warn("fp16 was asked for on a CPU: CPUs compute it slowly or emulate it, so expect it to run slower "
+                      "than fp32. Leave the precision unset (or pass --mixed-precision no) for the fast choice.")
     if accelerator.device.type == "cuda":
         warnings.warn("On GPU, VGG's adaptive-pool backward is nondeterministic: runs with the same seed can differ slightly.")
     return accelerator
