@@ -172,7 +172,9 @@ def card_for_repo(card: str, repo_id: str) -> str:
 def card_context_from_folder(folder: str | Path) -> dict[str, Any]:
     """Rebuild a card's context from a training output folder's JSON records."""
     folder = Path(folder)
-    context: dict[str, Any] = {}
+    # A packaged model keeps the whole context its card was rendered from; a training folder, the records.
+    saved = read_json(folder / "card_context.json") if (folder / "card_context.json").is_file() else {}
+    context: dict[str, Any] = dict(saved) if isinstance(saved, dict) else {}
     for key, relative in (("training", "train_config.json"), ("val_metrics", "val_metrics.json"), ("test_metrics", "eval/metrics.json"),
                           ("external_metrics", "eval/external.json")):
         path = folder / relative

@@ -214,3 +214,13 @@ def test_ood_summary_counts_flags_per_true_class():
     assert summary["flagged_by_class"] == {"Normal": {"flagged": 1, "n": 2}, "Covid": {"flagged": 1, "n": 3}}
     assert flagged_by_class_text(summary) == " (Normal 1 of 2, Covid 1 of 3)"
     assert "flagged_by_class" not in ood_summary(reasons, ChestXrayClassifier().config)  # no labels, no breakdown
+
+
+@pytest.mark.skipif(not (STARTER / "model.safetensors").exists(), reason="no starter model in this checkout")
+def test_the_starter_models_card_renders_again_from_its_own_records(tmp_path):
+    import shutil
+
+    folder = shutil.copytree(STARTER, tmp_path / "starter")
+    result = cli("card", "--model", str(folder), "--metrics", str(folder / "metrics.json"), "--output", str(tmp_path / "card.md"))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    assert (tmp_path / "card.md").read_text() == (STARTER / "README.md").read_text()
