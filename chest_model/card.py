@@ -158,15 +158,17 @@ def external_sources(context: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(row.get("source") or row.get("name") or key for key, row in rows.items()))
 
 
-def card_for_repo(card: str, repo_id: str) -> str:
-    """The card naming ``repo_id`` where it says how to load the model (it may name a local folder or
-    the placeholder); everything else stays byte for byte."""
+def card_for_repo(card: str, repo_id: str, revision: str | None = None) -> str:
+    """The card naming ``repo_id`` (and the branch ``revision``, when the model is pushed to one) where it
+    says how to load the model (it may name a local folder or the placeholder); everything else stays
+    byte for byte."""
     match = re.search(r'ChestXrayClassifier\.from_pretrained\("([^"\n]+)"\)', card)
-    if not match or match.group(1) == repo_id:
+    if not match or (match.group(1) == repo_id and not revision):
         return card
     named = match.group(1)
-    return (card.replace(f'from_pretrained("{named}")', f'from_pretrained("{repo_id}")')
-                .replace(f"--model {named} ", f"--model {repo_id} "))
+    call, flag = (f'"{repo_id}", revision="{revision}"', f"{repo_id} --revision {revision}") if revision else (f'"{repo_id}"', repo_id)
+    return (card.replace(f'from_pretrained("{named}")', f"from_pretrained({call})")
+                .replace(f"--model {named} ", f"--model {flag} "))
 
 
 def card_context_from_folder(folder: str | Path) -> dict[str, Any]:

@@ -264,6 +264,7 @@ def push_model(
     create_pr: bool | None = None,
     folder: str | Path | None = None,
     card_context: dict | None = None,
+    delete_patterns: str | list[str] | None = None,
 ) -> str:
     """Upload exactly config.json, model.safetensors and the model card (as README.md).
 
@@ -271,7 +272,9 @@ def push_model(
     folder as is), or that of the folder the model was loaded from, while the model still holds
     exactly its config and weights. A model with no card, changed since it was loaded, or given a
     ``card_context``, gets a fresh card, with every record its folder holds. A card that says to
-    load the model from elsewhere (a folder, a placeholder) gets ``repo_id`` there; nothing else changes.
+    load the model from elsewhere (a folder, a placeholder) gets ``repo_id`` there (and ``branch`` as
+    the revision to load); nothing else changes. ``branch`` is created if the repo lacks it;
+    ``delete_patterns`` removes matching files already in the repo (an old ``*.bin``) in the same commit.
     """
     from huggingface_hub import HfApi
 
@@ -286,9 +289,12 @@ def push_model(
             if not (folder / name).is_file():
                 raise ModelLoadError(f"{folder}: missing {name}; save the model before pushing it")
         repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        if branch and not create_pr:
+            api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)
         card = (folder / CARD_NAME).read_text(encoding="utf-8")
-        if card_for_repo(card, repo_id) != card:  # the card names another place to load the model from
-            folder = _stage(folder, Path(tmp) / "for-repo", card_for_repo(card, repo_id))
+        for_repo = card_for_repo(card, repo_id, branch)
+        if for_repo != card:  # the card names another place (or no branch) to load the model from
+            folder = _stage(folder, Path(tmp) / "for-repo", for_repo)
         commit = api.upload_folder(
             repo_id=repo_id,
             repo_type="model",
@@ -297,6 +303,7 @@ def push_model(
             revision=branch,
             create_pr=create_pr,
             allow_patterns=list(MODEL_FILES),
+            delete_patterns=delete_patterns,
         )
     return str(commit)
 

@@ -131,12 +131,16 @@ class FakeHfApi:
     """Stands in for the network boundary: records what would be uploaded."""
 
     uploads: list = []
+    branches: list = []
 
     def __init__(self, token=None):
         self.token = token
 
     def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
         return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def create_branch(self, repo_id, *, branch, exist_ok=False, **kwargs):
+        FakeHfApi.branches.append((repo_id, branch, exist_ok))
 
     def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, **kwargs):
         folder = Path(folder_path)
@@ -380,3 +384,16 @@ def test_a_config_that_does_not_fit_the_weights_says_so_briefly(tiny_model, tmp_
     with pytest.raises(ModelLoadError, match=r"more \(\d+ in all\)") as info:
         ChestXrayClassifier.from_pretrained(tmp_path / "m")
     assert len(str(info.value)) < 1000
+
+
+def test_a_push_to_a_branch_creates_it_and_its_card_loads_that_branch(tiny_model, tmp_path, fake_hub):
+    FakeHfApi.branches = []
+    tiny_model.save_pretrained(tmp_path / "m", card_context={"repo_id": "me/chest-xray"})
+    loaded = ChestXrayClassifier.from_pretrained(tmp_path / "m")
+    loaded.push_to_hub("me/chest-xray", branch="dev", delete_patterns="*.bin")
+    (upload,) = fake_hub
+    assert FakeHfApi.branches == [("me/chest-xray", "dev", True)]
+    assert upload["revision"] == "dev" and upload["delete_patterns"] == "*.bin"
+    card = upload["files"]["README.md"].decode()
+    assert 'from_pretrained("me/chest-xray", revision="dev")' in card and "--model me/chest-xray --revision dev " in card
+    assert card.replace('", revision="dev"', '"').replace(" --revision dev", "") == (tmp_path / "m" / "README.md").read_text()
