@@ -1,16 +1,21 @@
 """Atomic writes: a folder or file is either completely the old one or completely the new one.
 
-Temporary and set-aside folders are siblings named ``.NAME.tmp-PID-XXXX`` / ``.NAME.old-PID-XXXX``.
-A process killed mid-write leaves one behind; the next write to ``NAME`` removes those of processes
-that no longer run, and puts back an old folder that was set aside when the kill came between the
-two renames of a swap.
+Temporary and set-aside folders are siblings named ``.NAME.tmp-HOST-PID-XXXX`` / ``.NAME.old-...``
+(HOST: a short hash of the machine's name). A process killed mid-write leaves one behind; the next
+write to ``NAME`` removes those of this machine's processes that no longer run, and puts back an
+old folder that was set aside when the kill came between the two renames of a swap (then, and only
+then, the swap's temporary folder is still there too). Another machine's leftovers, on a shared
+disk, are left alone: whether their writer still runs cannot be told from here.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -48,7 +53,7 @@ def atomic_directory(target: str | Path, *, keep_existing: bool = True, drop: It
         yield tmp
         if keep_existing and target.is_dir():
             for entry in target.iterdir():
-                if not (tmp / entry.name).exists() and not entry.name.startswith(".tmp-") and entry.name not in dropped:
+                if not (tmp / entry.name).exists() and entry.name not in dropped:
                     _link_tree(entry, tmp / entry.name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,7 +75,7 @@ def writable_target(target: str | Path) -> Path:
 
 def sibling(target: Path, kind: str) -> Path:
     """A fresh temporary (``tmp``) or set-aside (``old``) name next to ``target``, owned by this process."""
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    return target.parent / f".{target.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def recover_interrupted(target: str | Path) -> None:
@@ -87,11 +92,13 @@ def recover_folder(folder: str | Path, *, only: str | None = None) -> None:
     leftovers = []
     for entry in folder.iterdir():
         found = _LEFTOVER.match(entry.name)
-        if found and (only is None or found["name"] == only) and not _running(int(found["pid"])):
-            leftovers.append((found["kind"], folder / found["name"], entry))
+        if found and found["host"] == _HOST and (only is None or found["name"] == only) and _dead(found["pid"], entry):
+            leftovers.append((found["kind"], found["name"], found["pid"], entry))
+    swapping = {(name, pid) for kind, name, pid, _ in leftovers if kind == "tmp"}
     try:
-        for kind, target, entry in sorted(leftovers, key=lambda item: item[0] != "old"):  # restore before removing
-            if kind == "old" and not target.exists():
+        for kind, name, pid, entry in sorted(leftovers, key=lambda item: item[0] != "old"):  # restore before removing
+            target = folder / name
+            if kind == "old" and not target.exists() and (name, pid) in swapping:  # killed between the two renames
                 os.rename(entry, target)
             else:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -99,11 +106,22 @@ def recover_folder(folder: str | Path, *, only: str | None = None) -> None:
         pass
 
 
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}$")
+_STARTED = time.time()  # this process's leftovers are younger: older ones with its PID are a former process's
+
+
+def _dead(pid: str, entry: Path) -> bool:
+    if int(pid) == os.getpid():
+        try:
+            return entry.stat().st_mtime < _STARTED - 1
+        except OSError:
+            return False
+    return not _running(int(pid))
 
 
 def _running(pid: int) -> bool:
-    if pid == os.getpid():
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there: assume it runs, and leave its folders
         return True
     try:
         os.kill(pid, 0)

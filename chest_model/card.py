@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .citations import REFERENCE_COLLECTION, cited_sources, collection_for
-from .config import ChestXrayConfig, read_json
+from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig, read_json
 
 DATASET_ID = "covid19-image-dataset"
 REFERENCE_TEST_NAME = "COVID-19 Image Dataset (test split)"
@@ -38,9 +38,10 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
     context = dict(context or {})
     test = context.get("test_metrics")
     sources = training_sources(context)
-    # The tutorial's dataset, with its known confounding, is what the card explains when the weights
-    # were trained on it; any other data gets the general warning and the audit's own figure.
-    kaggle_reference = any(collection_for(s) is REFERENCE_COLLECTION for s in sources)
+    # The tutorial's dataset and its known confounding are explained unless the card can tell the
+    # weights were trained on something else: sources that are all other known collections, or
+    # classes other than the tutorial's. A folder named DATA may well be that dataset: when in doubt, warn.
+    kaggle_reference = tutorial_data_possible(sources, config.class_names)
     test_name = context.get("test_dataset_name") or (REFERENCE_TEST_NAME if kaggle_reference else "test split")
     eval_results = None
     if test:
@@ -96,6 +97,15 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         selection_note=context.get("selection_note"),
     )
     return str(card)
+
+
+def tutorial_data_possible(sources: list[str], class_names: list[str]) -> bool:
+    """Whether the weights may come from the tutorial's dataset (children's Normal and Viral Pneumonia
+    against adults' Covid), so that the card must carry its caveats."""
+    known = [collection_for(s) for s in sources]
+    if any(c is REFERENCE_COLLECTION for c in known):
+        return True
+    return list(class_names) == list(DEFAULT_CLASS_NAMES) and not (known and all(known))
 
 
 def _slug(name: str) -> str:
@@ -162,13 +172,13 @@ def card_for_repo(card: str, repo_id: str, revision: str | None = None) -> str:
     """The card naming ``repo_id`` (and the branch ``revision``, when the model is pushed to one) where it
     says how to load the model (it may name a local folder or the placeholder); everything else stays
     byte for byte."""
-    match = re.search(r'ChestXrayClassifier\.from_pretrained\("([^"\n]+)"\)', card)
-    if not match or (match.group(1) == repo_id and not revision):
+    match = re.search(r'ChestXrayClassifier\.from_pretrained\("([^"\n]+)"(?:, revision="[^"\n]*")?\)', card)
+    if not match:
         return card
-    named = match.group(1)
+    named = re.escape(match.group(1))
     call, flag = (f'"{repo_id}", revision="{revision}"', f"{repo_id} --revision {revision}") if revision else (f'"{repo_id}"', repo_id)
-    return (card.replace(f'from_pretrained("{named}")', f"from_pretrained({call})")
-                .replace(f"--model {named} ", f"--model {flag} "))
+    card = re.sub(rf'from_pretrained\("{named}"(?:, revision="[^"\n]*")?\)', lambda _: f"from_pretrained({call})", card)
+    return re.sub(rf"--model {named}(?: --revision \S+)? ", lambda _: f"--model {flag} ", card)
 
 
 def card_context_from_folder(folder: str | Path) -> dict[str, Any]:

@@ -97,8 +97,9 @@ def check_same_recipe(path: Path, saved: dict[str, Any] | None, asked: dict[str,
     order it holds belong to its own. (Checkpoints written before settings were recorded pass.)"""
     if saved is None:
         return
-    changed = [f"--{key.replace('_', '-')} {_shown(saved.get(key))} (now {_shown(asked.get(key))})"
-               for key in sorted(set(saved) | set(asked)) if saved.get(key) != asked.get(key)]
+    # Only settings both versions know: a setting added or removed by an upgrade is not the user's change.
+    changed = [f"--{key.replace('_', '-')} {_shown(saved[key])} (now {_shown(asked[key])})"
+               for key in sorted(set(saved) & set(asked)) if saved[key] != asked[key]]
     if changed:
         raise CheckpointError(
             f"{path}: this checkpoint was trained with other settings: {'; '.join(changed)}. Resume with the "

@@ -72,14 +72,20 @@ def relative_name(path: str | Path, root: str | Path) -> str:
     return Path(path).name
 
 
+def split_data_spec(spec: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare PATH (which may itself hold "=") -> (None, PATH)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or "/" in name or os.sep in name:
+        return None, spec
+    return name, path
+
+
 def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
     """``[NAME=]PATH`` arguments -> unique (name, path) pairs."""
     pairs = []
     for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or "/" in name or os.sep in name:
-            name, path = source_name(spec), spec
-        pairs.append((name, Path(path)))
+        name, path = split_data_spec(spec)
+        pairs.append((name or source_name(path), Path(path)))
     names = [name for name, _ in pairs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

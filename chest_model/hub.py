@@ -58,7 +58,7 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
     # describe it while it is unchanged, and travel with it; records in the target that describe
     # another model would be false next to this one, and are dropped.
     source = unchanged_source(model) if card_context is None and weights_dtype is None else None
-    stale = [] if card_context is not None else _stale_records(directory, model)
+    stale = [] if card_context is not None else _stale_records(directory, model.config, state)
     with atomic_directory(directory, drop=stale) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _chmod_like_new_file(tmp / WEIGHTS_NAME)
@@ -86,10 +86,10 @@ def unchanged_source(model: ChestXrayClassifier) -> Path | None:
     return source if source is not None and (source / CARD_NAME).is_file() and _holds_model(source, model) else None
 
 
-def _stale_records(directory: Path, model: ChestXrayClassifier) -> list[str]:
-    """The records in ``directory`` when it holds a model other than ``model``."""
+def _stale_records(directory: Path, config: ChestXrayConfig, state: dict[str, torch.Tensor]) -> list[str]:
+    """The records in ``directory`` when it holds another model than the ``config`` and ``state`` to be written."""
     holds_a_model = (directory / CONFIG_NAME).is_file() or (directory / WEIGHTS_NAME).is_file()
-    if not holds_a_model or _holds_model(directory, model):
+    if not holds_a_model or _holds_state(directory, config, state):
         return []
     return [name for name in MODEL_RECORDS if (directory / name).exists()]
 
@@ -327,15 +327,18 @@ def _folder_to_push(model: ChestXrayClassifier, tmp: Path, card_context: dict | 
 
 def _holds_model(folder: Path, model: ChestXrayClassifier) -> bool:
     """Whether ``folder`` holds exactly this model's config and weights (float16 files compare after the cast)."""
+    return _holds_state(folder, model.config, model.state_dict())
+
+
+def _holds_state(folder: Path, config: ChestXrayConfig, state: dict[str, torch.Tensor]) -> bool:
     try:
-        if ChestXrayConfig.load(folder / CONFIG_NAME) != model.config:
+        if ChestXrayConfig.load(folder / CONFIG_NAME) != config:
             return False
         saved = load_file(str(folder / WEIGHTS_NAME))
     except (OSError, ConfigError, SafetensorError, ValueError):
         return False
-    current = model.state_dict()
-    return saved.keys() == current.keys() and all(
-        torch.equal(saved[k].to(current[k].dtype), current[k].detach().cpu()) for k in current)
+    return saved.keys() == state.keys() and all(
+        torch.equal(saved[k].to(state[k].dtype), state[k].detach().cpu()) for k in state)
 
 
 def _stage(source: Path, tmp: Path, card: str) -> Path:

@@ -63,8 +63,12 @@ class TrainingConfig:
     def recipe(self) -> dict:
         """The settings a checkpoint belongs to: a resume must ask for the same ones. Data folders
         are compared as absolute paths, so a resume from another working folder still matches."""
+        from .data import split_data_spec
+
         settings = {k: v for k, v in dataclasses.asdict(self).items() if k not in RESUMABLE_CHANGES}
-        settings["data_dir"] = [_absolute_spec(spec) for spec in self.data_dir]
+        settings["class_names"] = list(self.class_names or DEFAULT_CLASS_NAMES)
+        settings["data_dir"] = [f"{name}={os.path.abspath(path)}" if name else os.path.abspath(path)
+                                for name, path in map(split_data_spec, self.data_dir)]
         settings["val_dir"] = os.path.abspath(self.val_dir) if self.val_dir else None
         return settings
 
@@ -79,14 +83,6 @@ RESUMABLE_CHANGES = frozenset({
     "epochs", "test_dir", "external_dir", "output_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume_from_checkpoint", "overwrite_output_dir", "push_to_hub", "hub_private", "report_to", "cpu_threads",
     "num_workers", "mixed_precision", "ood_fpr"})
-
-
-def _absolute_spec(spec: str) -> str:
-    """``[NAME=]PATH`` with PATH made absolute (the NAME rule of ``chest_model.data.parse_data_dirs``)."""
-    name, sep, path = spec.partition("=")
-    if not sep or not name or "/" in name or os.sep in name:
-        return os.path.abspath(spec)
-    return f"{name}={os.path.abspath(path)}"
 
 
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:

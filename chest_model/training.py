@@ -42,7 +42,9 @@ from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, near
 from .errors import ChestModelError
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
+from .atomic import recover_interrupted
 from .feature_ood import BUFFER_PREFIX
+from .hub import MODEL_FILES, MODEL_RECORDS
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .train_config import TrainingConfig, parse_config
@@ -114,6 +116,7 @@ def launch_command(argv: list[str]) -> str:
 def train(args: TrainingConfig, command: str) -> int:
     tune_allocator()
     accelerator = make_accelerator(args)
+    prepare_output_dir(args, accelerator)
     set_seed(args.seed)
     class_names = list(args.class_names or DEFAULT_CLASS_NAMES)
     config = ChestXrayConfig(class_names=class_names, image_size=args.image_size, backbone=args.backbone, dropout=args.dropout,
@@ -333,7 +336,7 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
         record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
-                                        "recipe": args.recipe()}, select,
+                                        "recipe": {**args.recipe(), "num_processes": accelerator.num_processes}}, select,
               memory_format, logit_offset, ema)
     resume(run)
     return run
@@ -415,27 +418,67 @@ def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, A
     return result
 
 
+def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
+    """Before any work: the output folder holds this run only. An earlier run there (checkpoints or a
+    saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir;
+    a checkpoint is resumed in its own run's folder, where that run's best weights are."""
+    problem = None
+    if accelerator.is_main_process:  # one rank decides, all act on it
+        problem = output_dir_problem(args)
+        if problem is None and args.overwrite_output_dir:
+            clear_earlier_run(Path(args.output_dir))
+    box = [problem]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    if box[0]:
+        raise ckpt.CheckpointError(box[0])
+
+
+def output_dir_problem(args: TrainingConfig) -> str | None:
+    output_dir = Path(args.output_dir)
+    recover_interrupted(output_dir)  # a save killed mid-swap set the folder aside
+    checkpoints_dir = output_dir / "checkpoints"
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        return "--resume-from-checkpoint continues a run and --overwrite-output-dir starts over: give one of them"
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = Path(args.resume_from_checkpoint)
+        if path.is_dir() and path.resolve().parent != checkpoints_dir.resolve():
+            return (f"{path}: resume a checkpoint in its own run's folder (--output-dir {path.parent.parent}): "
+                    "that folder holds the run's best weights so far")
+    if args.resume_from_checkpoint:
+        return None
+    earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)]
+    earlier += [name for name in ("config.json", "model.safetensors") if (output_dir / name).is_file()]
+    if earlier and not args.overwrite_output_dir:
+        return (f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Continue it with "
+                "--resume-from-checkpoint latest, pass --overwrite-output-dir to start over (its checkpoints, "
+                "model and records are deleted), or choose another --output-dir")
+    return None
+
+
+def clear_earlier_run(output_dir: Path) -> None:
+    """--overwrite-output-dir: an earlier run's checkpoints, model and records go; nothing of it stays
+    beside the new run's weights."""
+    names = ["checkpoints", *MODEL_FILES, *MODEL_RECORDS]
+    found = [name for name in names if (output_dir / name).exists()]
+    if found:
+        logger.warning("--overwrite-output-dir: deleting the earlier run's %s in %s", ", ".join(found), output_dir)
+    for name in found:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def resume(run: Run) -> None:
-    checkpoints_dir = run.output_dir / "checkpoints"
     if not run.args.resume_from_checkpoint:
-        earlier = ckpt.list_checkpoints(checkpoints_dir)
-        if earlier and not run.args.overwrite_output_dir:
-            raise ckpt.CheckpointError(
-                f"{checkpoints_dir}: holds checkpoints of an earlier run ({', '.join(p.name for p in earlier)}). "
-                "Continue it with --resume-from-checkpoint latest, pass --overwrite-output-dir to start over "
-                "(its checkpoints are deleted), or choose another --output-dir")
-        if earlier and run.accelerator.is_main_process:
-            logger.warning("--overwrite-output-dir: deleting the earlier run's checkpoints in %s", checkpoints_dir)
-            for old in earlier:
-                shutil.rmtree(old)
-        run.accelerator.wait_for_everyone()
         return
+    checkpoints_dir = run.output_dir / "checkpoints"
     path = ckpt.resolve_checkpoint(run.args.resume_from_checkpoint, checkpoints_dir)
     if path is None:
         logger.info("no checkpoint in %s yet; starting from scratch", checkpoints_dir)
         return
     state = ckpt.verify_checkpoint(path)
     ckpt.check_same_recipe(path, state.get("recipe"), run.state["recipe"])
+    state.setdefault("recipe", run.state["recipe"])  # a checkpoint from before settings were recorded
     run.state = state
     run.accelerator.load_state(str(path))
     logger.info("resumed from %s (epoch %d, batch %d)", path, run.state["epoch"] + 1, run.state["step_in_epoch"])

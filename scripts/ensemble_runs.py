@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from chest_model import ChestXrayClassifier
-from chest_model.data import is_image_file
+from chest_model.data import image_files_under
 
 
 def folder_images(root: Path) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p))
+    files = image_files_under(root)
     if not files:
         raise SystemExit(f"error: no image files under {root}")
     return files

@@ -70,23 +70,42 @@ def _dead_pid():
 
 
 def test_a_folder_set_aside_by_a_killed_swap_is_put_back_and_leftovers_removed(tmp_path):
-    """Killed between the swap's two renames: the old folder is set aside and the target is missing."""
-    pid = _dead_pid()
-    _folder(tmp_path / f".run.old-{pid}-0123abcd", weights="old")
-    _folder(tmp_path / f".run.tmp-{pid}-4567abcd", weights="half")
-    _folder(tmp_path / f".run.tmp-{os.getpid()}-89abcdef", weights="mine, in progress")
-    _folder(tmp_path / f".other.tmp-{pid}-0123abcd", weights="not this target's")
+    """Killed between the swap's two renames: the old folder is set aside, the new one not yet renamed in."""
+    host, pid = atomic._HOST, _dead_pid()
+    _folder(tmp_path / f".run.old-{host}-{pid}-0123abcd", weights="old")
+    _folder(tmp_path / f".run.tmp-{host}-{pid}-4567abcd", weights="half")
+    mine = _folder(tmp_path / f".run.tmp-{host}-{os.getpid()}-89abcdef", weights="mine, in progress")
+    elsewhere = _folder(tmp_path / f".run.tmp-ffffff-{pid}-0123abcd", weights="another machine's, maybe running")
+    _folder(tmp_path / f".other.tmp-{host}-{pid}-0123abcd", weights="not this target's")
     atomic.recover_interrupted(tmp_path / "run")
     assert _contents(tmp_path / "run") == {"weights": "old"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["run", f".run.tmp-{os.getpid()}-89abcdef", f".other.tmp-{pid}-0123abcd"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run", mine.name, elsewhere.name, f".other.tmp-{host}-{pid}-0123abcd"])
     atomic.recover_folder(tmp_path)  # every name in the folder
-    assert f".other.tmp-{pid}-0123abcd" not in {p.name for p in tmp_path.iterdir()}
+    assert f".other.tmp-{host}-{pid}-0123abcd" not in {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_set_aside_folder_whose_swap_finished_is_removed_not_put_back(tmp_path):
+    """Killed while removing the old folder after a finished swap, and the target deleted since: the old
+    folder is stale (no temporary folder of that swap is left), and must not come back."""
+    stale = _folder(tmp_path / f".run.old-{atomic._HOST}-{_dead_pid()}-0123abcd", weights="older")
+    atomic.recover_interrupted(tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not stale.exists()
+
+
+def test_leftovers_of_a_former_process_with_this_pid_are_removed(tmp_path):
+    """In a container a restarted job often gets the same PID: age tells its leftovers apart."""
+    old = _folder(tmp_path / f".run.tmp-{atomic._HOST}-{os.getpid()}-0123abcd", weights="half")
+    os.utime(old, (atomic._STARTED - 60, atomic._STARTED - 60))
+    atomic.recover_interrupted(tmp_path / "run")
+    assert not old.exists()
 
 
 def test_a_model_set_aside_by_a_killed_save_loads_again(tmp_path):
     from chest_model import ChestXrayClassifier
 
     ChestXrayClassifier(image_size=32, hidden_size=8).save_pretrained(tmp_path / "m")
-    os.rename(tmp_path / "m", tmp_path / f".m.old-{_dead_pid()}-0123abcd")
+    pid = _dead_pid()
+    os.rename(tmp_path / "m", tmp_path / f".m.old-{atomic._HOST}-{pid}-0123abcd")
+    _folder(tmp_path / f".m.tmp-{atomic._HOST}-{pid}-4567abcd", weights="half")
     assert ChestXrayClassifier.from_pretrained(tmp_path / "m").config.image_size == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

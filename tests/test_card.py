@@ -194,8 +194,17 @@ def test_the_tutorial_datasets_caveats_appear_only_for_models_trained_on_it():
     results = _front_matter(kaggle)["model-index"][0]["results"][0]
     assert results["dataset"] == {"type": "covid19-image-dataset", "name": "COVID-19 Image Dataset (test split)", "split": "test"}
 
-    mine = render_card(ChestXrayConfig(), {"training": _training_record(["My Hospital 2024"]), "test_metrics": metrics})
+    # A folder name that says nothing, with the tutorial's classes: it may be that dataset, so the caveats stay.
+    unnamed = render_card(ChestXrayConfig(), {"training": _training_record(["DATA"]), "test_metrics": metrics})
+    assert "**Known source confounding:**" in unnamed and "children only" in unnamed
+    assert "Known source confounding" in render_card(ChestXrayConfig())  # nothing recorded: warn
+
+    # Other classes, or only other known collections: the general warning, with the audit's own figure.
+    other = ChestXrayConfig(class_names=["Normal", "Pneumonia"])
+    mine = render_card(other, {"training": _training_record(["My Hospital 2024"]), "test_metrics": metrics})
     assert "Known source confounding" not in mine and "children only" not in mine and "Pranav Raikote" not in mine
     assert "**Check for source confounding:**" in mine and "scores 81% on the test split" in mine
     results = _front_matter(mine)["model-index"][0]["results"][0]
     assert results["dataset"] == {"type": "my-hospital-2024", "name": "test split", "split": "test"}
+    nih_only = render_card(ChestXrayConfig(), {"training": _training_record(["nih-cxr8"])})
+    assert "Known source confounding" not in nih_only and "**Check for source confounding:**" in nih_only

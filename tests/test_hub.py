@@ -397,3 +397,22 @@ def test_a_push_to_a_branch_creates_it_and_its_card_loads_that_branch(tiny_model
     card = upload["files"]["README.md"].decode()
     assert 'from_pretrained("me/chest-xray", revision="dev")' in card and "--model me/chest-xray --revision dev " in card
     assert card.replace('", revision="dev"', '"').replace(" --revision dev", "") == (tmp_path / "m" / "README.md").read_text()
+
+
+def test_the_same_model_saved_again_in_float16_keeps_its_records(tiny_model, tmp_path):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder, weights_dtype=torch.float16)
+    (folder / "metrics.json").write_text("{}")
+    tiny_model.save_pretrained(folder, weights_dtype=torch.float16)
+    assert (folder / "metrics.json").exists()
+
+
+def test_a_card_naming_a_branch_names_the_new_one_or_none():
+    from chest_model.card import card_for_repo
+
+    card = 'x = ChestXrayClassifier.from_pretrained("me/a", revision="dev")\n`chest-model space --model me/a --revision dev --output s`'
+    assert card_for_repo(card, "me/b", "v2") == ('x = ChestXrayClassifier.from_pretrained("me/b", revision="v2")\n'
+                                                 '`chest-model space --model me/b --revision v2 --output s`')
+    assert card_for_repo(card, "me/a") == 'x = ChestXrayClassifier.from_pretrained("me/a")\n`chest-model space --model me/a --output s`'
+    plain = 'ChestXrayClassifier.from_pretrained("me/a")'
+    assert card_for_repo(plain, "me/a") == plain

@@ -120,6 +120,8 @@ def test_an_earlier_runs_checkpoints_are_never_mixed_with_a_new_run(tmp_path, cl
     capsys.readouterr()
 
     # A new run (no resume) into the same folder is refused before any work, with what to do.
+    (out / "eval").mkdir()
+    (out / "eval" / "metrics.json").write_text("{}")  # a record of the earlier run's model
     assert main(common) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -138,6 +140,13 @@ def test_an_earlier_runs_checkpoints_are_never_mixed_with_a_new_run(tmp_path, cl
     assert main([*common, "--overwrite-output-dir"]) == 0
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1]
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == [earlier.name]  # epoch 2's is gone
+    assert not (out / "eval").exists()  # and no record of the earlier model stays beside the new one
+    # Both flags at once, or a checkpoint outside its own run's folder: refused, saying why.
+    assert main([*common, "--overwrite-output-dir", "--resume-from-checkpoint", "latest"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert main([*common[:2], "--output-dir", str(tmp_path / "elsewhere"), *common[4:],
+                 "--resume-from-checkpoint", str(out / "checkpoints" / earlier.name)]) == 2
+    assert f"its own run's folder (--output-dir {out})" in capsys.readouterr().err
 
 
 def test_a_mistyped_external_dir_stops_the_run_before_training(tmp_path, clean_accelerate, capsys):
