@@ -24,7 +24,7 @@ from .errors import ChestModelError
 
 
 class NotAFolderError(ChestModelError, ValueError):
-    """The path to write a folder to is an existing file."""
+    """A path to write to that is the wrong kind (a file where a folder goes, or the reverse), or lies below a file."""
 
 
 def fsync_tree(root: Path) -> None:
@@ -69,6 +69,9 @@ def writable_target(target: str | Path) -> Path:
         target = target.resolve()
     if target.exists() and not target.is_dir():
         raise NotAFolderError(f"{target}: is a file, not a folder; choose another folder to save to")
+    file_above = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise NotAFolderError(f"{target}: {file_above} is a file, so no folder can be made below it")
     recover_interrupted(target)
     return target
 
@@ -167,8 +170,19 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(src, dst)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def check_writable_file(path: str | Path) -> Path:
+    """``path`` as a file to write: not a folder, and not below a file. Checked before long work."""
     path = Path(path)
+    if path.is_dir():
+        raise NotAFolderError(f"{path}: is a folder; give a file name to write")
+    file_above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if file_above is not None:
+        raise NotAFolderError(f"{path}: {file_above} is a file, so no file can be written below it")
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = check_writable_file(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as handle:

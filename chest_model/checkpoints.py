@@ -98,12 +98,17 @@ def check_same_recipe(path: Path, saved: dict[str, Any] | None, asked: dict[str,
     if saved is None:
         return
     # Only settings both versions know: a setting added or removed by an upgrade is not the user's change.
-    changed = [f"--{key.replace('_', '-')} {_shown(saved[key])} (now {_shown(asked[key])})"
+    changed = [f"{_flag(key)} {_shown(saved[key])} (now {_shown(asked[key])})"
                for key in sorted(set(saved) & set(asked)) if saved[key] != asked[key]]
     if changed:
         raise CheckpointError(
             f"{path}: this checkpoint was trained with other settings: {'; '.join(changed)}. Resume with the "
             "run's own settings (its train_config.json records the command), or start a new run in another --output-dir")
+
+
+def _flag(key: str) -> str:
+    # The process count is the launcher's, not train.py's.
+    return "accelerate launch --num_processes" if key == "num_processes" else f"--{key.replace('_', '-')}"
 
 
 def _shown(value: Any) -> str:

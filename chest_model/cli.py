@@ -24,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
     predict.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     output = predict.add_mutually_exclusive_group()
-    output.add_argument("--json", action="store_true", help="print one JSON object per line")
-    predict.add_argument("--batch-size", type=int, default=16)
+    output.add_argument("--json", action="store_true", help="print one JSON object per line (not with --csv)")
+    predict.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
     output.add_argument("--csv", default=None, metavar="OUT.csv",
                          help="write one row per file (file, label, uncertain, one probability per class, error) "
                               "instead of printing, with a progress bar")
@@ -37,13 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="export the model to ONNX, with its preprocessing in the metadata")
     export.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
-    export.add_argument("--revision", default=None)
+    export.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     export.add_argument("--output", required=True, metavar="F.onnx", help="where to write the ONNX model")
     export.set_defaults(func=run_export)
 
     evaluate = sub.add_parser("evaluate", help="metrics, confidence intervals, calibration and a shortcut audit on class folders")
     evaluate.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
-    evaluate.add_argument("--revision", default=None)
+    evaluate.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     evaluate.add_argument("--data-dir", required=True, action="append", metavar="[NAME=]PATH",
                           help="class folders to evaluate on (e.g. DATA/test); repeat it for several named sets, each reported "
                                "separately. A set holding only some classes (external adult normals) reports the share "
@@ -53,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "baseline learns from; all are searched for copies of the evaluated images, which the "
                                "report names NAME/CLASS/FILE (NAME defaults to the folder's name, or its parent's for "
                                "train/ and the like). Repeat it for a model trained on several sources")
-    evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures (without it, the report is only printed)")
+    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
     evaluate.set_defaults(func=run_evaluate)
 
     ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
     ood.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
-    ood.add_argument("--revision", default=None)
+    ood.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     ood.add_argument("--json", action="store_true", help="print the full report, one verdict per image, as JSON")
     ood.set_defaults(func=run_ood_check)
 
@@ -124,7 +124,8 @@ def run_ood_check(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     for row in report["images"]:
-        print(f"{'uncertain' if row['uncertain'] else 'MISSED   '}  {row['name']:45s} {row['label']}")
+        verdict = "; ".join(row["reasons"]) if row["uncertain"] else f"called {row['label']}"
+        print(f"{'uncertain' if row['uncertain'] else 'MISSED   '}  {row['name']:45s} {verdict}")
     for kind, row in report["by_kind"].items():
         print(f"{kind}: {row['flagged']} of {row['n']} flagged ({row['rate']:.0%})")
     print(f"all: {report['flagged']} of {report['n']} non-X-ray images flagged as uncertain ({report['rate']:.0%})")

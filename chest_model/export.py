@@ -49,11 +49,11 @@ def _require_onnx(*, exporter: bool = True):
 
 def export_onnx(model, output: str | Path) -> Path:
     """Write ``model`` as an ONNX file (weights inside, one file) atomically; returns its path."""
-    from .atomic import atomic_write_bytes
+    from .atomic import atomic_write_bytes, check_writable_file
     from .model import eval_mode
 
+    output = check_writable_file(output)  # before the export, which takes seconds
     onnx = _require_onnx()
-    output = Path(output)
     size = model.config.image_size
     device = next(model.parameters()).device
     example = torch.zeros(2, 3, size, size, device=device)  # batch 2: the batch axis must not be traced as 1

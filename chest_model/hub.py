@@ -49,15 +49,17 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
     from .card import render_card
 
     directory = writable_target(directory)
+    # With no card context given, the card and records of the folder the model was loaded from still
+    # describe it while it is unchanged, and travel with it, in the precision they were stored in;
+    # records in the target that describe another model would be false next to this one, and are dropped.
+    source = unchanged_source(model) if card_context is None and weights_dtype is None else None
+    if source is not None:
+        weights_dtype = getattr(model, "stored_dtype", None)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if weights_dtype is not None:
         # Feature statistics stay fp32: a precision matrix's entries can overflow float16.
         state = {k: v.to(weights_dtype) if v.is_floating_point() and not k.startswith(BUFFER_PREFIX) else v
                  for k, v in state.items()}
-    # With no card context given, the card and records of the folder the model was loaded from still
-    # describe it while it is unchanged, and travel with it; records in the target that describe
-    # another model would be false next to this one, and are dropped.
-    source = unchanged_source(model) if card_context is None and weights_dtype is None else None
     stale = [] if card_context is not None else _stale_records(directory, model.config, state)
     with atomic_directory(directory, drop=stale) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -225,8 +227,11 @@ def load_model(
             details.append("shape mismatch " + _first(
                 [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]))
         raise ModelLoadError(f"{weights}: does not match {CONFIG_NAME}: " + "; ".join(details))
-    # Weights may be stored in half precision to keep the file small; compute in fp32.
+    # Weights may be stored in half precision to keep the file small; compute in fp32 (and save them
+    # again as stored: see save_model_folder).
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    stored = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.startswith(BUFFER_PREFIX)}
+    model.stored_dtype = stored.pop() if len(stored) == 1 and stored != {torch.float32} else None
     model.to(map_location)
     model.source = str(name_or_path)
     model.folder = str(folder)

@@ -90,6 +90,8 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     config = TrainingConfig(**vars(parser.parse_args(argv)))
     if not 0.0 <= config.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+    if not 0.0 < config.val_split < 1.0:
+        parser.error(f"--val-split is the share of the training images held out for validation, in (0, 1); got {config.val_split}")
     return config
 
 
@@ -108,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-dir", default=None, help="evaluated once at the end with the best model; never chooses epochs")
     data.add_argument("--external-dir", action="append", default=[], metavar="NAME=PATH",
                       help="a set from a source not trained on (may hold only some classes), evaluated once at the end; repeatable")
-    data.add_argument("--output-dir", required=True)
+    data.add_argument("--output-dir", required=True, help="where the model, its card, records and checkpoints go")
     # "%(default).0s" prints nothing, and tells the help formatter not to append "(default: None)".
     data.add_argument("--class-names", nargs="+", default=None, help=f"class folder names, in order (default: {', '.join(DEFAULT_CLASS_NAMES)})".replace("%", "%%") + "%(default).0s")
     data.add_argument("--skip-bad-files", action="store_true", help="train without unreadable files instead of stopping; they are listed")
@@ -119,14 +121,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "'within-source' balances the classes inside every source that holds several, and lets "
                            "the sources that hold one class only (supplements) share one group's weight")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=10)
+    opt.add_argument("--epochs", type=int, default=10, help="passes over the training images")
     opt.add_argument("--batch-size", type=int, default=4, help="per process")
-    opt.add_argument("--lr", type=float, default=1e-3)
-    opt.add_argument("--momentum", type=float, default=0.9)
-    opt.add_argument("--weight-decay", type=float, default=0.0)
-    opt.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant")
+    opt.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (the tutorial's)")
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    opt.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    opt.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant",
+                     help="learning-rate schedule over the run (after --warmup-epochs)")
     opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
-    opt.add_argument("--class-weights", choices=["none", "balanced"], default="none")
+    opt.add_argument("--class-weights", choices=["none", "balanced"], default="none",
+                     help="weight the loss by inverse class frequency")
     opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
     opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
                      help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
@@ -136,10 +140,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "optimizer step with this decay, and validate, choose and save it instead of the raw weights; "
                           "0 turns it off. 0.995 averages over about 200 steps")
     mdl = p.add_argument_group("model")
-    mdl.add_argument("--image-size", type=int, default=224)
-    mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19")
+    mdl.add_argument("--image-size", type=int, default=224, help="input side in pixels (images are resized to a square)")
+    mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19", help="torchvision VGG19, without or with BatchNorm")
     mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
-    mdl.add_argument("--dropout", type=float, default=0.5)
+    mdl.add_argument("--dropout", type=float, default=0.5, help="dropout in the classification head")
     mdl.add_argument("--contrast", choices=["none", "standardize", "clahe"], default="none",
                      help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
                           "which collections differ (stored in config.json, so inference does the same)")
@@ -155,13 +159,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--cpu-threads", type=int, default=0,
                      help="torch threads per process on CPU (0: the available cores divided by the local processes)")
     run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
-    run.add_argument("--seed", type=int, default=2022)
+    run.add_argument("--seed", type=int, default=2022, help="seeds the validation split, sampling, augmentation and initialisation")
     run.add_argument("--checkpointing-steps", default="epoch", help="'epoch', a number of batches, or 'none'")
-    run.add_argument("--checkpoints-total-limit", type=int, default=2)
+    run.add_argument("--checkpoints-total-limit", type=int, default=2, help="checkpoints kept (the newest)")
     run.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="start over in an --output-dir that holds an earlier run's checkpoints (they are deleted)")
     run.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the final model folder to this Hub repo")
-    run.add_argument("--hub-private", action="store_true")
+    run.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repo as private")
     run.add_argument("--report-to", default="none", help="accelerate trackers: none, all, tensorboard, wandb, ...")
     return p

@@ -218,7 +218,9 @@ def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str
     for split in ("val", "test"):
         path = getattr(args, f"{split}_dir")
         if path:
-            folders[split], more = scan_image_folder(path, class_names)
+            # Validation from one training source is that source's, whatever its folder is called.
+            name = sources[0][0] if split == "val" and len(sources) == 1 else None
+            folders[split], more = scan_image_folder(path, class_names, name=name)
             problems += more
     for name, path in _named(args.external_dir):  # checked now, not after the training
         problems += scan_image_folder(path, class_names, partial=True, name=name)[1]
@@ -327,7 +329,7 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     sampled_prior = sampler.class_prior(len(class_names)) if sampler is not None else None
     logit_offset = sampled_prior.clamp(min=1e-12).log().float() if args.sampling == "groups" else None
     if args.report_to != "none":
-        accelerator.init_trackers("chest-xray-classifier", config=args.scalars())
+        accelerator.init_trackers(TRACKER_PROJECT, config=args.scalars())
     select = args.select_metric
     if select == "auto":
         select = "group_recall" if len(set(data.val.sources)) > 1 else "macro_f1"
@@ -418,6 +420,9 @@ def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, A
     return result
 
 
+TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
+
+
 def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
     """Before any work: the output folder holds this run only. An earlier run there (checkpoints or a
     saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir;
@@ -457,9 +462,9 @@ def output_dir_problem(args: TrainingConfig) -> str | None:
 
 
 def clear_earlier_run(output_dir: Path) -> None:
-    """--overwrite-output-dir: an earlier run's checkpoints, model and records go; nothing of it stays
-    beside the new run's weights."""
-    names = ["checkpoints", *MODEL_FILES, *MODEL_RECORDS]
+    """--overwrite-output-dir: an earlier run's checkpoints, model, records and tracker logs go; nothing
+    of it stays beside the new run's weights."""
+    names = ["checkpoints", TRACKER_PROJECT, *MODEL_FILES, *MODEL_RECORDS]
     found = [name for name in names if (output_dir / name).exists()]
     if found:
         logger.warning("--overwrite-output-dir: deleting the earlier run's %s in %s", ", ".join(found), output_dir)

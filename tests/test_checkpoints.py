@@ -106,3 +106,16 @@ def test_a_failed_save_leaves_no_folder_and_the_old_checkpoints_intact(tmp_path,
         save_checkpoint(accelerator, root, 2, {"global_step": 2})
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]
     assert verify_checkpoint(root / "step_00000001") == {"global_step": 1}
+
+
+def test_a_resume_with_other_settings_names_each_and_ignores_settings_one_version_lacks(tmp_path):
+    from chest_model.checkpoints import check_same_recipe
+
+    saved = {"lr": 0.001, "data_dir": ["a", "b"], "num_processes": 2, "removed_since": 1}
+    check_same_recipe(tmp_path, saved, {"lr": 0.001, "data_dir": ["a", "b"], "num_processes": 2, "added_since": 0})
+    check_same_recipe(tmp_path, None, {"lr": 0.1})  # a checkpoint from before settings were recorded
+    with pytest.raises(CheckpointError) as info:
+        check_same_recipe(tmp_path, saved, {"lr": 0.01, "data_dir": ["a"], "num_processes": 1})
+    message = str(info.value)
+    assert "--lr 0.001 (now 0.01)" in message and "--data-dir a b (now a)" in message
+    assert "accelerate launch --num_processes 2 (now 1)" in message and "--num-processes" not in message

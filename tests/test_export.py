@@ -136,3 +136,15 @@ def test_readme_onnxruntime_snippet_matches_the_package(tmp_path, monkeypatch, c
         assert grey_levels.max() < 1.01 and (grey_levels > 0.01).mean() < 0.10, path
         probabilities = np.array([namespace["classify"](image)[name] for name in model.class_names])
         np.testing.assert_allclose(probabilities, model.predict_proba([image]).numpy()[0], atol=2e-3, err_msg=str(path))
+
+
+def test_an_output_that_is_a_folder_or_below_a_file_is_refused_before_exporting(tiny_model, tmp_path, monkeypatch):
+    from chest_model import ChestModelError
+    from chest_model import export
+
+    monkeypatch.setattr(export, "_require_onnx", lambda: pytest.fail("checked before the export starts"))
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ChestModelError, match="is a folder; give a file name"):
+        export.export_onnx(tiny_model, tmp_path)
+    with pytest.raises(ChestModelError, match="afile is a file, so no file can be written below it"):
+        export.export_onnx(tiny_model, tmp_path / "afile" / "m.onnx")

@@ -299,11 +299,12 @@ def test_saving_another_model_over_a_folder_drops_the_records_that_described_the
 
 def test_a_loaded_model_saved_elsewhere_keeps_its_card_and_records_while_unchanged(tiny_model, tmp_path):
     source = tmp_path / "source"
-    tiny_model.save_pretrained(source, card_context={"model_name": "the measured one"})
+    tiny_model.save_pretrained(source, card_context={"model_name": "the measured one"}, weights_dtype=torch.float16)
     (source / "metrics.json").write_text(json.dumps({"accuracy": 0.75, "n": 8}))
     loaded = ChestXrayClassifier.from_pretrained(source)
     loaded.save_pretrained(tmp_path / "copy")
     assert (tmp_path / "copy" / "README.md").read_text() == (source / "README.md").read_text()
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
     assert (tmp_path / "copy" / "metrics.json").read_text() == (source / "metrics.json").read_text()
     with torch.no_grad():  # changed since loading: a fresh card, no records
         next(loaded.parameters()).add_(1.0)

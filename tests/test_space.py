@@ -135,3 +135,9 @@ def test_the_space_runs_from_its_folder_and_serves_predict(space):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_an_output_below_a_file_is_one_clear_error(saved_model, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["space", "--model", str(saved_model), "--output", str(tmp_path / "afile" / "sub")]) == 2
+    assert "afile is a file, so no folder can be made below it" in capsys.readouterr().err

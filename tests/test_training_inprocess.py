@@ -122,6 +122,8 @@ def test_an_earlier_runs_checkpoints_are_never_mixed_with_a_new_run(tmp_path, cl
     # A new run (no resume) into the same folder is refused before any work, with what to do.
     (out / "eval").mkdir()
     (out / "eval" / "metrics.json").write_text("{}")  # a record of the earlier run's model
+    (out / "chest-xray-classifier").mkdir()
+    (out / "chest-xray-classifier" / "events.out.tfevents.1").write_text("")  # and its tracker log
     assert main(common) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -141,6 +143,7 @@ def test_an_earlier_runs_checkpoints_are_never_mixed_with_a_new_run(tmp_path, cl
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1]
     assert [p.name for p in (out / "checkpoints").glob("step_*")] == [earlier.name]  # epoch 2's is gone
     assert not (out / "eval").exists()  # and no record of the earlier model stays beside the new one
+    assert not (out / "chest-xray-classifier").exists()
     # Both flags at once, or a checkpoint outside its own run's folder: refused, saying why.
     assert main([*common, "--overwrite-output-dir", "--resume-from-checkpoint", "latest"]) == 2
     assert "give one of them" in capsys.readouterr().err
@@ -158,3 +161,22 @@ def test_a_mistyped_external_dir_stops_the_run_before_training(tmp_path, clean_a
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nosuch'}: data folder does not exist" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_validation_folder_of_one_training_source_is_reported_as_that_source(tmp_path, clean_accelerate):
+    train = make_class_folders(tmp_path / "mine", per_class=4, size=40, seed=6)
+    val = make_class_folders(tmp_path / "val", per_class=2, size=40, seed=7)  # "val": a split folder's name
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(train), "--val-dir", str(val), "--output-dir", str(out), "--image-size", "32",
+                 "--weights", "none", "--epochs", "1", "--checkpointing-steps", "none"]) == 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["sources"] == ["mine"] and list(record["data_counts_by_source"]["val"]) == ["mine"]
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_an_impossible_validation_share_is_refused_when_parsing(value, capsys):
+    from chest_model.train_config import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(["--data-dir", "d", "--output-dir", "o", "--val-split", value])
+    assert "--val-split is the share of the training images held out" in capsys.readouterr().err
