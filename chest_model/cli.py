@@ -129,6 +129,9 @@ def run_ood_check(args: argparse.Namespace) -> int:
     for kind, row in report["by_kind"].items():
         print(f"{kind}: {row['flagged']} of {row['n']} flagged ({row['rate']:.0%})")
     print(f"all: {report['flagged']} of {report['n']} non-X-ray images flagged as uncertain ({report['rate']:.0%})")
+    if report["not_installed"]:
+        print(f"not checked: the images bundled with {', '.join(report['not_installed'])} (not installed; "
+              "the dev extra has them all)", file=sys.stderr)
     return 0
 
 
@@ -233,6 +236,11 @@ def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, 
         print(f"{path}: {result['label']}  ({scores}){flag}", flush=True)
 
 
+# Modules of the optional extras (pyproject.toml), for the message when one is missing.
+EXTRA_OF = {"sklearn": "train", "matplotlib": "train", "imagehash": "train", "accelerate": "train",
+            "gradio": "demo", "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Every error the package raises on purpose already names the file and what is wrong: print that
@@ -241,6 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except ChestModelError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional dependency of this command
+        module = (err.name or "").split(".")[0]
+        extra = EXTRA_OF.get(module)
+        if extra is None:
+            raise
+        print(f"error: `chest-model {args.command}` needs {module}, from the {extra} extra: "
+              f"pip install '.[{extra}]' in a checkout (or chest-xray-classifier[{extra}] from its repository)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

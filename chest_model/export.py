@@ -17,7 +17,7 @@ from .preprocess import CLAHE_CLIP, CLAHE_TILES, STANDARD_MEAN, STANDARD_STD
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "logits"
-INSTALL_HINT = "pip install 'chest-xray-classifier[export]'"
+INSTALL_HINT = "pip install '.[export]' in a checkout (or 'chest-xray-classifier[export] @ git+<repository URL>')"
 METADATA_KEYS = ("class_names", "image_size", "mean", "std", "temperature", "contrast")
 
 

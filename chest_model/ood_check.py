@@ -40,6 +40,15 @@ def _package_dir(name: str) -> Path | None:
     return Path(spec.origin).parent if spec and spec.origin else None
 
 
+# The packages whose bundled images the check uses, and the pip name each comes with.
+IMAGE_PACKAGES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib", "pydicom": "pydicom"}
+
+
+def missing_image_packages() -> list[str]:
+    """The packages (pip names) whose images are skipped because they are not installed."""
+    return [pip for module, pip in IMAGE_PACKAGES.items() if _package_dir(module) is None]
+
+
 def packaged_images() -> list[Sample]:
     """Real non-X-ray images from the installed packages (those missing are skipped)."""
     samples = []
@@ -108,6 +117,7 @@ def non_xray_images() -> list[Sample]:
 
 def check(model, samples: list[Sample] | None = None, *, precision: str = "fp32") -> dict:
     """Share of the samples the model reports as uncertain, overall and by kind, with each verdict."""
+    not_installed = missing_image_packages() if samples is None else []
     samples = non_xray_images() if samples is None else samples
     predictions = model.predict([s.image for s in samples], precision=precision) if samples else []
     rows = [{"name": s.name, "kind": s.kind, "uncertain": p.uncertain, "label": p.label, "reasons": p.reasons}
@@ -118,4 +128,4 @@ def check(model, samples: list[Sample] | None = None, *, precision: str = "fp32"
         by_kind[kind] = {"n": len(flagged), "flagged": int(sum(flagged)), "rate": float(np.mean(flagged))}
     flagged = [r["uncertain"] for r in rows]
     return {"n": len(rows), "flagged": int(sum(flagged)), "rate": float(np.mean(flagged)) if rows else 0.0,
-            "by_kind": by_kind, "images": rows}
+            "by_kind": by_kind, "images": rows, "not_installed": not_installed}

@@ -652,6 +652,9 @@ def save_outputs(run: Run, model, val_pass: Predictions) -> None:
     from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
 
     args, record, output_dir = run.args, run.record, run.output_dir
+    if (output_dir / "eval").exists():  # a resumed run's earlier evaluation measured other weights
+        logger.warning("%s: removing the earlier evaluation, which measured the weights before this run", output_dir / "eval")
+        shutil.rmtree(output_dir / "eval")
     feature_precision = "bf16" if run.accelerator.precision_choice.precision == "bf16" else "fp32"
     val_metrics = calibrate(model, val_pass, run.data.val, run.data.train.images, fpr=args.ood_fpr, precision=feature_precision)
     val_metrics.update(validation_metrics(run, val_pass.logits, val_pass.labels, temperature=model.config.temperature))

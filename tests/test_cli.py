@@ -259,3 +259,25 @@ def test_every_exception_the_package_defines_is_a_chest_model_error():
         assert issubclass(cls, ChestModelError), name
         assert issubclass(cls, (ValueError, RuntimeError)), f"{name} must stay the ValueError or RuntimeError it was"
     assert not issubclass(chest_model.training.Interrupted, ChestModelError)
+
+
+def test_a_command_missing_its_extra_names_it_in_one_error_line(saved_model, tmp_path):
+    """evaluate without scikit-learn (the train extra), as after `pip install .` alone."""
+    make = ("import sys; sys.modules['sklearn'] = None; from chest_model.cli import main; "
+            f"sys.exit(main(['evaluate', '--model', {str(saved_model)!r}, '--data-dir', {str(tmp_path / 'data')!r}]))")
+    from helpers import make_class_folders
+
+    make_class_folders(tmp_path / "data", per_class=2, size=40)
+    result = subprocess.run([sys.executable, "-c", make], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "`chest-model evaluate` needs sklearn, from the train extra: pip install '.[train]'" in result.stderr
+
+
+def test_ood_check_says_which_bundled_images_it_could_not_use(saved_model):
+    blocked = ("import sys; sys.modules['skimage'] = None; import importlib.util as u; real = u.find_spec; "
+               "u.find_spec = lambda name, *a: None if name == 'skimage' else real(name, *a); "
+               f"from chest_model.cli import main; sys.exit(main(['ood-check', '--model', {str(saved_model)!r}]))")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not checked: the images bundled with scikit-image (not installed" in result.stderr
+    assert "scikit-image/" not in result.stdout

@@ -11,7 +11,7 @@ import torch
 
 from helpers import DATASET, EXAMPLES, ROOT
 
-INSTALL = "pip install 'chest-xray-classifier[export]'"
+INSTALL = "pip install '.[export]'"
 ort = pytest.importorskip("onnxruntime", reason=f"onnxruntime is not installed ({INSTALL})")
 pytest.importorskip("onnxscript", reason=f"onnxscript, which torch's ONNX exporter needs, is not installed ({INSTALL})")
 

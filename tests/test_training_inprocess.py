@@ -101,7 +101,10 @@ def test_a_finished_run_extended_with_more_epochs_keeps_its_best_epoch_and_finis
     assert main([*common, "--epochs", "1"]) == 0
     first = ChestXrayClassifier.from_pretrained(out).state_dict()
     assert any(k.startswith("ood_") for k in first)
+    (out / "eval").mkdir()
+    (out / "eval" / "metrics.json").write_text("{}")  # as a first run with --test-dir leaves it
     assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 0
+    assert not (out / "eval").exists()  # it measured the weights before the resume
     record = json.loads((out / "train_config.json").read_text())
     assert record["best_epoch"] == 1
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
