@@ -338,7 +338,8 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
         record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
-                                        "recipe": {**args.recipe(), "num_processes": accelerator.num_processes}}, select,
+                                        "recipe": {**args.recipe(), "num_processes": accelerator.num_processes},
+                                        "commands": [command]}, select,
               memory_format, logit_offset, ema)
     resume(run)
     return run
@@ -484,6 +485,9 @@ def resume(run: Run) -> None:
     state = ckpt.verify_checkpoint(path)
     ckpt.check_same_recipe(path, state.get("recipe"), run.state["recipe"])
     state.setdefault("recipe", run.state["recipe"])  # a checkpoint from before settings were recorded
+    # The run's record names the command that started it, and each that resumed it.
+    state["commands"] = [*state.get("commands", []), run.record["command"]]
+    run.record["command"], run.record["resumed_with"] = state["commands"][0], state["commands"][1:]
     run.state = state
     run.accelerator.load_state(str(path))
     logger.info("resumed from %s (epoch %d, batch %d)", path, run.state["epoch"] + 1, run.state["step_in_epoch"])

@@ -107,6 +107,12 @@ def test_a_finished_run_extended_with_more_epochs_keeps_its_best_epoch_and_finis
     assert not (out / "eval").exists()  # it measured the weights before the resume
     record = json.loads((out / "train_config.json").read_text())
     assert record["best_epoch"] == 1
+    # The record names the command that started the run, and the one that resumed it.
+    assert "--epochs 1" in record["command"] and "--resume-from-checkpoint" not in record["command"]
+    (resumed,) = record["resumed_with"]
+    assert "--epochs 2 --resume-from-checkpoint latest" in resumed
+    card = (out / "README.md").read_text()
+    assert f"`{record['command']}`" in card and f"- Resumed with: `{resumed}`" in card
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
     again = ChestXrayClassifier.from_pretrained(out).state_dict()
     assert again.keys() == first.keys()
