@@ -69,9 +69,8 @@ def writable_target(target: str | Path) -> Path:
         target = target.resolve()
     if target.exists() and not target.is_dir():
         raise NotAFolderError(f"{target}: is a file, not a folder; choose another folder to save to")
-    file_above = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
-    if file_above is not None:
-        raise NotAFolderError(f"{target}: {file_above} is a file, so no folder can be made below it")
+    if (blocking := file_above(target)) is not None:
+        raise NotAFolderError(f"{target}: {blocking} is a file, so no folder can be made below it")
     recover_interrupted(target)
     return target
 
@@ -170,14 +169,18 @@ def _link_tree(src: Path, dst: Path) -> None:
             shutil.copy2(src, dst)
 
 
+def file_above(path: Path) -> Path | None:
+    """The first folder of ``path``'s that exists as a file (nothing can be made below it), if any."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
 def check_writable_file(path: str | Path) -> Path:
     """``path`` as a file to write: not a folder, and not below a file. Checked before long work."""
     path = Path(path)
     if path.is_dir():
         raise NotAFolderError(f"{path}: is a folder; give a file name to write")
-    file_above = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if file_above is not None:
-        raise NotAFolderError(f"{path}: {file_above} is a file, so no file can be written below it")
+    if (blocking := file_above(path)) is not None:
+        raise NotAFolderError(f"{path}: {blocking} is a file, so no file can be written below it")
     return path
 
 

@@ -16,7 +16,7 @@ import shutil
 from importlib import metadata
 from pathlib import Path
 
-from .atomic import atomic_directory
+from .atomic import atomic_directory, file_above
 from .card import DISTRIBUTION, LICENSE, repository_url
 from .errors import ChestModelError
 from .hub import CARD_NAME, MODEL_FILES, ModelLoadError, looks_like_path
@@ -138,9 +138,8 @@ def _check_output(output: Path, sources: list[Path]) -> None:
             raise SpaceError(f"{output}: is inside {source}, which the Space copies; choose a folder outside it")
     if output.exists() and not output.is_dir():
         raise SpaceError(f"{output}: is a file; choose a new or empty folder")
-    file_above = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
-    if file_above is not None:
-        raise SpaceError(f"{output}: {file_above} is a file, so no folder can be made below it")
+    if (blocking := file_above(output)) is not None:
+        raise SpaceError(f"{output}: {blocking} is a file, so no folder can be made below it")
     if output.is_dir() and any(output.iterdir()):
         app = output / "app.py"
         if not (app.is_file() and MARKER in app.read_text(encoding="utf-8", errors="replace")):
