@@ -3,6 +3,11 @@
 Each checkpoint is written to a temporary folder, given a ``manifest.json`` with every file's
 SHA-256, and renamed into place, so ``checkpoints/`` only ever holds complete checkpoints. Before a
 resume the manifest is checked, so a damaged checkpoint is reported instead of half-loaded.
+
+Nothing is unpickled on a resume. accelerate loads its own files (model, optimizer, RNG states) with
+``weights_only=True``, but objects registered with ``register_for_checkpointing`` with
+``weights_only=False``, so the training state they would hold is kept here instead: plain values in
+``trainer_state.json``, tensors in safetensors files (``save_checkpoint(tensors=...)``).
 """
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from .atomic import recover_folder, replace_directory, sibling
 from .errors import ChestModelError
@@ -33,8 +41,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, trainer_state: dict[str, Any], *, keep: int = 2) -> Path | None:
-    """Save model, optimizer, scheduler and RNG states plus ``trainer_state``; all processes must call."""
+def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, trainer_state: dict[str, Any], *, keep: int = 2,
+                    tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path | None:
+    """Save model, optimizer and RNG states plus ``trainer_state`` (JSON) and each of ``tensors`` as
+    ``NAME.safetensors`` (the main process's); all processes must call."""
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / f"step_{global_step:08d}"
     tmp = sibling(final, "tmp")
@@ -47,6 +57,8 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            for name, state in (tensors or {}).items():
+                save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
             files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
             replace_directory(tmp, final)
@@ -123,6 +135,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST}); it was interrupted while saving")
     try:
         files = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(files, dict) or TRAINER_STATE not in files:
+            raise ValueError(f"no checksum list naming {TRAINER_STATE}")
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
     for name, expected in files.items():
@@ -131,4 +145,32 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: corrupted checkpoint: {name} is missing")
         if _sha256(file) != expected:
             raise CheckpointError(f"{path}: corrupted checkpoint: {name} does not match its checksum")
-    return json.loads((path / TRAINER_STATE).read_text())
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path / TRAINER_STATE}: unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE}: not a training state")
+    return state
+
+
+def load_tensors(path: Path, name: str, *, legacy_index: int | None = None) -> dict[str, torch.Tensor] | None:
+    """``NAME.safetensors`` of a checkpoint; for one written before those files existed, the state
+    accelerate pickled as ``custom_checkpoint_{legacy_index}.pkl``, read with ``weights_only=True``
+    (tensors and plain values only, never code). None if the checkpoint holds neither."""
+    path = Path(path)
+    if (path / f"{name}.safetensors").is_file():
+        return load_file(str(path / f"{name}.safetensors"))
+    return legacy_state(path, legacy_index) if legacy_index is not None else None
+
+
+def legacy_state(path: Path, index: int) -> dict[str, Any] | None:
+    """A state accelerate's ``register_for_checkpointing`` wrote (older checkpoints), loaded safely."""
+    legacy = Path(path) / f"custom_checkpoint_{index}.pkl"
+    if not legacy.is_file():
+        return None
+    try:
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - anything but tensors and plain values is refused
+        raise CheckpointError(f"{legacy}: cannot be read as tensors and plain values ({type(err).__name__}); "
+                              "it is not loaded, since unpickling it could run code") from None

@@ -317,9 +317,6 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, raw_optimizer, train_loader, val_loader)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(raw_optimizer, _schedule(args, steps_per_epoch))
-    accelerator.register_for_checkpointing(scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     class_weights = None
     if args.class_weights == "balanced":
         n = torch.bincount(torch.tensor(data.train.labels), minlength=len(class_names)).float()
@@ -421,6 +418,8 @@ def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, A
     return result
 
 
+SCHEDULER_STATE = "scheduler"  # key in the checkpoint's trainer_state.json
+EMA_STATE = "ema"  # the moving average's tensors: ema.safetensors in each checkpoint
 TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
 
 
@@ -490,13 +489,24 @@ def resume(run: Run) -> None:
     run.record["command"], run.record["resumed_with"] = state["commands"][0], state["commands"][1:]
     run.state = state
     run.accelerator.load_state(str(path))
+    # The scheduler and the moving average are kept by this module, not accelerate (see checkpoints.py).
+    schedule = state.pop(SCHEDULER_STATE, None) or ckpt.legacy_state(path, 0)
+    if schedule is None:
+        raise ckpt.CheckpointError(f"{path}: holds no learning-rate schedule state")
+    run.scheduler.load_state_dict(schedule)
+    if run.ema is not None:
+        average = ckpt.load_tensors(path, EMA_STATE, legacy_index=1)
+        if average is None:
+            raise ckpt.CheckpointError(f"{path}: holds no moving average of the weights for --ema-decay")
+        run.ema.load_state_dict(average)
     logger.info("resumed from %s (epoch %d, batch %d)", path, run.state["epoch"] + 1, run.state["step_in_epoch"])
 
 
 def checkpoint(run: Run, epoch: int, step_in_epoch: int) -> None:
     run.state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * len(run.train_loader) + step_in_epoch)
-    ckpt.save_checkpoint(run.accelerator, run.output_dir / "checkpoints", run.state["global_step"], run.state,
-                         keep=run.args.checkpoints_total_limit)
+    ckpt.save_checkpoint(run.accelerator, run.output_dir / "checkpoints", run.state["global_step"],
+                         {**run.state, SCHEDULER_STATE: run.scheduler.state_dict()}, keep=run.args.checkpoints_total_limit,
+                         tensors=None if run.ema is None else {EMA_STATE: run.ema.state_dict()})
 
 
 def run_epochs(run: Run) -> Predictions | None:

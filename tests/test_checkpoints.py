@@ -119,3 +119,43 @@ def test_a_resume_with_other_settings_names_each_and_ignores_settings_one_versio
     message = str(info.value)
     assert "--lr 0.001 (now 0.01)" in message and "--data-dir a b (now a)" in message
     assert "accelerate launch --num_processes 2 (now 1)" in message and "--num-processes" not in message
+
+
+def test_extra_tensors_are_saved_as_safetensors_and_checked_by_the_manifest(tmp_path, accelerator):
+    from chest_model.checkpoints import load_tensors
+
+    average = {"n_averaged": torch.tensor(3), "module.weight": torch.randn(4, 2).t()}  # not contiguous
+    path = save_checkpoint(accelerator, tmp_path / "checkpoints", 1, {"epoch": 1}, tensors={"ema": average})
+    assert not list(path.glob("custom_checkpoint_*"))  # what accelerate would load with weights_only=False
+    assert "ema.safetensors" in json.loads((path / "manifest.json").read_text())["files"]
+    loaded = load_tensors(path, "ema")
+    assert loaded.keys() == average.keys() and all(torch.equal(loaded[k], average[k]) for k in average)
+    assert load_tensors(path, "absent") is None
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled: this ran code",))
+
+
+def test_an_older_checkpoints_pickled_state_is_read_as_plain_values_only(tmp_path, capsys):
+    from chest_model.checkpoints import legacy_state, load_tensors
+
+    torch.save({"last_epoch": 4, "base_lrs": [0.1]}, tmp_path / "custom_checkpoint_0.pkl")
+    torch.save({"n_averaged": torch.tensor(2)}, tmp_path / "custom_checkpoint_1.pkl")
+    assert legacy_state(tmp_path, 0) == {"last_epoch": 4, "base_lrs": [0.1]}
+    assert int(load_tensors(tmp_path, "ema", legacy_index=1)["n_averaged"]) == 2
+    assert legacy_state(tmp_path, 2) is None
+
+    torch.save({"scheduler": _RunsCode()}, tmp_path / "custom_checkpoint_0.pkl")
+    with pytest.raises(CheckpointError, match="custom_checkpoint_0.pkl: cannot be read as tensors and plain values"):
+        legacy_state(tmp_path, 0)
+    assert "unpickled" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest", ['{"files": ["model.safetensors"]}', '{"files": {}}', "[]"])
+def test_a_malformed_manifest_is_a_checkpoint_error(tmp_path, accelerator, manifest):
+    path = save_checkpoint(accelerator, tmp_path / "checkpoints", 1, {"epoch": 1})
+    (path / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        verify_checkpoint(path)
