@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,19 +193,31 @@ def stratified_split(labels: list[int], fraction: float, seed: int, sources: lis
     from sklearn.model_selection import train_test_split
 
     n, k = len(labels), len(set(labels))
-    strata = list(labels)
-    if sources is not None and len(set(sources)) > 1:
-        groups = [(label, source) for label, source in zip(labels, sources)]
-        strata = [f"{l}/{s}" if groups.count((l, s)) >= 2 else str(l) for l, s in groups]
     size = max(k, int(np.ceil(fraction * n)))  # as scikit-learn rounds; at least one image per class
     if not 0 < fraction < 1 or n - size < k or min(np.bincount(labels)) < 2:
         raise DatasetError(
             f"cannot split {n} images ({k} classes, smallest class {min(np.bincount(labels))}) into train and "
             f"validation with --val-split {fraction}; add images or pass --val-dir"
         )
+    strata = _strata(labels, sources)
+    if len(set(strata)) > min(size, n - size):  # more groups than either part can hold one of
+        strata = list(labels)
     indices = np.arange(n)
     train_idx, val_idx = train_test_split(indices, test_size=size, stratify=strata, random_state=seed)
     return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+
+
+def _strata(labels: list[int], sources: list[int] | None) -> list:
+    """Class x source groups. A group of one image joins its class's stratum; where that leaves a
+    stratum of one image (scikit-learn needs two in each), its whole class is stratified by class alone."""
+    if sources is None or len(set(sources)) < 2:
+        return list(labels)
+    groups = list(zip(labels, sources))
+    counts = Counter(groups)
+    strata = [f"{label}/{source}" if counts[(label, source)] >= 2 else str(label) for label, source in groups]
+    sizes = Counter(strata)
+    thin = {label for label, stratum in zip(labels, strata) if sizes[stratum] < 2}
+    return [str(label) if label in thin else stratum for label, stratum in zip(labels, strata)]
 
 
 def decode_folder(

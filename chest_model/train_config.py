@@ -88,11 +88,56 @@ RESUMABLE_CHANGES = frozenset({
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     parser = get_args_parser()
     config = TrainingConfig(**vars(parser.parse_args(argv)))
+    if not 0.0 <= config.dropout < 1.0:
+        parser.error(f"--dropout must be in [0, 1), got {config.dropout}")
     if not 0.0 <= config.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
     if not 0.0 < config.val_split < 1.0:
         parser.error(f"--val-split is the share of the training images held out for validation, in (0, 1); got {config.val_split}")
     return config
+
+
+def _whole(minimum: int, meaning: str = ""):
+    """An argparse type: an integer of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{meaning}, got {value}")
+        return value
+    return parse
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _checkpointing_steps(text: str) -> str:
+    """'epoch', 'none', or a positive number of batches (kept as text, as accelerate's examples do)."""
+    if text in ("epoch", "none"):
+        return text
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected 'epoch', 'none' or a number of batches (1 or more), got {text!r}")
+    return str(int(text))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -121,17 +166,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "'within-source' balances the classes inside every source that holds several, and lets "
                            "the sources that hold one class only (supplements) share one group's weight")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=10, help="passes over the training images")
-    opt.add_argument("--batch-size", type=int, default=4, help="per process")
-    opt.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (the tutorial's)")
-    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    opt.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
+    opt.add_argument("--epochs", type=_whole(1), default=10, help="passes over the training images")
+    opt.add_argument("--batch-size", type=_whole(1), default=4, help="per process")
+    opt.add_argument("--lr", type=_non_negative, default=1e-3, help="SGD learning rate (the tutorial's)")
+    opt.add_argument("--momentum", type=_non_negative, default=0.9, help="SGD momentum")
+    opt.add_argument("--weight-decay", type=_non_negative, default=0.0, help="L2 weight decay")
     opt.add_argument("--lr-scheduler", choices=["constant", "cosine"], default="constant",
                      help="learning-rate schedule over the run (after --warmup-epochs)")
-    opt.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
+    opt.add_argument("--warmup-epochs", type=_non_negative, default=0.0, help="linear warm-up before the schedule")
     opt.add_argument("--class-weights", choices=["none", "balanced"], default="none",
                      help="weight the loss by inverse class frequency")
-    opt.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    opt.add_argument("--grad-accum", type=_whole(1), default=1, help="gradient accumulation steps")
     opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
                      help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
                           "(source, class) group, so no source or class can be sacrificed; 'auto' uses it with several sources")
@@ -140,7 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "optimizer step with this decay, and validate, choose and save it instead of the raw weights; "
                           "0 turns it off. 0.995 averages over about 200 steps")
     mdl = p.add_argument_group("model")
-    mdl.add_argument("--image-size", type=int, default=224, help="input side in pixels (images are resized to a square)")
+    mdl.add_argument("--image-size", type=_whole(32, " (VGG halves it five times)"), default=224, help="input side in pixels (images are resized to a square)")
     mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19", help="torchvision VGG19, without or with BatchNorm")
     mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
     mdl.add_argument("--dropout", type=float, default=0.5, help="dropout in the classification head")
@@ -150,18 +195,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--augment", choices=["standard", "acquisition", "none"], default="standard",
                      help="'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how and where an image was taken")
     mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
-    mdl.add_argument("--ood-fpr", type=float, default=0.02,
+    mdl.add_argument("--ood-fpr", type=_share, default=0.02,
                      help="share of validation X-rays the feature-space out-of-distribution gate may flag")
     run = p.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
                      help="'auto': bf16 where the device runs it faster than fp32 (GPUs with bf16 tensor cores, CPUs with "
                           "AMX, CPUs with AVX512-BF16 where a timed matmul says so), else fp32. `accelerate launch --mixed_precision bf16|fp16` also counts as asking")
-    run.add_argument("--cpu-threads", type=int, default=0,
+    run.add_argument("--cpu-threads", type=_whole(0), default=0,
                      help="torch threads per process on CPU (0: the available cores divided by the local processes)")
-    run.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
+    run.add_argument("--num-workers", type=_whole(0), default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
     run.add_argument("--seed", type=int, default=2022, help="seeds the validation split, sampling, augmentation and initialisation")
-    run.add_argument("--checkpointing-steps", default="epoch", help="'epoch', a number of batches, or 'none'")
-    run.add_argument("--checkpoints-total-limit", type=int, default=2, help="checkpoints kept (the newest)")
+    run.add_argument("--checkpointing-steps", type=_checkpointing_steps, default="epoch", help="'epoch', a number of batches, or 'none'")
+    run.add_argument("--checkpoints-total-limit", type=_whole(0), default=2, help="checkpoints kept (the newest); 0 keeps every one")
     run.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="start over in an --output-dir that holds an earlier run's checkpoints (they are deleted)")

@@ -72,6 +72,18 @@ def test_split_is_stratified_by_class_and_source():
     assert not set(train) & set(val) and len(train) + len(val) == len(labels)
 
 
+
+@pytest.mark.parametrize("labels, sources, fraction", [
+    # Normal: 6 images from one source and a single one from another (a stratum of one).
+    ([0] * 6 + [1] * 6 + [2] * 6 + [0], [0] * 18 + [1], 0.25),
+    # 15 class x source groups of two, but only 5 validation images.
+    ([c for c in range(3) for _ in range(10)], [s for _ in range(3) for s in range(5) for _ in range(2)], 0.15),
+])
+def test_a_split_with_thin_groups_falls_back_to_coarser_strata_instead_of_failing(labels, sources, fraction):
+    train, val = stratified_split(labels, fraction, 0, sources=sources)
+    assert not set(train) & set(val) and len(train) + len(val) == len(labels)
+    assert {labels[i] for i in val} == set(labels)  # every class is still validated
+
 def test_balanced_weights_give_classes_equal_mass_split_between_sources():
     labels = [0] * 10 + [1] * 30 + [0] * 90
     sources = [0] * 40 + [1] * 90

@@ -31,3 +31,29 @@ def test_a_bad_choice_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_config(["--data-dir", "d", "--output-dir", "o", "--sampling", "sources"])
     assert exit_info.value.code == 2 and "invalid choice: 'sources'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
+    ("--batch-size", "-2", "argument --batch-size: must be at least 1"),
+    ("--grad-accum", "0", "argument --grad-accum: must be at least 1"),
+    ("--image-size", "16", "argument --image-size: must be at least 32"),
+    ("--ood-fpr", "1", "argument --ood-fpr: must lie strictly between 0 and 1"),
+    ("--ood-fpr", "-0.1", "argument --ood-fpr: must lie strictly between 0 and 1"),
+    ("--lr", "nan", "argument --lr: must be 0 or more"),
+    ("--warmup-epochs", "-1", "argument --warmup-epochs: must be 0 or more"),
+    ("--checkpointing-steps", "abc", "argument --checkpointing-steps: expected 'epoch', 'none' or a number of batches"),
+    ("--checkpointing-steps", "0", "argument --checkpointing-steps: expected 'epoch', 'none' or a number of batches"),
+    ("--checkpoints-total-limit", "-1", "argument --checkpoints-total-limit: must be at least 0"),
+    ("--num-workers", "x", "argument --num-workers: expected a whole number, got 'x'"),
+    ("--dropout", "1", "--dropout must be in [0, 1), got 1.0"),
+])
+def test_a_value_that_cannot_train_is_refused_before_any_work(capsys, flag, value, says):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--data-dir", "d", "--output-dir", "o", flag, value])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_checkpointing_steps_keep_their_words_and_numbers():
+    parse = lambda value: parse_config(["--data-dir", "d", "--output-dir", "o", "--checkpointing-steps", value])
+    assert [parse(v).checkpointing_steps for v in ("epoch", "none", "25")] == ["epoch", "none", "25"]
