@@ -7,6 +7,7 @@ data -> model -> loop -> choose -> calibrate -> save.
 """
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
 import logging
@@ -33,16 +34,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from . import checkpoints as ckpt
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, recover_interrupted
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
                    parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
-from .errors import ChestModelError
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
+from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
-from .atomic import recover_interrupted
 from .feature_ood import BUFFER_PREFIX
 from .hub import MODEL_FILES, MODEL_RECORDS
 from .model import ChestXrayClassifier
@@ -134,7 +134,9 @@ def train(args: TrainingConfig, command: str) -> int:
 def make_accelerator(args: TrainingConfig):
     # accelerate picks the device (CUDA, MPS, XPU, ...). Only where torch sees no accelerator at all is
     # the CPU named: `--multi_gpu` then joins the processes in a gloo group instead of running each alone.
-    state = PartialState(cpu=not torch.accelerator.is_available())
+    # The other processes wait at a barrier while rank 0 evaluates, saves and uploads the final model;
+    # torch's default timeout (10 minutes with NCCL) would kill a run whose upload or test set takes longer.
+    state = PartialState(cpu=not torch.accelerator.is_available(), timeout=FINAL_WORK_TIMEOUT)
     precision = resolve_precision(args.mixed_precision, state.device)
     if state.num_processes > 1:  # all processes train in one precision: rank 0's (possibly timed) choice
         precision = broadcast_object_list([precision], from_process=0)[0]
@@ -418,6 +420,7 @@ def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, A
     return result
 
 
+FINAL_WORK_TIMEOUT = datetime.timedelta(hours=2)  # the process group's collective timeout
 SCHEDULER_STATE = "scheduler"  # key in the checkpoint's trainer_state.json
 EMA_STATE = "ema"  # the moving average's tensors: ema.safetensors in each checkpoint
 TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
@@ -429,7 +432,7 @@ def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
     a checkpoint is resumed in its own run's folder, where that run's best weights are."""
     problem = None
     if accelerator.is_main_process:  # one rank decides, all act on it
-        problem = output_dir_problem(args)
+        problem = output_dir_problem(args, accelerator.num_processes)
         if problem is None and args.overwrite_output_dir:
             clear_earlier_run(Path(args.output_dir))
     box = [problem]
@@ -439,7 +442,7 @@ def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
         raise ckpt.CheckpointError(box[0])
 
 
-def output_dir_problem(args: TrainingConfig) -> str | None:
+def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | None:
     output_dir = Path(args.output_dir)
     recover_interrupted(output_dir)  # a save killed mid-swap set the folder aside
     checkpoints_dir = output_dir / "checkpoints"
@@ -451,13 +454,32 @@ def output_dir_problem(args: TrainingConfig) -> str | None:
             return (f"{path}: resume a checkpoint in its own run's folder (--output-dir {path.parent.parent}): "
                     "that folder holds the run's best weights so far")
     if args.resume_from_checkpoint:
-        return None
+        return resume_problem(args, num_processes)
     earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)]
     earlier += [name for name in ("config.json", "model.safetensors") if (output_dir / name).is_file()]
     if earlier and not args.overwrite_output_dir:
         return (f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Continue it with "
                 "--resume-from-checkpoint latest, pass --overwrite-output-dir to start over (its checkpoints, "
                 "model and records are deleted), or choose another --output-dir")
+    return None
+
+
+def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
+    """What a resume would refuse, found before any decoding: a missing checkpoint, one of other
+    settings, or a finished run with no checkpoint (which 'latest' would silently train over).
+    Checksums are verified when it is loaded."""
+    output_dir = Path(args.output_dir)
+    try:
+        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir / "checkpoints")
+        if path is None:
+            if (output_dir / "history.json").is_file():
+                return (f"{output_dir}: holds a finished run but no checkpoint to continue from (was it trained with "
+                        "--checkpointing-steps none?). Pass --overwrite-output-dir to start over, or choose another --output-dir")
+            return None
+        state = ckpt.verify_checkpoint(path, checksums=False)
+        ckpt.check_same_recipe(path, state.get("recipe"), {**args.recipe(), "num_processes": num_processes})
+    except ckpt.CheckpointError as err:
+        return str(err)
     return None
 
 

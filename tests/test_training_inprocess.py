@@ -4,6 +4,8 @@ The subprocess tests in test_training.py cover launchers, resumes and kills; thi
 entry point directly, so a failure shows its traceback here and coverage sees the training code.
 """
 import json
+import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -161,6 +163,31 @@ def test_an_earlier_runs_checkpoints_are_never_mixed_with_a_new_run(tmp_path, cl
                  "--resume-from-checkpoint", str(out / "checkpoints" / earlier.name)]) == 2
     assert f"its own run's folder (--output-dir {out})" in capsys.readouterr().err
 
+
+
+def test_a_resume_that_would_be_refused_is_refused_before_decoding(tmp_path, clean_accelerate, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="chest_model.training")
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--batch-size", "4", "--weights", "none", "--cpu-threads", "1"]
+    assert main([*common, "--image-size", "32", "--epochs", "1"]) == 0
+    decoded = lambda: [r for r in caplog.records if r.getMessage().startswith("decoded")]  # noqa: E731
+    assert decoded()  # what the refusals below must come before
+    weights = (out / "model.safetensors").read_bytes()
+    caplog.clear()
+    capsys.readouterr()
+    assert main([*common, "--image-size", "48", "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 2
+    assert "--image-size 32 (now 48)" in capsys.readouterr().err
+    missing = out / "checkpoints" / "step_99999999"
+    assert main([*common, "--image-size", "32", "--epochs", "2", "--resume-from-checkpoint", str(missing)]) == 2
+    assert f"{missing}: no such checkpoint folder" in capsys.readouterr().err
+    # A finished run without checkpoints (as --checkpointing-steps none leaves it): 'latest' would
+    # have trained from scratch over its model.
+    shutil.rmtree(out / "checkpoints")
+    assert main([*common, "--image-size", "32", "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 2
+    assert "holds a finished run but no checkpoint to continue from" in capsys.readouterr().err
+    assert not decoded(), "a refusal came after decoding every image"
+    assert (out / "model.safetensors").read_bytes() == weights
 
 def test_a_mistyped_external_dir_stops_the_run_before_training(tmp_path, clean_accelerate, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
