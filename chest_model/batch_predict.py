@@ -15,9 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from .data import image_files_under
+from .errors import ChestModelError
 from .preprocess import ImageLoadError
 
 FIXED_COLUMNS = ("file", "label", "uncertain")
+
+
+class ColumnClashError(ChestModelError, ValueError):
+    """A class named like one of the CSV's own columns."""
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -135,7 +140,8 @@ def save_gradcam(model, image, path: Path, *, name: str) -> None:
 def csv_columns(class_names: Sequence[str]) -> list[str]:
     clash = sorted(set(class_names) & {*FIXED_COLUMNS, "error"})
     if clash:
-        raise ValueError(f"class name(s) {clash} would clash with the CSV's own columns")
+        raise ColumnClashError(f"this model's class name(s) {clash} would clash with the CSV's own columns; "
+                               "print the results (or --json) instead of --csv")
     return [*FIXED_COLUMNS, *class_names, "error"]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .entry import exit_with
 from .errors import ChestModelError
+from .train_config import whole_number
 
 DEFAULT_MODEL_HELP = "a local model folder or a Hugging Face Hub repo id"
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     output = predict.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object per line (not with --csv)")
-    predict.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
+    predict.add_argument("--batch-size", type=whole_number(1), default=16, help="images per forward pass (default: 16)")
     output.add_argument("--csv", default=None, metavar="OUT.csv",
                          help="write one row per file (file, label, uncertain, one probability per class, error) "
                               "instead of printing, with a progress bar")
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "report names NAME/CLASS/FILE (NAME defaults to the folder's name, or its parent's for "
                                "train/ and the like). Repeat it for a model trained on several sources")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures (without it, the report is only printed)")
-    evaluate.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    evaluate.add_argument("--bootstrap", type=whole_number(0), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
     evaluate.set_defaults(func=run_evaluate)
 
     ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
@@ -161,9 +162,17 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .batch_predict import predict_inputs, predict_to_csv
+    from .atomic import check_writable_file, writable_target
+    from .batch_predict import csv_columns, predict_inputs, predict_to_csv
 
+    # Where the results go is checked before any work, not after the last file.
+    if args.csv:
+        check_writable_file(args.csv)
+    if args.gradcam_dir:
+        writable_target(args.gradcam_dir)
     model = _load_model(args)
+    if args.csv:
+        csv_columns(model.class_names)
     options = {"batch_size": args.batch_size, "gradcam_dir": args.gradcam_dir}
     if args.csv:
         records = predict_to_csv(model, args.files, args.csv, **options)

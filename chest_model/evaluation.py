@@ -228,6 +228,10 @@ def _decode(model: ChestXrayClassifier, folder) -> tuple[list[np.ndarray], np.nd
         decoded = list(pool.map(_try_load(model), folder.paths))
     errors = [d for d in decoded if isinstance(d, str)]
     keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    if errors and not keep:
+        shown = errors[:10] + ([f"... and {len(errors) - 10} more"] if len(errors) > 10 else [])
+        raise DatasetError(f"cannot evaluate {folder.root}: none of its {len(errors)} image files can be read:\n  - "
+                           + "\n  - ".join(shown))
     return ([decoded[i] for i in keep], np.array([folder.labels[i] for i in keep], dtype=np.int64),
             [folder.paths[i] for i in keep], errors)
 

@@ -97,7 +97,7 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     return config
 
 
-def _whole(minimum: int, meaning: str = ""):
+def whole_number(minimum: int, meaning: str = ""):
     """An argparse type: an integer of at least ``minimum``."""
     def parse(text: str) -> int:
         try:
@@ -166,8 +166,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "'within-source' balances the classes inside every source that holds several, and lets "
                            "the sources that hold one class only (supplements) share one group's weight")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=_whole(1), default=10, help="passes over the training images")
-    opt.add_argument("--batch-size", type=_whole(1), default=4, help="per process")
+    opt.add_argument("--epochs", type=whole_number(1), default=10, help="passes over the training images")
+    opt.add_argument("--batch-size", type=whole_number(1), default=4, help="per process")
     opt.add_argument("--lr", type=_non_negative, default=1e-3, help="SGD learning rate (the tutorial's)")
     opt.add_argument("--momentum", type=_non_negative, default=0.9, help="SGD momentum")
     opt.add_argument("--weight-decay", type=_non_negative, default=0.0, help="L2 weight decay")
@@ -176,7 +176,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     opt.add_argument("--warmup-epochs", type=_non_negative, default=0.0, help="linear warm-up before the schedule")
     opt.add_argument("--class-weights", choices=["none", "balanced"], default="none",
                      help="weight the loss by inverse class frequency")
-    opt.add_argument("--grad-accum", type=_whole(1), default=1, help="gradient accumulation steps")
+    opt.add_argument("--grad-accum", type=whole_number(1), default=1, help="gradient accumulation steps")
     opt.add_argument("--select-metric", choices=["auto", "macro_f1", "group_recall"], default="auto",
                      help="validation metric that chooses the epoch; 'group_recall' is the mean recall over every "
                           "(source, class) group, so no source or class can be sacrificed; 'auto' uses it with several sources")
@@ -185,7 +185,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "optimizer step with this decay, and validate, choose and save it instead of the raw weights; "
                           "0 turns it off. 0.995 averages over about 200 steps")
     mdl = p.add_argument_group("model")
-    mdl.add_argument("--image-size", type=_whole(32, " (VGG halves it five times)"), default=224, help="input side in pixels (images are resized to a square)")
+    mdl.add_argument("--image-size", type=whole_number(32, " (VGG halves it five times)"), default=224, help="input side in pixels (images are resized to a square)")
     mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19", help="torchvision VGG19, without or with BatchNorm")
     mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
     mdl.add_argument("--dropout", type=float, default=0.5, help="dropout in the classification head")
@@ -201,12 +201,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     run.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
                      help="'auto': bf16 where the device runs it faster than fp32 (GPUs with bf16 tensor cores, CPUs with "
                           "AMX, CPUs with AVX512-BF16 where a timed matmul says so), else fp32. `accelerate launch --mixed_precision bf16|fp16` also counts as asking")
-    run.add_argument("--cpu-threads", type=_whole(0), default=0,
+    run.add_argument("--cpu-threads", type=whole_number(0), default=0,
                      help="torch threads per process on CPU (0: the available cores divided by the local processes)")
-    run.add_argument("--num-workers", type=_whole(0), default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
+    run.add_argument("--num-workers", type=whole_number(0), default=0, help="DataLoader workers (images are cached in memory; 0 is usually fastest)")
     run.add_argument("--seed", type=int, default=2022, help="seeds the validation split, sampling, augmentation and initialisation")
     run.add_argument("--checkpointing-steps", type=_checkpointing_steps, default="epoch", help="'epoch', a number of batches, or 'none'")
-    run.add_argument("--checkpoints-total-limit", type=_whole(0), default=2, help="checkpoints kept (the newest); 0 keeps every one")
+    run.add_argument("--checkpoints-total-limit", type=whole_number(0), default=2, help="checkpoints kept (the newest); 0 keeps every one")
     run.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest' in --output-dir/checkpoints")
     run.add_argument("--overwrite-output-dir", action="store_true",
                      help="start over in an --output-dir that holds an earlier run's checkpoints (they are deleted)")

@@ -281,3 +281,34 @@ def test_ood_check_says_which_bundled_images_it_could_not_use(saved_model):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "not checked: the images bundled with scikit-image (not installed" in result.stderr
     assert "scikit-image/" not in result.stdout
+
+
+@pytest.mark.parametrize("option", ["--csv", "--gradcam-dir"])
+def test_predict_refuses_an_output_it_cannot_write_before_reading_the_model(option, tmp_path, capsys):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file, where a folder would have to be")
+    target = blocker / ("out.csv" if option == "--csv" else "cams")
+    missing_model = tmp_path / "no-model-here"  # the output is checked first, so the model is never reached
+    assert main(["predict", "--model", str(missing_model), option, str(target), str(EXAMPLES)]) == 2
+    line = only_error_line(capsys.readouterr().err)
+    assert f"{blocker} is a file" in line and "no-model-here" not in line
+
+
+def test_predict_to_csv_with_a_class_named_like_a_column_fails_before_predicting(tiny_model, tmp_path, capsys):
+    import dataclasses
+
+    from chest_model import ChestXrayClassifier
+
+    clashing = ChestXrayClassifier(dataclasses.replace(tiny_model.config, class_names=["Normal", "label", "error"]))
+    clashing.save_pretrained(tmp_path / "model")
+    assert main(["predict", "--model", str(tmp_path / "model"), "--csv", str(tmp_path / "out.csv"), str(EXAMPLES)]) == 2
+    assert "class name(s) ['error', 'label'] would clash with the CSV's own columns" in only_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out.csv").exists()
+
+
+@pytest.mark.parametrize("argv", [["predict", "--model", "m", "--batch-size", "0", "x.png"],
+                                  ["evaluate", "--model", "m", "--data-dir", "d", "--bootstrap", "-1"]])
+def test_counts_that_cannot_work_are_argparse_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "must be at least" in capsys.readouterr().err

@@ -224,3 +224,16 @@ def test_the_starter_models_card_renders_again_from_its_own_records(tmp_path):
     result = cli("card", "--model", str(folder), "--metrics", str(folder / "metrics.json"), "--output", str(tmp_path / "card.md"))
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
     assert (tmp_path / "card.md").read_text() == (STARTER / "README.md").read_text()
+
+
+@pytest.mark.parametrize("evaluate", ["evaluate_model", "evaluate_external"])
+def test_a_set_with_no_readable_image_is_an_error_naming_the_files(tmp_path, tiny_model, evaluate):
+    import chest_model.evaluation as evaluation
+    from chest_model.data import DatasetError
+
+    for name in tiny_model.class_names:
+        (tmp_path / "set" / name).mkdir(parents=True)
+        (tmp_path / "set" / name / "scan.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(DatasetError, match=r"none of its 3 image files can be read") as info:
+        getattr(evaluation, evaluate)(tiny_model, tmp_path / "set")
+    assert str(tmp_path / "set" / "Covid" / "scan.png") in str(info.value)
