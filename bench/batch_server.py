@@ -29,7 +29,7 @@ def add_batch_endpoint(demo, service: DemoService) -> None:
     import gradio as gr
 
     def predict_batch(paths: list[str | None]) -> list[list]:
-        images = [service._load(path) for path in paths]  # a bad file raises for the whole batch
+        images = [service.load(path) for path in paths]  # a bad file raises for the whole batch
         return [[label_value(p) for p in service.model.predict(images, precision=service.precision)]]
 
     with demo:

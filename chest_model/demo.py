@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .data import is_image_file
 from .explain import explain_image, overlay
 from .hub import CARD_NAME
 from .model import ChestXrayClassifier
@@ -48,7 +49,32 @@ def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: f
             f"high score may reflect the image's source rather than the lungs.{unseen} See *About this model*.")
 
 
+# For a model the card cannot tie to the tutorial's dataset (chest_model.card.tutorial_data_possible).
+GENERIC_CAVEAT = ("A classifier can learn where its images came from (hospital, scanner, patients' age) instead of "
+                  "the disease. Check that every class's training images come from several sources; the heat map "
+                  "shows where this model looked.")
+
+
+def tutorial_caveats_apply(model: ChestXrayClassifier) -> bool:
+    """Whether the tutorial dataset's caveats describe this model, as its card decides."""
+    from .card import card_context_from_folder, training_sources, tutorial_data_possible
+
+    folder = getattr(model, "folder", None)
+    try:
+        context = card_context_from_folder(folder) if folder else {}
+    except (OSError, ValueError):  # unreadable records: when in doubt, warn
+        context = {}
+    return tutorial_data_possible(training_sources(context), model.class_names)
+
+
 DEFAULT_MAX_FILE_SIZE = "50mb"
+
+
+def example_files(examples_dir: Path | None) -> list[Path]:
+    """The images the page offers as examples (and a Space copies): the folder's own, not its notes or hidden files."""
+    if not examples_dir or not Path(examples_dir).is_dir():
+        return []
+    return sorted(p for p in Path(examples_dir).iterdir() if is_image_file(p))
 
 
 class DemoService:
@@ -62,7 +88,7 @@ class DemoService:
         # (same top class, probabilities within 0.02; tests/test_model.py, docs/benchmarks.md).
         self.precision = precision
 
-    def _load(self, path: str | None) -> np.ndarray:
+    def load(self, path: str | None) -> np.ndarray:
         import gradio as gr
 
         if not path:
@@ -72,18 +98,14 @@ class DemoService:
         except ImageLoadError as err:
             raise gr.Error(str(err), title="Cannot read this file") from None
 
-    def predict(self, path: str | None):
-        """The public ``/predict`` endpoint: class → probability, or the label "Uncertain" with every class's probability."""
-        return self.predict_with_warning(path)[0]
-
     def predict_with_warning(self, path: str | None):
         """The label and the out-of-distribution warning, both from one forward pass."""
-        prediction = self.model.predict(self._load(path), precision=self.precision)
+        prediction = self.model.predict(self.load(path), precision=self.precision)
         return label_value(prediction), warning_markdown(prediction.reasons)
 
     def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any]]:
         """Grad-CAM overlay and the state to re-blend it."""
-        image = self._load(path)
+        image = self.load(path)
         result = explain_image(self.model, image, None if target in (None, "", PREDICTED) else target)
         state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
         return overlay(result.image, result.heatmap, opacity), state
@@ -175,7 +197,8 @@ def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: s
     for title in ("Training data", "Evaluation"):
         section = _card_section(card, title) if card else None
         lines += [f"#### {title} (from the model card)", section or "_Not recorded in this model's card._", ""]
-    lines += [NOTICE, "", shortcut_caveat(metadata_baseline_accuracy(model))]
+    caveat = shortcut_caveat(metadata_baseline_accuracy(model)) if tutorial_caveats_apply(model) else GENERIC_CAVEAT
+    lines += [NOTICE, "", caveat]
     return "\n".join(lines)
 
 
@@ -215,11 +238,12 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
     import gradio as gr
 
     service = DemoService(model, model_ref, revision)
-    examples = sorted(str(p) for p in examples_dir.glob("*") if p.is_file()) if examples_dir and examples_dir.is_dir() else []
+    examples = [str(p) for p in example_files(examples_dir)]
     # Remove uploads from the cache: check every 10 minutes, delete what is older than an hour.
     with gr.Blocks(title="Chest X-ray classifier (research demo)", delete_cache=(600, 3600)) as demo:
-        gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n"
-                    + short_caveat(metadata_baseline_accuracy(model), unseen_normals_called_covid(model)))
+        caveat = (short_caveat(metadata_baseline_accuracy(model), unseen_normals_called_covid(model))
+                  if tutorial_caveats_apply(model) else "⚠️ " + GENERIC_CAVEAT)
+        gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + caveat)
         with gr.Row():
             with gr.Column(scale=1):
                 # No file_types filter: DICOM files often have no extension. The decoder checks content.

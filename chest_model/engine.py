@@ -108,8 +108,11 @@ def _check_finite(accelerator, loss: torch.Tensor, epoch: int, step: int) -> Non
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")  # every process stops together
     if bad.item() > 0:
+        # With several processes, the one whose loss is finite says so too: they all stop here together.
+        where = "" if accelerator.num_processes == 1 else f" on {int(bad.item())} of {accelerator.num_processes} processes (this one: {loss.item()})"
+        value = f"non-finite{where}" if where else str(loss.item())
         raise NonFiniteLossError(
-            f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; stopping without saving these weights. "
+            f"loss became {value} at epoch {epoch + 1}, step {step}; stopping without saving these weights. "
             "Lower --lr, check the data, or try --mixed_precision no."
         )
 

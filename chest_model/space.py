@@ -18,9 +18,9 @@ from pathlib import Path
 
 from .atomic import atomic_directory, file_above
 from .card import DISTRIBUTION, LICENSE, repository_url
+from .demo import NOTICE, example_files  # the page's own words and examples
 from .errors import ChestModelError
 from .hub import CARD_NAME, MODEL_FILES, ModelLoadError, looks_like_path
-from .preprocess import IMAGE_EXTENSIONS
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT_EXAMPLES = PACKAGE_DIR.parent / "examples"  # present in a source checkout, not in an installed wheel
@@ -37,7 +37,7 @@ SPACE_README = """---
 
 # {{ title }}
 
-**Research demo, not for clinical use.** Do not use it to diagnose, triage or treat anyone.
+{{ notice }}
 
 Drop a chest X-ray (JPEG, PNG or DICOM): the page shows the probability of each class{% if class_names %}
 ({{ class_names | join(", ") }}){% endif %}, a Grad-CAM heat map of where the model looked, and, for
@@ -87,7 +87,7 @@ def build_space(model: str, output: str | Path, *, revision: str | None = None, 
             _copy_model(local, tmp / "model")
         if examples_dir:
             (tmp / "examples").mkdir()
-            for image in sorted(p for p in examples_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+            for image in example_files(examples_dir):
                 shutil.copy2(image, tmp / "examples" / image.name)
         (tmp / CARD_NAME).write_text(_readme(title, gradio_version, repo_id, revision, examples_note,
                                              config.class_names if config else None), encoding="utf-8")
@@ -192,5 +192,5 @@ def _readme(title: str, sdk_version: str, repo_id: str | None, revision: str | N
                          emoji="🩻", pinned=False, tags=["medical-imaging", "chest-x-ray", "research-only"])
     card = SpaceCard.from_template(data, template_str=SPACE_README, title=title, repo_id=repo_id, revision=revision,
                                    repository_url=repository_url(), version=__version__, examples_note=examples_note,
-                                   sdk_version=sdk_version, class_names=class_names)
+                                   sdk_version=sdk_version, class_names=class_names, notice=NOTICE)
     return str(card).rstrip("\n") + "\n"

@@ -790,10 +790,6 @@ def _available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _counts(labels: list[int], class_names: list[str]) -> dict[str, int]:
-    return {name: labels.count(i) for i, name in enumerate(class_names)}
-
-
 def _schedule(args: TrainingConfig, steps_per_epoch: int):
     total = max(1, args.epochs * steps_per_epoch)
     warmup = int(args.warmup_epochs * steps_per_epoch)

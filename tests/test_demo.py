@@ -169,3 +169,24 @@ def test_a_model_that_cannot_be_loaded_stops_the_demo_with_one_error_line(tmp_pa
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {tmp_path / 'nonexistent'}: no such model folder"
+
+
+def test_the_tutorial_datasets_caveat_is_shown_only_for_a_model_that_may_come_from_it(tmp_path):
+    from chest_model import ChestXrayClassifier
+    from chest_model.demo import GENERIC_CAVEAT, model_panel_markdown
+
+    ChestXrayClassifier().save_pretrained(tmp_path / "unrecorded")  # the tutorial's classes, no record: warn
+    ChestXrayClassifier(class_names=["Normal", "Pneumonia"]).save_pretrained(tmp_path / "other")
+    panel = lambda name: model_panel_markdown(ChestXrayClassifier.from_pretrained(tmp_path / name), name, None)  # noqa: E731
+    assert "children's" in panel("unrecorded") and GENERIC_CAVEAT not in panel("unrecorded")
+    assert "children's" not in panel("other") and GENERIC_CAVEAT in panel("other")
+
+
+def test_only_the_example_folders_images_are_offered(tmp_path):
+    from chest_model.demo import example_files
+
+    for name in ("b.jpeg", "A.PNG", "README.md", ".DS_Store", "._b.jpeg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    assert [p.name for p in example_files(tmp_path)] == ["A.PNG", "b.jpeg"]
+    assert example_files(tmp_path / "missing") == [] and example_files(None) == []
