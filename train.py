@@ -3,8 +3,7 @@
 Runs on CPU, one GPU or several with no code change (`python train.py ...` works too).
 See `python train.py --help`. Research demo, not for clinical use.
 """
-from chest_model.entry import exit_with
-from chest_model.training import main
+from chest_model.entry import exit_with, run_training  # chest_model/training.py: main
 
 if __name__ == "__main__":
-    exit_with(main())
+    exit_with(run_training())

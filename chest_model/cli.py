@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .entry import exit_with
+from .entry import exit_with, missing_extra
 from .errors import ChestModelError
 from .train_config import whole_number
 
@@ -245,11 +245,6 @@ def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, 
         print(f"{path}: {result['label']}  ({scores}){flag}", flush=True)
 
 
-# Modules of the optional extras (pyproject.toml), for the message when one is missing.
-EXTRA_OF = {"sklearn": "train", "matplotlib": "train", "imagehash": "train", "accelerate": "train",
-            "gradio": "demo", "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Every error the package raises on purpose already names the file and what is wrong: print that
@@ -260,12 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:  # an optional dependency of this command
-        module = (err.name or "").split(".")[0]
-        extra = EXTRA_OF.get(module)
-        if extra is None:
+        message = missing_extra(err, f"chest-model {args.command}")
+        if message is None:
             raise
-        print(f"error: `chest-model {args.command}` needs {module}, from the {extra} extra: "
-              f"pip install '.[{extra}]' in a checkout (or chest-xray-classifier[{extra}] from its repository)", file=sys.stderr)
+        print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except ChestModelError as err:  # bad data, a checkpoint that does not fit: the message says it all
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # outside the epochs (decoding, the final evaluation); inside them, a checkpoint is saved
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
 
 
 def launch_command(argv: list[str]) -> str:

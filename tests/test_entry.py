@@ -5,6 +5,8 @@ import textwrap
 
 import pytest
 
+from helpers import ROOT
+
 
 @pytest.mark.parametrize("code", [0, 3])
 def test_exit_with_keeps_the_code_the_output_and_the_exit_handlers(code, tmp_path):
@@ -26,3 +28,13 @@ def test_exit_with_keeps_the_code_the_output_and_the_exit_handlers(code, tmp_pat
     assert result.stdout == "unflushed line"
     assert marker.read_text() == "yes"
     assert "logged before exit" in (tmp_path / "log.txt").read_text()
+
+
+def test_train_py_without_the_train_extra_names_it_in_one_error_line(tmp_path):
+    """As after `pip install .` alone: accelerate is missing."""
+    make = ("import runpy, sys; sys.modules['accelerate'] = None; "
+            f"sys.argv = ['train.py', '--data-dir', {str(tmp_path)!r}, '--output-dir', {str(tmp_path / 'run')!r}]; "
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", make], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "`train.py` needs accelerate, from the train extra: pip install '.[train]'" in result.stderr
