@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from .hooks import this_thread_only
 from .model import ChestXrayClassifier, calibrated_probabilities, eval_mode
 from .preprocess import ImageSource
 
@@ -32,7 +33,7 @@ def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int 
     def keep(_module, _inputs, output):
         captured["activation"] = output
 
-    handle = model.cam_layer.register_forward_hook(keep)
+    handle = model.cam_layer.register_forward_hook(this_thread_only(keep))
     try:
         with eval_mode(model), torch.enable_grad():
             logits = model(pixel_values)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .hooks import this_thread_only
+
 BUFFER_PREFIX = "ood_"
 # 99th percentile of held-out training distances: each block's distance is expressed in these units.
 TRAIN_QUANTILE = 0.99
@@ -60,7 +62,7 @@ def capture_block_stats(features: nn.Sequential) -> Iterator[list[torch.Tensor]]
     def keep(_module, inputs):
         captured.append(summarise(inputs[0].detach()))
 
-    handles = [pool.register_forward_pre_hook(keep) for pool in block_ends(features)]
+    handles = [pool.register_forward_pre_hook(this_thread_only(keep)) for pool in block_ends(features)]
     try:
         yield captured
     finally:
