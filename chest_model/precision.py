@@ -12,6 +12,7 @@ no AMX go both ways, so they are measured once per process with a short timed ma
 """
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -111,6 +112,31 @@ def choose_precision(device: torch.device | str, requested: str = "auto") -> Pre
     if requested == "auto":
         return PrecisionChoice("bf16" if fast else "fp32", f"auto: {why}", fast)
     return PrecisionChoice(requested, f"asked for {requested}; {why}", fast)
+
+
+def inference_device(requested: str = "auto") -> torch.device:
+    """Where inference runs: ``auto`` is the first CUDA GPU where one is present, else the CPU; or a
+    device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Raises ValueError for one that is not here."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {requested!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {requested!r}: Apple's MPS is not available here")
+    return device
+
+
+def device_argument(text: str) -> str:
+    """An argparse type for ``--device``: the name, checked against this machine."""
+    try:
+        inference_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def preferred_memory_format(device: torch.device | str, precision: str) -> torch.memory_format:

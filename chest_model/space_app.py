@@ -17,6 +17,7 @@ sys.path.insert(0, str(HERE))  # the vendored chest_model/ beside this file, bef
 
 from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, launch_options  # noqa: E402
+from chest_model.precision import inference_device  # noqa: E402
 
 MODEL = "model"  # a folder next to this file, or a Hub repo id
 REVISION = None  # the Hub revision of a repo id
@@ -26,7 +27,9 @@ EXAMPLES = HERE / "examples"
 
 def create():
     reference = str(HERE / MODEL) if (HERE / MODEL).is_dir() else MODEL
-    model = ChestXrayClassifier.from_pretrained(reference, revision=REVISION)
+    # A Space on GPU hardware predicts on the GPU; $CHEST_DEVICE=cpu keeps it on the CPU.
+    model = ChestXrayClassifier.from_pretrained(reference, revision=REVISION,
+                                                map_location=inference_device(os.environ.get("CHEST_DEVICE", "auto")))
     return configure_queue(build_demo(model, MODEL_NAME, revision=REVISION, examples_dir=EXAMPLES))
 
 

@@ -34,6 +34,19 @@ def tiny_model(tiny_config):
     return ChestXrayClassifier(tiny_config).eval()
 
 
+@pytest.fixture
+def clean_accelerate(monkeypatch):
+    """accelerate keeps its state in process-wide singletons, and training sets torch's thread count."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    threads = torch.get_num_threads()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)
+
+
 # ---- a real demo server, shared by the demo and reliability tests -------------------------------
 
 

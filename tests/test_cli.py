@@ -11,6 +11,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 
 import chest_model
 from chest_model.cli import main
@@ -312,3 +313,9 @@ def test_counts_that_cannot_work_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
+def test_a_device_that_is_not_here_is_refused_before_the_model_loads(tmp_path):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    result = run("predict", "--model", str(tmp_path / "no-model"), "--device", missing, "x.png")
+    assert result.returncode == 2 and "no such CUDA GPU here" in result.stderr and "no-model" not in result.stderr

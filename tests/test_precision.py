@@ -74,3 +74,14 @@ def test_memory_format_follows_what_measured_faster():
     assert preferred_memory_format("cpu", "fp32") is torch.contiguous_format
     assert preferred_memory_format("cpu", "bf16") is torch.channels_last
     assert preferred_memory_format("cuda", "fp32") is torch.channels_last
+
+
+def test_inference_runs_on_the_gpu_where_there_is_one_and_device_names_are_checked():
+    from chest_model.precision import inference_device
+
+    assert inference_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert inference_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        inference_device("gpu0")
+    with pytest.raises(ValueError, match=f"no such CUDA GPU here \\({torch.cuda.device_count()} visible\\)"):
+        inference_device(f"cuda:{torch.cuda.device_count()}")

@@ -16,19 +16,6 @@ from chest_model.training import main
 from helpers import CLASS_NAMES, make_class_folders, synthetic_xray
 
 
-@pytest.fixture
-def clean_accelerate(monkeypatch):
-    """accelerate keeps its state in process-wide singletons, and training sets torch's thread count."""
-    from accelerate.state import AcceleratorState
-
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    threads = torch.get_num_threads()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    torch.set_num_threads(threads)
-
-
 def test_main_trains_one_epoch_and_saves_a_loadable_model(tmp_path, clean_accelerate):
     data = make_class_folders(tmp_path / "data", per_class=5, size=40, seed=6)
     out = tmp_path / "run"

@@ -1,0 +1,116 @@
+"""The GPU path: training, predict, Grad-CAM, the feature gate and the demo's service on a CUDA GPU.
+
+Each test runs wherever a CUDA GPU is present and skips elsewhere; each compares the GPU's result
+with the CPU's, so a device-placement, pinned-memory or dtype mistake fails here.
+"""
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from chest_model import ChestXrayClassifier
+from chest_model.calibrate import fit_feature_gate
+from chest_model.explain import explain_image
+from chest_model.precision import choose_precision
+from chest_model.training import main
+from helpers import ROOT, make_class_folders, synthetic_xray
+
+from test_feature_ood import cached
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.fixture(scope="module")
+def gated_model_pair():
+    torch.manual_seed(0)
+    cpu = ChestXrayClassifier(image_size=64, hidden_size=16).eval()
+    fit_feature_gate(cpu, cached(40, 0, kind=None, size=64), cached(20, 500, kind=None, size=64), fpr=0.1)
+    gpu = ChestXrayClassifier(cpu.config).eval()
+    gpu._register_feature_buffers()
+    gpu.load_state_dict(cpu.state_dict())
+    return cpu, gpu.to("cuda")
+
+
+def _images(n):
+    return [np.stack([synthetic_xray(180, 160, seed=70 + i, kind=i % 3)] * 3, axis=-1) for i in range(n)]
+
+
+def test_training_on_the_gpu_runs_there_and_saves_a_model_that_loads_anywhere(tmp_path, clean_accelerate):
+    data = make_class_folders(tmp_path / "data", per_class=6, size=48, seed=3)
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+                 "--weights", "none", "--epochs", "2", "--num-workers", "2", "--checkpointing-steps", "epoch"]) == 0
+    record = json.loads((out / "train_config.json").read_text())
+    assert record["device"].startswith("cuda")
+    expected = choose_precision("cuda").precision  # bf16 on tensor-core GPUs
+    assert record["mixed_precision"] == {"bf16": "bf16", "fp32": "no"}[expected]
+    on_cpu = ChestXrayClassifier.from_pretrained(out)
+    on_gpu = ChestXrayClassifier.from_pretrained(out, map_location="cuda")
+    assert next(on_gpu.parameters()).device.type == "cuda"
+    images = _images(3)
+    torch.testing.assert_close(on_gpu.predict_proba(images), on_cpu.predict_proba(images), atol=1e-4, rtol=1e-3)
+    # A resume on the GPU reads the checkpoint written there.
+    assert main(["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+                 "--weights", "none", "--epochs", "3", "--num-workers", "2", "--checkpointing-steps", "epoch",
+                 "--resume-from-checkpoint", "latest"]) == 0
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2, 3]
+
+
+def test_predictions_and_feature_scores_on_the_gpu_match_the_cpu(gated_model_pair):
+    cpu, gpu = gated_model_pair
+    images = _images(5)
+    expected, got = cpu.infer(images), gpu.infer(images, batch_size=2)
+    torch.testing.assert_close(got.probabilities, expected.probabilities, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(got.feature_scores, expected.feature_scores, atol=1e-3, rtol=1e-3)
+    # bf16 on the GPU: the same classes and gate decisions to bf16 precision.
+    bf16 = gpu.infer(images, precision="bf16")
+    torch.testing.assert_close(bf16.probabilities, expected.probabilities, atol=0.03, rtol=0)
+    assert [p.label for p in gpu.predict(images, precision="auto")] == [p.label for p in cpu.predict(images)]
+
+
+def test_gradcam_on_the_gpu_matches_the_cpu(gated_model_pair):
+    cpu, gpu = gated_model_pair
+    image = _images(1)[0]
+    expected, got = explain_image(cpu, image), explain_image(gpu, image)
+    assert got.target_class == expected.target_class
+    np.testing.assert_allclose(got.heatmap, expected.heatmap, atol=2e-3)
+
+
+def test_chest_model_predict_runs_on_the_gpu_when_asked(tmp_path, gated_model_pair):
+    _, gpu = gated_model_pair
+    gpu.save_pretrained(tmp_path / "model")
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), synthetic_xray(120, 100, seed=5))
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        result = subprocess.run([sys.executable, "-m", "chest_model", "predict", "--model", str(tmp_path / "model"),
+                                 "--device", device, "--json", str(image)], capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        outputs[device] = json.loads(result.stdout)
+    assert outputs["cuda"]["prediction"] == outputs["cpu"]["prediction"]
+    for name, p in outputs["cpu"]["probabilities"].items():
+        assert abs(outputs["cuda"]["probabilities"][name] - p) < 1e-4
+
+
+def _confidences(label):
+    """A Label value as a dict, whether plain or the "Uncertain" one."""
+    return dict(label) if isinstance(label, dict) else {c.label: c.confidence for c in label.confidences}
+
+
+def test_the_demo_service_predicts_on_the_gpu(tmp_path, gated_model_pair):
+    pytest.importorskip("gradio", reason="the demo extra is not installed")
+    from chest_model.demo import DemoService
+
+    cpu, gpu = gated_model_pair
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), synthetic_xray(150, 130, seed=9))
+    on_gpu, on_cpu = DemoService(gpu, "m", precision="fp32"), DemoService(cpu, "m", precision="fp32")
+    (label_gpu, warning_gpu), (label_cpu, warning_cpu) = on_gpu.predict_with_warning(str(image)), on_cpu.predict_with_warning(str(image))
+    label_gpu, label_cpu = _confidences(label_gpu), _confidences(label_cpu)
+    assert set(label_gpu) == set(label_cpu) and bool(warning_gpu) == bool(warning_cpu)
+    for name, p in label_cpu.items():
+        assert abs(label_gpu[name] - p) < 1e-4
