@@ -1,6 +1,6 @@
 """End-to-end inference latency per image, from file bytes to probabilities, against the tutorial's path.
 
-    python bench/infer_latency.py [--model demo/starter-model] [--files 12] [--repeat 3]
+    python bench/infer_latency.py [--model demo/starter-model] [--files 12] [--repeat 3] [--device auto]
 
 The tutorial's path is its ``preprocess_image`` + ``model_predict``: cv2.imread of the full-size
 file, ToTensor on every pixel, Resize((224, 244)) (its typo), Normalize(0.5, 0.5), a VGG19 with a
@@ -24,21 +24,22 @@ from common import BASELINE, DATASET, ROOT, machine, machine_facts, require_inpu
 sys.path.insert(0, str(ROOT))
 from chest_model import ChestXrayClassifier, load_image  # noqa: E402
 from chest_model.explain import explain_image  # noqa: E402
+from chest_model.precision import choose_precision, inference_device  # noqa: E402
 
 
-def tutorial_path():
+def tutorial_path(device: torch.device):
     spec = importlib.util.spec_from_file_location("seed_reference", BASELINE)
     seed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(seed)
     from torchvision import transforms
 
-    model = seed.build_vgg19_based_model(torch.device("cpu")).eval()
+    model = seed.build_vgg19_based_model(device).eval()
     transform = transforms.Compose([transforms.ToTensor(), transforms.Resize((224, 244)),
                                     transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])])
 
     def preprocess_image(path):
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        return transform(image).unsqueeze(0)
+        return transform(image).unsqueeze(0).to(device)
 
     @torch.no_grad()
     def model_predict(path):
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "demo" / "starter-model"))
     parser.add_argument("--files", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto (a CUDA GPU where one is present), cpu or cuda: both paths run there")
     args = parser.parse_args()
     require_inputs()
     print(f"machine: {machine()}")
@@ -80,15 +82,18 @@ def main() -> None:
     print(f"{len(files)} real test files near 2 MP (sizes {min(cv2.imread(str(f)).size // 3 for f in files) / 1e6:.1f}–"
           f"{max(cv2.imread(str(f)).size // 3 for f in files) / 1e6:.1f} MP), {args.repeat} passes")
 
-    model = ChestXrayClassifier.from_pretrained(args.model)
+    device = inference_device(args.device)
+    print(f"device: {device}")
+    model = ChestXrayClassifier.from_pretrained(args.model, map_location=device)
     size = model.config.image_size
     # The baseline always runs at 224 px; for a fair race, also time our path on a 224-px model.
     model224 = ChestXrayClassifier(model.config.to_dict() | {"image_size": 224}).eval()
     model224.load_state_dict(model.state_dict())
+    model224.to(device)
     facts = machine_facts()
-    auto = facts["auto_precision"]  # what precision="auto" runs here
+    auto = choose_precision(device).precision  # what precision="auto" runs on this device
     rows = {
-        "tutorial preprocess_image + model_predict (fp32, 224x244)": timed(tutorial_path(), files, args.repeat),
+        "tutorial preprocess_image + model_predict (fp32, 224x244)": timed(tutorial_path(device), files, args.repeat),
         "ours, predict, 224 px, fp32": timed(lambda p: model224.predict(p.read_bytes()), files, args.repeat),
         f"ours, predict, 224 px, auto ({auto})": timed(lambda p: model224.predict(p.read_bytes(), precision="auto"), files, args.repeat),
         f"ours, predict, starter model ({size} px), fp32": timed(lambda p: model.predict(p.read_bytes()), files, args.repeat),
@@ -106,7 +111,7 @@ def main() -> None:
         print(f"{label:58s} {med * 1000:10.1f} {times[int(0.9 * (len(times) - 1))] * 1000:8.1f} {med / base:11.2f}")
 
     # bf16 must not change answers: same top class and probabilities within 0.02 on the real files.
-    if facts["bf16_emulated"]:
+    if facts["bf16_emulated"] and device.type == "cpu":
         print("\nbf16 vs fp32: not compared, bf16 is emulated on this CPU (auto runs fp32, so the demo's answers are fp32's)")
         return
     worst, flips = 0.0, 0

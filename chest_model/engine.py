@@ -65,7 +65,11 @@ def train_one_epoch(
     progress = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=None if accelerator.is_local_main_process else True,
                     initial=skip_batches, total=skip_batches + len(loader))
     step = start_step
+    # Time spent waiting for the loader: the step ends in a host sync (loss.item()), so on a GPU too
+    # this is the data pipeline's share of the epoch, not queued work.
+    data_seconds, ready = 0.0, time.perf_counter()
     for images, labels in progress:
+        data_seconds += time.perf_counter() - ready
         if seed is not None:
             torch.manual_seed(derived_seed(seed, epoch, step, accelerator.process_index))
         inputs = preprocessor.normalize(images).contiguous(memory_format=memory_format)
@@ -91,6 +95,7 @@ def train_one_epoch(
                             step=epoch * (skip_batches + len(loader)) + step)
         if on_step is not None:
             on_step(step)
+        ready = time.perf_counter()
     elapsed = time.perf_counter() - start
     totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]), reduction="sum")
     loss_total, correct_total, n = totals.tolist()
@@ -100,6 +105,7 @@ def train_one_epoch(
         "n": int(n),
         "seconds": elapsed,
         "images_per_s": n / elapsed if elapsed > 0 else 0.0,
+        "data_wait_share": data_seconds / elapsed if elapsed > 0 else 0.0,  # this process's
     }
 
 

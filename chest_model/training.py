@@ -597,14 +597,16 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
         "val_group_recall": val["group_recall"], "val_by_source": val["by_source"],
         "lr": run.scheduler.get_last_lr()[0], "seconds": stats["seconds"], "images_per_s": stats["images_per_s"],
-        **raw_weights_validation(run, epoch),
+        "data_wait_share": stats["data_wait_share"], **raw_weights_validation(run, epoch),
     }
     run.state["history"].append(row)
     by_source = " ".join(f"{name} {m['accuracy']:.2f}" for name, m in val["by_source"].items()) if len(val["by_source"]) > 1 else ""
     logger.info(
-        "epoch %d/%d | train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f group-recall %.3f%s | lr %.2e | %.1f s | %.1f img/s",
+        "epoch %d/%d | train loss %.4f acc %.3f | val loss %.4f acc %.3f macro-F1 %.3f group-recall %.3f%s | lr %.2e"
+        " | %.1f s | %.1f img/s (%.0f%% waiting for data)",
         epoch + 1, args.epochs, row["train_loss"], row["train_accuracy"], row["val_loss"], row["val_accuracy"], row["val_macro_f1"],
         row["val_group_recall"], f" | by source: {by_source}" if by_source else "", row["lr"], row["seconds"], row["images_per_s"],
+        100 * row["data_wait_share"],
     )
     if "raw_val_group_recall" in row:
         logger.info("epoch %d/%d | the raw weights, not the average: val loss %.4f acc %.3f macro-F1 %.3f group-recall %.3f",

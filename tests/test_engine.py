@@ -1,5 +1,6 @@
 """Metrics from logits, per-source metrics, temperature scaling, and the evaluation pass, on inputs whose answer is known."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from chest_model.calibrate import block_summaries, fit_temperature
 from chest_model.data import CachedImageDataset
-from chest_model.engine import grouped_metrics, metrics_from_logits, predict_logits, unlearned_groups
+from chest_model.engine import grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from chest_model.model import calibrated_log_probabilities, calibrated_probabilities
 from helpers import synthetic_xray
 
@@ -92,3 +93,35 @@ def test_the_validation_pass_keeps_the_block_summaries_the_gate_would_compute_it
     for kept, own in zip(result.block_summaries, separate):
         torch.testing.assert_close(kept, torch.from_numpy(own), rtol=1e-4, atol=1e-5)
     assert predict_logits(accelerator, tiny_model, loader, tiny_model.preprocessor).block_summaries is None
+
+
+class _SlowLoader:
+    """A loader that takes ``delay`` seconds to produce each batch."""
+
+    def __init__(self, images, labels, delay):
+        self.batches = [(images[i:i + 2], labels[i:i + 2]) for i in range(0, len(labels), 2)]
+        self.delay = delay
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_an_epoch_reports_the_share_of_its_time_spent_waiting_for_data(tiny_model):
+    images = torch.from_numpy(np.stack([np.stack([synthetic_xray(32, 32, seed=i, kind=i % 3)] * 3) for i in range(6)]))
+    labels = torch.tensor([i % 3 for i in range(6)])
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.01)
+    shares = {}
+    for delay in (0.0, 0.5):
+        stats = train_one_epoch(accelerator, tiny_model, _SlowLoader(images, labels, delay), optimizer, None,
+                                tiny_model.preprocessor, epoch=0)
+        shares[delay] = stats["data_wait_share"] * stats["seconds"]  # seconds spent waiting
+        assert stats["n"] == 6 and 0 <= stats["data_wait_share"] <= 1
+    # Three batches: 1.5 s of waiting in the slow loader, and none to speak of in the other.
+    assert 1.5 <= shares[0.5] < 1.5 + 0.25 and shares[0.0] < 0.1
+    tiny_model.eval()
