@@ -80,21 +80,38 @@ def machine() -> str:
             f"auto precision {f['auto_precision']}, torch {f['torch']}, {f['threads']} threads")
 
 
-def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int = 2048, trials: int = 15) -> float:
-    """The best of several timed matmuls: a shared machine's noise only ever slows a trial down."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+def bench_device() -> torch.device:
+    """Where the in-process figures are measured: the GPU where there is one (train.py picks it too)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(dtype: torch.dtype = torch.bfloat16, size: int | None = None, trials: int = 15,
+                       device: torch.device | None = None) -> float:
+    """The best of several timed matmuls: a shared machine's noise only ever slows a trial down.
+    2048² on a CPU; 8192² on a GPU, which a smaller product cannot fill."""
+    device = device or bench_device()
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
     start = time.perf_counter()
     a @ b
+    synchronize(device)
     first = time.perf_counter() - start
-    if first > 2:  # emulated bf16 (AVX2): ~20 s a matmul; the first one says enough
+    if first > 2 and device.type == "cpu":  # emulated bf16 (AVX2): ~20 s a matmul; the first one says enough
         return 2 * size**3 / first / 1e12
     for _ in range(2):
         a @ b
     best = float("inf")
     for _ in range(trials):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e12
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (BASELINE, ROOT, baseline_json, machine, machine_facts, matmul_peak_tflops, require_inputs, run,  # noqa: E402
-                    subset, train_flops_per_image)
+from common import (BASELINE, ROOT, baseline_json, bench_device, machine, machine_facts, matmul_peak_tflops,  # noqa: E402
+                    require_inputs, run, subset, synchronize, train_flops_per_image)
 
 PY = sys.executable
 ACCELERATE = str(Path(PY).parent / "accelerate")
@@ -48,9 +48,9 @@ def ours(data: Path, val: Path, out: Path, *, batch: int, precision: str | None,
     return elapsed, json.loads((out / "history.json").read_text()), json.loads((out / "train_config.json").read_text())
 
 
-def step_rates(flops: float, peaks: dict[str, float], steps: int = 5, *,
-               bf16_emulated: bool = False) -> list[tuple[str, float, float | None]]:
-    """img/s of one training step of the project's model per precision and memory format, and % of that precision's peak.
+def step_rates(flops: float, peaks: dict[str, float], steps: int = 5, *, bf16_emulated: bool = False,
+               device: torch.device | None = None, batches: tuple[int, ...] = (4,)) -> list[tuple[str, float, float | None]]:
+    """img/s of one training step of the project's model per precision, memory format and batch, and % of that precision's peak.
 
     Where bf16 is emulated (AVX2) one bf16 step takes minutes: it is timed once, in one memory
     format, and has no meaningful peak to compare with.
@@ -58,30 +58,35 @@ def step_rates(flops: float, peaks: dict[str, float], steps: int = 5, *,
     sys.path.insert(0, str(ROOT))
     from chest_model import ChestXrayClassifier
 
+    device = device or bench_device()
     rows = []
-    for precision in peaks:
-        once = precision == "bf16" and bf16_emulated
-        for fmt in (torch.channels_last,) if once else (torch.contiguous_format, torch.channels_last):
-            model = ChestXrayClassifier(image_size=224).to(memory_format=fmt).train()
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-            x = torch.randn(4, 3, 224, 224).contiguous(memory_format=fmt)
-            y = torch.randint(0, 3, (4,))
-            times = []
-            for i in range(1 if once else steps + 2):
-                start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                times.append(time.perf_counter() - start)
-            best = min(times[2:] or times)
-            rate = 4 / best
-            label = f"{precision}, {'channels_last' if fmt is torch.channels_last else 'contiguous'}"
-            if once:
-                rows.append((label + " (emulated, 1 step)", rate, None))
-            else:
-                rows.append((label, rate, 100 * rate * flops / (peaks[precision] * 1e12)))
+    for batch in batches:
+        for precision in peaks:
+            once = precision == "bf16" and bf16_emulated
+            for fmt in (torch.channels_last,) if once else (torch.contiguous_format, torch.channels_last):
+                model = ChestXrayClassifier(image_size=224).to(device=device, memory_format=fmt).train()
+                optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=fmt)
+                y = torch.randint(0, 3, (batch,), device=device)
+                times = []
+                for _ in range(1 if once else steps + 2):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    synchronize(device)
+                    times.append(time.perf_counter() - start)
+                best = min(times[2:] or times)
+                rate = batch / best
+                label = f"{precision}, {'channels_last' if fmt is torch.channels_last else 'contiguous'}"
+                label += f", batch {batch}" if len(batches) > 1 else ""
+                if once:
+                    rows.append((label + " (emulated, 1 step)", rate, None))
+                else:
+                    rows.append((label, rate, 100 * rate * flops / (peaks[precision] * 1e12)))
     return rows
 
 
@@ -97,15 +102,17 @@ def main() -> None:
     print(f"machine: {machine()}")
     peaks = {"fp32": matmul_peak_tflops(torch.float32), "bf16": matmul_peak_tflops(torch.bfloat16)}
     flops = train_flops_per_image(224)
-    print(f"matmul peak (2048², best of several): fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, bf16 {peaks['bf16'] * 1e3:.1f} GFLOP/s; "
+    on_gpu = bench_device().type == "cuda"
+    print(f"matmul peak ({8192 if on_gpu else 2048}², best of several, {bench_device()}): fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, "
+          f"bf16 {peaks['bf16'] * 1e3:.1f} GFLOP/s; "
           f"VGG19 train step: {flops / 1e9:.1f} GFLOP per 224-px image")
     bf16_fast = facts["auto_precision"] == "bf16"
     bf16_emulated = facts["bf16_emulated"]
 
     if "step" in sections:
-        print("\none training step, 224 px, batch 4 (random data, in-process)")
+        print(f"\none training step, 224 px, batch 4{' and 64' if on_gpu else ''} (random data, in-process, {bench_device()})")
         print(f"{'precision, memory format':40s} {'images/s':>9s} {'% of its peak':>14s}")
-        for label, rate, share in step_rates(flops, peaks, bf16_emulated=bf16_emulated):
+        for label, rate, share in step_rates(flops, peaks, bf16_emulated=bf16_emulated, batches=(4, 64) if on_gpu else (4,)):
             print(f"{label:40s} {rate:9.2f} " + (f"{share:13.1f}%" if share is not None else f"{'-':>14s}"))
 
     with tempfile.TemporaryDirectory() as tmp:
