@@ -138,10 +138,11 @@ def scores(block_summaries: list[torch.Tensor], means: list[torch.Tensor], preci
     """``(N,)`` scores: the largest over blocks of distance / training 99th percentile."""
     ratios = []
     for b, x in enumerate(block_summaries):
-        centred = x.double() - means[b].double()
+        # Summaries kept on the CPU by a validation pass meet statistics stored on the model's device.
+        centred = x.to(means[b].device).double() - means[b].double()
         squared = torch.einsum("ij,jk,ik->i", centred, precisions[b].double(), centred).clamp(min=0)
         ratios.append(squared.sqrt() / scales[b].double())
-    return torch.stack(ratios, dim=1).max(dim=1).values.float()
+    return torch.stack(ratios, dim=1).max(dim=1).values.float().to(block_summaries[0].device)
 
 
 def fit_threshold(validation_scores, fpr: float = DEFAULT_FPR) -> float:
