@@ -103,7 +103,8 @@ def main() -> None:
     peaks = {"fp32": matmul_peak_tflops(torch.float32), "bf16": matmul_peak_tflops(torch.bfloat16)}
     flops = train_flops_per_image(224)
     on_gpu = bench_device().type == "cuda"
-    print(f"matmul peak ({8192 if on_gpu else 2048}², best of several, {bench_device()}): fp32 {peaks['fp32'] * 1e3:.0f} GFLOP/s, "
+    print(f"matmul peak ({8192 if on_gpu else 2048}², best of several, {bench_device()}): fp32{' (TF32)' if on_gpu else ''} "
+          f"{peaks['fp32'] * 1e3:.0f} GFLOP/s, "
           f"bf16 {peaks['bf16'] * 1e3:.1f} GFLOP/s; "
           f"VGG19 train step: {flops / 1e9:.1f} GFLOP per 224-px image")
     bf16_fast = facts["auto_precision"] == "bf16"
