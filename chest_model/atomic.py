@@ -27,6 +27,20 @@ class NotAFolderError(ChestModelError, ValueError):
     """A path to write to that is the wrong kind (a file where a folder goes, or the reverse), or lies below a file."""
 
 
+def fsync_directory(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
 def fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
         if path.is_file():
@@ -149,6 +163,7 @@ def replace_directory(tmp: str | Path, target: str | Path) -> None:
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
+        fsync_directory(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
@@ -193,6 +208,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

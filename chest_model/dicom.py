@@ -70,6 +70,8 @@ def _first(value) -> float:
 def _window(image: np.ndarray, ds) -> np.ndarray:
     """DICOM PS3.3 C.11.2.1.2 linear window: the window's range maps onto 0..255."""
     center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
+    if width <= 1:  # the standard's smallest window is a threshold at the centre (its formula divides by w - 1)
+        return np.where(image > center - 0.5, 255, 0).astype(np.uint8)
     scaled = ((image - (center - 0.5)) / (width - 1) + 0.5).clip(0, 1)
     return np.rint(scaled * 255).astype(np.uint8)
 

@@ -57,6 +57,8 @@ def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class:
     image = model.preprocessor.load(source, name=name)
     device = next(model.parameters()).device
     pixel_values = model.preprocessor(image).unsqueeze(0).to(device)
+    if target_class is not None and target_class not in model.class_names:
+        raise ValueError(f"target_class {target_class!r} is not one of the model's classes {model.class_names}")
     target = None if target_class is None else model.class_names.index(target_class)
     cam, logits, index = gradcam(model, pixel_values, target)
     probabilities = calibrated_probabilities(logits, model.config.temperature)[0].tolist()

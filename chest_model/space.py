@@ -170,7 +170,8 @@ def _app_source(model: str, revision: str | None, name: str) -> str:
     source = (PACKAGE_DIR / "space_app.py").read_text(encoding="utf-8")
     for setting, value in (("MODEL", model), ("REVISION", revision), ("MODEL_NAME", name)):
         source, count = re.subn(rf"^{setting} = \S+", lambda _: f"{setting} = {value!r}", source, count=1, flags=re.M)
-        assert count == 1, f"space_app.py has no {setting} line"
+        if count != 1:  # the template and this function are edited together; say so if they drift
+            raise RuntimeError(f"{PACKAGE_DIR / 'space_app.py'} has no '{setting} = ...' line to fill in")
     return source
 
 

@@ -75,3 +75,8 @@ def test_cam_layer_is_the_last_relu_before_the_final_pool(backbone):
     cam, _, index = gradcam(model, x, target=1)
     assert index == 1 and cam.shape == expected.shape == (2, 2)
     np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_target_class_is_named_in_the_error(tiny_model):
+    with pytest.raises(ValueError, match="'Pneumothorax' is not one of the model's classes"):
+        explain_image(tiny_model, synthetic_xray(64, 64), target_class="Pneumothorax")
