@@ -153,11 +153,11 @@ def main() -> None:
             # each is reported by its best round (noise only ever adds time), with every round shown.
             times: dict[str, list[float]] = {"baseline": []}
             used: dict[str, str] = {}
-            for _ in range(args.repeats):
+            for round_ in range(args.repeats):
                 seconds, _ = run([PY, str(BASELINE), "--data-dir", str(small_train), "--val-dir", str(small_val), "--epochs", "1"])
                 times["baseline"].append(seconds)
                 for label, precision, launcher, flags in commands:
-                    seconds, _, record = ours(small_train, small_val, tmp / f"w{len(label)}", batch=4, precision=precision, epochs=1,
+                    seconds, _, record = ours(small_train, small_val, tmp / f"w{len(label)}-{round_}", batch=4, precision=precision, epochs=1,
                                               launcher=launcher, train_flags=flags)
                     times.setdefault(label, []).append(seconds)
                     used[label] = "bf16" if record["mixed_precision"] == "bf16" else "fp32"
