@@ -9,10 +9,10 @@ from pathlib import Path
 
 from .entry import exit_with, missing_extra
 from .errors import ChestModelError
+from .precision import DEVICE_HELP, device_argument, inference_device
 from .train_config import whole_number
 
 DEFAULT_MODEL_HELP = "a local model folder or a Hugging Face Hub repo id"
-DEVICE_HELP = "where inference runs: auto (a CUDA GPU where one is present, else the CPU), cpu, cuda, cuda:N or mps"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="print class probabilities for image files")
     predict.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
     predict.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    predict.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    predict.add_argument("--device", type=device_argument, default="auto", help=DEVICE_HELP)
     output = predict.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON object per line (not with --csv)")
     predict.add_argument("--batch-size", type=whole_number(1), default=16, help="images per forward pass (default: 16)")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="metrics, confidence intervals, calibration and a shortcut audit on class folders")
     evaluate.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
     evaluate.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    evaluate.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    evaluate.add_argument("--device", type=device_argument, default="auto", help=DEVICE_HELP)
     evaluate.add_argument("--data-dir", required=True, action="append", metavar="[NAME=]PATH",
                           help="class folders to evaluate on (e.g. DATA/test); repeat it for several named sets, each reported "
                                "separately. A set holding only some classes (external adult normals) reports the share "
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
     ood.add_argument("--model", required=True, help=DEFAULT_MODEL_HELP)
     ood.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    ood.add_argument("--device", type=_device, default="auto", help=DEVICE_HELP)
+    ood.add_argument("--device", type=device_argument, default="auto", help=DEVICE_HELP)
     ood.add_argument("--json", action="store_true", help="print the full report, one verdict per image, as JSON")
     ood.set_defaults(func=run_ood_check)
 
@@ -200,17 +200,9 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(text: str) -> str:
-    from .precision import device_argument  # torch is imported only once a command runs
-
-    return device_argument(text)
-
-
 def _load_model(args: argparse.Namespace):
     """The model named by ``--model`` and ``--revision``; a failure is a ModelLoadError, which ``main`` reports."""
     from .model import ChestXrayClassifier
-
-    from .precision import inference_device
 
     device = inference_device(getattr(args, "device", "cpu"))  # export traces on the CPU
     return ChestXrayClassifier.from_pretrained(args.model, revision=args.revision, map_location=device)

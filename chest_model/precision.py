@@ -114,6 +114,9 @@ def choose_precision(device: torch.device | str, requested: str = "auto") -> Pre
     return PrecisionChoice(requested, f"asked for {requested}; {why}", fast)
 
 
+DEVICE_HELP = "where inference runs: auto (a CUDA GPU where one is present, else the CPU), cpu, cuda, cuda:N or mps"
+
+
 def inference_device(requested: str = "auto") -> torch.device:
     """Where inference runs: ``auto`` is the first CUDA GPU where one is present, else the CPU; or a
     device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Raises ValueError for one that is not here."""

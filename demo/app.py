@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE.parent))  # a plain checkout holds chest_model/ next
 
 from chest_model import ChestModelError, ChestXrayClassifier  # noqa: E402
 from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, launch_options  # noqa: E402
-from chest_model.precision import device_argument, inference_device  # noqa: E402
+from chest_model.precision import DEVICE_HELP, device_argument, inference_device  # noqa: E402
 
 DEFAULT_MODEL = os.environ.get("CHEST_MODEL", str(HERE / "starter-model"))
 DEFAULT_DEVICE = os.environ.get("CHEST_DEVICE", "auto")  # auto: a CUDA GPU where one is present, else the CPU
@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="local model folder or Hugging Face Hub repo id")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--device", type=device_argument, default=DEFAULT_DEVICE,
-                        help="auto (a CUDA GPU where one is present, else the CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--device", type=device_argument, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="largest accepted upload, e.g. 50mb")
