@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 # scikit-learn is imported inside the functions: it costs ~2 s of start-up that training overlaps
-# with its first epoch instead (see training.preimport).
+# with its first epoch instead (see runtime.preimport).
 
 
 def classification_metrics(

@@ -8,7 +8,6 @@ data -> model -> loop -> choose -> calibrate -> save.
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import logging
 import math
@@ -18,7 +17,6 @@ import shlex
 import shutil
 import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
 from . import checkpoints as ckpt
-from .atomic import atomic_write_text, recover_interrupted
+from .atomic import atomic_write_text
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
@@ -44,46 +42,13 @@ from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_l
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
-from .hub import MODEL_FILES, MODEL_RECORDS
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
+from .run_folder import TRACKER_PROJECT, prepare_output_dir
+from .runtime import GracefulStop, Interrupted, available_cores, preimport, tune_allocator
 from .train_config import TrainingConfig, parse_config
 
 logger = logging.getLogger("chest_model.training")
-
-
-class Interrupted(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class GracefulStop:
-    """Turns SIGINT/SIGTERM into a flag that every process checks at the next batch boundary."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self, accelerator) -> int:
-        flag = torch.tensor([float(self.signum)], device=accelerator.device)
-        if accelerator.num_processes > 1:
-            flag = accelerator.reduce(flag, reduction="max")
-        return int(flag.item())
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +121,7 @@ def make_accelerator(args: TrainingConfig):
     if accelerator.device.type == "cpu":
         # `accelerate launch` without a config sets OMP_NUM_THREADS=1, which halves CPU training speed.
         local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-        torch.set_num_threads(args.cpu_threads or max(1, _available_cores() // local))
+        torch.set_num_threads(args.cpu_threads or max(1, available_cores() // local))
     logger.info("precision: %s (%s)", precision.precision, precision.reason)
     if precision.precision == "bf16" and not precision.bf16_fast:
         warnings.warn(f"bf16 was asked for, but it will run slower than fp32 here: {precision.reason}. "
@@ -426,76 +391,6 @@ def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, A
 FINAL_WORK_TIMEOUT = datetime.timedelta(hours=2)  # the process group's collective timeout
 SCHEDULER_STATE = "scheduler"  # key in the checkpoint's trainer_state.json
 EMA_STATE = "ema"  # the moving average's tensors: ema.safetensors in each checkpoint
-TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
-
-
-def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
-    """Before any work: the output folder holds this run only. An earlier run there (checkpoints or a
-    saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir;
-    a checkpoint is resumed in its own run's folder, where that run's best weights are."""
-    problem = None
-    if accelerator.is_main_process:  # one rank decides, all act on it
-        problem = output_dir_problem(args, accelerator.num_processes)
-        if problem is None and args.overwrite_output_dir:
-            clear_earlier_run(Path(args.output_dir))
-    box = [problem]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    if box[0]:
-        raise ckpt.CheckpointError(box[0])
-
-
-def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | None:
-    output_dir = Path(args.output_dir)
-    recover_interrupted(output_dir)  # a save killed mid-swap set the folder aside
-    checkpoints_dir = output_dir / "checkpoints"
-    if args.resume_from_checkpoint and args.overwrite_output_dir:
-        return "--resume-from-checkpoint continues a run and --overwrite-output-dir starts over: give one of them"
-    if args.resume_from_checkpoint not in (None, "latest"):
-        path = Path(args.resume_from_checkpoint)
-        if path.is_dir() and path.resolve().parent != checkpoints_dir.resolve():
-            return (f"{path}: resume a checkpoint in its own run's folder (--output-dir {path.parent.parent}): "
-                    "that folder holds the run's best weights so far")
-    if args.resume_from_checkpoint:
-        return resume_problem(args, num_processes)
-    earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)]
-    earlier += [name for name in ("config.json", "model.safetensors") if (output_dir / name).is_file()]
-    if earlier and not args.overwrite_output_dir:
-        return (f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Continue it with "
-                "--resume-from-checkpoint latest, pass --overwrite-output-dir to start over (its checkpoints, "
-                "model and records are deleted), or choose another --output-dir")
-    return None
-
-
-def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
-    """What a resume would refuse, found before any decoding: a missing checkpoint, one of other
-    settings, or a finished run with no checkpoint (which 'latest' would silently train over).
-    Checksums are verified when it is loaded."""
-    output_dir = Path(args.output_dir)
-    try:
-        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir / "checkpoints")
-        if path is None:
-            if (output_dir / "history.json").is_file():
-                return (f"{output_dir}: holds a finished run but no checkpoint to continue from (was it trained with "
-                        "--checkpointing-steps none?). Pass --overwrite-output-dir to start over, or choose another --output-dir")
-            return None
-        state = ckpt.verify_checkpoint(path, checksums=False)
-        ckpt.check_same_recipe(path, state.get("recipe"), {**args.recipe(), "num_processes": num_processes})
-    except ckpt.CheckpointError as err:
-        return str(err)
-    return None
-
-
-def clear_earlier_run(output_dir: Path) -> None:
-    """--overwrite-output-dir: an earlier run's checkpoints, model, records and tracker logs go; nothing
-    of it stays beside the new run's weights."""
-    names = ["checkpoints", TRACKER_PROJECT, *MODEL_FILES, *MODEL_RECORDS]
-    found = [name for name in names if (output_dir / name).exists()]
-    if found:
-        logger.warning("--overwrite-output-dir: deleting the earlier run's %s in %s", ", ".join(found), output_dir)
-    for name in found:
-        path = output_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def resume(run: Run) -> None:
@@ -750,49 +645,6 @@ def _figure(value: float | None) -> str:
 
 def _named(specs: list[str]) -> list[tuple[str, Path]]:
     return parse_data_dirs(specs) if specs else []
-
-
-def preimport(*modules: str) -> threading.Thread:
-    """Import slow, later-needed modules on a background thread while the first epoch trains.
-
-    scikit-learn and matplotlib take ~2.5 s to import; training runs in torch kernels that release
-    the GIL, so the import overlaps with it instead of delaying the start.
-    """
-    def work() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001 - the real import later reports any problem
-                pass
-
-    thread = threading.Thread(target=work, name="preimport", daemon=True)
-    thread.start()
-    return thread
-
-
-def tune_allocator() -> None:
-    """Keep freed activation buffers in the heap instead of returning them to the OS.
-
-    glibc hands large blocks back with munmap after every step, so each step page-faults its
-    activations in again; raising the mmap and trim thresholds makes steps ~10% faster on CPU.
-    """
-    if sys.platform != "linux":
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _schedule(args: TrainingConfig, steps_per_epoch: int):

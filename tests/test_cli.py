@@ -252,14 +252,14 @@ def package_exception_classes() -> dict[str, type]:
 
 def test_every_exception_the_package_defines_is_a_chest_model_error():
     classes = package_exception_classes()
-    assert classes.pop("training.Interrupted")  # control flow, not an error: the training loop catches it
+    assert classes.pop("runtime.Interrupted")  # control flow, not an error: the training loop catches it
     assert classes.pop("errors.ChestModelError") is ChestModelError
     assert {"config.ConfigError", "preprocess.ImageLoadError", "hub.ModelLoadError", "data.DatasetError"} <= set(classes)
     assert len(classes) >= 9, sorted(classes)
     for name, cls in classes.items():
         assert issubclass(cls, ChestModelError), name
         assert issubclass(cls, (ValueError, RuntimeError)), f"{name} must stay the ValueError or RuntimeError it was"
-    assert not issubclass(chest_model.training.Interrupted, ChestModelError)
+    assert not issubclass(chest_model.runtime.Interrupted, ChestModelError)
 
 
 def test_a_command_missing_its_extra_names_it_in_one_error_line(saved_model, tmp_path):

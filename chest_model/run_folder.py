@@ -1,0 +1,89 @@
+"""The output folder's policy: it holds one run only, continued with --resume-from-checkpoint or
+cleared with --overwrite-output-dir. Decided on rank 0, before any decoding, so a refusal costs nothing."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+from . import checkpoints as ckpt
+from .atomic import recover_interrupted
+from .hub import MODEL_FILES, MODEL_RECORDS
+from .train_config import TrainingConfig
+
+logger = logging.getLogger("chest_model.training")
+
+TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
+
+
+def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
+    """Before any work: the output folder holds this run only. An earlier run there (checkpoints or a
+    saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir;
+    a checkpoint is resumed in its own run's folder, where that run's best weights are."""
+    problem = None
+    if accelerator.is_main_process:  # one rank decides, all act on it
+        problem = output_dir_problem(args, accelerator.num_processes)
+        if problem is None and args.overwrite_output_dir:
+            clear_earlier_run(Path(args.output_dir))
+    box = [problem]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    if box[0]:
+        raise ckpt.CheckpointError(box[0])
+
+
+def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | None:
+    output_dir = Path(args.output_dir)
+    recover_interrupted(output_dir)  # a save killed mid-swap set the folder aside
+    checkpoints_dir = output_dir / "checkpoints"
+    if args.resume_from_checkpoint and args.overwrite_output_dir:
+        return "--resume-from-checkpoint continues a run and --overwrite-output-dir starts over: give one of them"
+    if args.resume_from_checkpoint not in (None, "latest"):
+        path = Path(args.resume_from_checkpoint)
+        if path.is_dir() and path.resolve().parent != checkpoints_dir.resolve():
+            return (f"{path}: resume a checkpoint in its own run's folder (--output-dir {path.parent.parent}): "
+                    "that folder holds the run's best weights so far")
+    if args.resume_from_checkpoint:
+        return resume_problem(args, num_processes)
+    earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)]
+    earlier += [name for name in ("config.json", "model.safetensors") if (output_dir / name).is_file()]
+    if earlier and not args.overwrite_output_dir:
+        return (f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Continue it with "
+                "--resume-from-checkpoint latest, pass --overwrite-output-dir to start over (its checkpoints, "
+                "model and records are deleted), or choose another --output-dir")
+    return None
+
+
+def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
+    """What a resume would refuse, found before any decoding: a missing checkpoint, one of other
+    settings, or a finished run with no checkpoint (which 'latest' would silently train over).
+    Checksums are verified when it is loaded."""
+    output_dir = Path(args.output_dir)
+    try:
+        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir / "checkpoints")
+        if path is None:
+            if (output_dir / "history.json").is_file():
+                return (f"{output_dir}: holds a finished run but no checkpoint to continue from (was it trained with "
+                        "--checkpointing-steps none?). Pass --overwrite-output-dir to start over, or choose another --output-dir")
+            return None
+        state = ckpt.verify_checkpoint(path, checksums=False)
+        ckpt.check_same_recipe(path, state.get("recipe"), {**args.recipe(), "num_processes": num_processes})
+    except ckpt.CheckpointError as err:
+        return str(err)
+    return None
+
+
+def clear_earlier_run(output_dir: Path) -> None:
+    """--overwrite-output-dir: an earlier run's checkpoints, model, records and tracker logs go; nothing
+    of it stays beside the new run's weights."""
+    names = ["checkpoints", TRACKER_PROJECT, *MODEL_FILES, *MODEL_RECORDS]
+    found = [name for name in names if (output_dir / name).exists()]
+    if found:
+        logger.warning("--overwrite-output-dir: deleting the earlier run's %s in %s", ", ".join(found), output_dir)
+    for name in found:
+        path = output_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+

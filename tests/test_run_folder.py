@@ -1,0 +1,51 @@
+"""The output folder's policy, decided before any decoding: one run per folder, continued or cleared on request."""
+from chest_model.run_folder import TRACKER_PROJECT, clear_earlier_run, output_dir_problem
+from chest_model.train_config import parse_config
+
+
+def config(out, *extra):
+    return parse_config(["--data-dir", "unused", "--output-dir", str(out), *extra])
+
+
+def test_an_empty_or_missing_folder_is_fine(tmp_path):
+    assert output_dir_problem(config(tmp_path / "new")) is None
+    (tmp_path / "empty").mkdir()
+    assert output_dir_problem(config(tmp_path / "empty")) is None
+
+
+def test_an_earlier_model_is_refused_naming_both_ways_on(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    problem = output_dir_problem(config(tmp_path))
+    assert "model.safetensors" in problem and "--resume-from-checkpoint latest" in problem
+    assert "--overwrite-output-dir" in problem
+    assert output_dir_problem(config(tmp_path, "--overwrite-output-dir")) is None
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path):
+    problem = output_dir_problem(config(tmp_path, "--overwrite-output-dir", "--resume-from-checkpoint", "latest"))
+    assert "give one of them" in problem
+
+
+def test_a_checkpoint_outside_its_runs_folder_is_refused(tmp_path):
+    elsewhere = tmp_path / "other" / "checkpoints" / "step_00000004"
+    elsewhere.mkdir(parents=True)
+    problem = output_dir_problem(config(tmp_path / "run", "--resume-from-checkpoint", str(elsewhere)))
+    assert "its own run's folder" in problem and str(tmp_path / "other") in problem
+
+
+def test_latest_on_a_finished_run_without_checkpoints_is_refused(tmp_path):
+    (tmp_path / "history.json").write_text("[]")
+    problem = output_dir_problem(config(tmp_path, "--resume-from-checkpoint", "latest"))
+    assert "no checkpoint to continue from" in problem
+    # A fresh folder with 'latest' simply starts from scratch.
+    assert output_dir_problem(config(tmp_path / "fresh", "--resume-from-checkpoint", "latest")) is None
+
+
+def test_clearing_removes_the_earlier_run_and_nothing_else(tmp_path):
+    for name in ("model.safetensors", "config.json", "history.json"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (tmp_path / TRACKER_PROJECT).mkdir()
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    clear_earlier_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
