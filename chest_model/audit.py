@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .preprocess import ImageLoadError, sniff_format
+from .preprocess import ImageLoadError, header_size, sniff_format
 
 FORMATS = ("JPEG", "PNG", "DICOM", "other")
 # The central box (fractions of height and width) that holds the lungs on a PA chest film.
@@ -40,14 +40,11 @@ def file_metadata(path: str | Path) -> list[float]:
             height, width = int(ds.Rows), int(ds.Columns)
         except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken headers
             raise ImageLoadError(f"{path}: cannot read DICOM header ({err})") from None
+    elif fmt == "other":
+        raise ImageLoadError(f"{path}: cannot read image header (not a supported image format)")
     else:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                width, height = im.size
-        except Exception:  # noqa: BLE001
-            raise ImageLoadError(f"{path}: cannot read image header") from None
+        # The decoder's header reader, without PIL's decompression-bomb limit: the audit decodes nothing.
+        width, height = header_size(path, fmt, str(path))
     if height <= 0 or width <= 0:
         raise ImageLoadError(f"{path}: image header declares {width}x{height} pixels")
     onehot = [1.0 if fmt == f else 0.0 for f in FORMATS[:-1]]

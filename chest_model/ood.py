@@ -27,9 +27,16 @@ MAX_WHITE_FRACTION = 0.6
 MAX_MIN_CONFIDENCE = 0.5
 
 
-def chroma(image: np.ndarray) -> float:
-    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+def _thumbnail(image: np.ndarray) -> np.ndarray:
+    return cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
+
+
+def _mean_chroma(small: np.ndarray) -> float:
     return float((small.max(axis=2).astype(np.float32) - small.min(axis=2)).mean() / 255)
+
+
+def chroma(image: np.ndarray) -> float:
+    return _mean_chroma(_thumbnail(image))
 
 
 def fit_max_chroma_values(values) -> float:
@@ -46,8 +53,8 @@ def fit_min_confidence(top_probabilities) -> float:
 def image_flags(image: np.ndarray, max_chroma: float = MAX_CHROMA) -> list[str]:
     """Reasons (possibly none) why an RGB uint8 image does not look like a chest X-ray."""
     reasons = []
-    small = cv2.resize(image, (128, 128), interpolation=cv2.INTER_AREA)
-    colour = chroma(small)
+    small = _thumbnail(image)  # every check below reads the same 128-px thumbnail
+    colour = _mean_chroma(small)
     if colour > max_chroma:
         reasons.append(f"colour image (mean chroma {colour:.2f}); X-rays are greyscale")
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)

@@ -160,7 +160,7 @@ def _decode_bytes(data: bytes, label: str, min_size: int | None) -> np.ndarray:
 
         return decode_dicom(data, label, max_pixels=MAX_PIXELS, error=ImageLoadError)
 
-    width, height = _header_size(data, fmt, label)
+    width, height = header_size(data, fmt, label)
     if width * height > MAX_PIXELS:
         raise ImageLoadError(
             f"{label}: too many pixels: the {fmt} header declares {width}x{height} "
@@ -182,8 +182,8 @@ def _decode_bytes(data: bytes, label: str, min_size: int | None) -> np.ndarray:
     return _to_uint8(np.ascontiguousarray(image), label)
 
 
-def _header_size(data: bytes, fmt: str, label: str) -> tuple[int, int]:
-    """Width and height from the header alone, before anything is decoded."""
+def header_size(data: bytes | str | os.PathLike, fmt: str, label: str) -> tuple[int, int]:
+    """Width and height from the header alone (of the file's bytes or of a path), before anything is decoded."""
     from PIL import Image
 
     try:
@@ -191,14 +191,13 @@ def _header_size(data: bytes, fmt: str, label: str) -> tuple[int, int]:
             warnings.simplefilter("ignore")
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we apply our own limit
             try:
-                with Image.open(io.BytesIO(data)) as im:
+                with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
                     return im.size
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
     except Exception:  # noqa: BLE001 - any header parse failure means a broken file
-        raise ImageLoadError(
-            f"{label}: corrupt {fmt} file: its header cannot be read ({len(data)} bytes; truncated or damaged)"
-        ) from None
+        size = f"{len(data)} bytes; " if isinstance(data, bytes) else ""
+        raise ImageLoadError(f"{label}: corrupt {fmt} file: its header cannot be read ({size}truncated or damaged)") from None
 
 
 def _reduced_jpeg_flag(width: int, height: int, min_size: int) -> int | None:

@@ -81,3 +81,24 @@ def test_evaluation_reports_a_baseline_despite_a_garbage_training_file(tmp_path,
     assert audit["metadata_n_train"] == 12
     assert len(audit["unreadable_train_files"]) == 1 and str(garbage) in audit["unreadable_train_files"][0]
     assert "unreadable training files" in summary(metrics)
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height (its pixel data cut off): the audit reads headers only."""
+    import struct
+    import zlib
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))  # PIL reads up to the next chunk
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + end)
+
+
+def test_a_header_past_pils_bomb_limit_is_still_measured(tmp_path):
+    """PIL refuses to open anything over ~179 MP; the decoder's own limit is higher, and the audit agrees with it."""
+    _png_header_only(tmp_path / "wide.png", 15_000, 12_500)  # 187.5 MP
+    height, width, aspect = file_metadata(tmp_path / "wide.png")[:3]
+    assert (height, width) == (12_500, 15_000) and aspect == pytest.approx(1.2)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ImageLoadError, match="notes.txt: cannot read image header"):
+        file_metadata(tmp_path / "notes.txt")
