@@ -13,9 +13,14 @@ import cv2
 import numpy as np
 import torch
 
+from .errors import ChestModelError
 from .hooks import this_thread_only
 from .model import ChestXrayClassifier, calibrated_probabilities, eval_mode
 from .preprocess import ImageSource
+
+
+class TargetClassError(ChestModelError, ValueError):
+    """A class to explain that the model does not have."""
 
 
 @dataclass
@@ -54,11 +59,11 @@ def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class:
 
     ``target_class``: the class to explain (a class name); default, the predicted class.
     """
+    if target_class is not None and target_class not in model.class_names:  # before decoding anything
+        raise TargetClassError(f"target_class {target_class!r} is not one of the model's classes {model.class_names}")
     image = model.preprocessor.load(source, name=name)
     device = next(model.parameters()).device
     pixel_values = model.preprocessor(image).unsqueeze(0).to(device)
-    if target_class is not None and target_class not in model.class_names:
-        raise ValueError(f"target_class {target_class!r} is not one of the model's classes {model.class_names}")
     target = None if target_class is None else model.class_names.index(target_class)
     cam, logits, index = gradcam(model, pixel_values, target)
     probabilities = calibrated_probabilities(logits, model.config.temperature)[0].tolist()

@@ -15,7 +15,7 @@ from . import feature_ood
 from .card import LIBRARY_NAME, LICENSE, PIPELINE_TAG, TAGS
 from .backbones import FEATURE_CHANNELS, build_features, imagenet_features_state_dict, imagenet_weights_name
 from .config import ChestXrayConfig
-from .precision import choose_precision
+from .precision import PrecisionError, choose_precision
 from .preprocess import ImageSource, Preprocessor
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ class ChestXrayClassifier(
             if isinstance(module, nn.Linear):  # torchvision's VGG initialisation for linear layers
                 nn.init.normal_(module.weight, 0, 0.01)
                 nn.init.zeros_(module.bias)
-        self.preprocessor = Preprocessor(config)
         if config.feature_threshold > 0:  # statistics fitted after training; placeholders until loaded
             self._register_feature_buffers()
 
@@ -76,6 +75,11 @@ class ChestXrayClassifier(
     @property
     def class_names(self) -> list[str]:
         return list(self.config.class_names)
+
+    @property
+    def preprocessor(self) -> Preprocessor:
+        """Decode, resize and normalize as this model's config says, whatever config it holds now."""
+        return Preprocessor(self.config)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The backbone's last feature map; Grad-CAM and the feature-space OOD gate hook into it."""
@@ -285,6 +289,6 @@ class eval_mode:
 
 def autocast_context(device: torch.device, precision: str):
     if precision not in ("fp32", "bf16", "auto"):
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+        raise PrecisionError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
     use_bf16 = choose_precision(device, precision).precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

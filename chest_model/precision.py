@@ -13,16 +13,25 @@ no AMX go both ways, so they are measured once per process with a short timed ma
 from __future__ import annotations
 
 import argparse
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-import time
-
 import torch
+
+from .errors import ChestModelError
 
 # bf16 must beat fp32 by this much in the probe to be chosen: the two measured kinds sit at 0.5x
 # and 2.8x, so timing noise cannot flip the choice between processes or runs.
 BF16_PROBE_MARGIN = 1.25
+
+
+class PrecisionError(ChestModelError, ValueError):
+    """A precision name that is not one of ours."""
+
+
+class DeviceError(ChestModelError, ValueError):
+    """A device name that is unknown, or names a device this machine does not have."""
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,7 @@ def choose_precision(device: torch.device | str, requested: str = "auto") -> Pre
     """``requested`` is ``auto``, ``bf16`` or ``fp32`` (``no`` is accelerate's name for fp32)."""
     requested = {"no": "fp32", "fp32": "fp32", "bf16": "bf16", "auto": "auto"}.get(requested)
     if requested is None:
-        raise ValueError("precision must be 'auto', 'bf16' or 'fp32' ('no')")
+        raise PrecisionError("precision must be 'auto', 'bf16' or 'fp32' ('no')")
     fast, why = bf16_is_fast(device)
     if requested == "auto":
         return PrecisionChoice("bf16" if fast else "fp32", f"auto: {why}", fast)
@@ -119,17 +128,17 @@ DEVICE_HELP = "where inference runs: auto (a CUDA GPU where one is present, else
 
 def inference_device(requested: str = "auto") -> torch.device:
     """Where inference runs: ``auto`` is the first CUDA GPU where one is present, else the CPU; or a
-    device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Raises ValueError for one that is not here."""
+    device name (``cpu``, ``cuda``, ``cuda:1``, ``mps``). Raises DeviceError for one that is not here."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise ValueError(f"unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+        raise DeviceError(f"unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device {requested!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
+        raise DeviceError(f"device {requested!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {requested!r}: Apple's MPS is not available here")
+        raise DeviceError(f"device {requested!r}: Apple's MPS is not available here")
     return device
 
 
@@ -137,7 +146,7 @@ def device_argument(text: str) -> str:
     """An argparse type for ``--device``: the name, checked against this machine."""
     try:
         inference_device(text)
-    except ValueError as err:
+    except DeviceError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
 

@@ -1,22 +1,12 @@
-"""The network, the ImageNet factory and prediction."""
+"""The network and prediction (the backbone and the ImageNet factory: test_backbones.py)."""
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
-from chest_model import ChestXrayClassifier, PretrainedWeightsUnavailable
+from chest_model import ChestXrayClassifier
 from helpers import EXAMPLES, synthetic_xray
-
-
-@pytest.mark.parametrize("backbone, builder", [("vgg19", torchvision.models.vgg19), ("vgg19_bn", torchvision.models.vgg19_bn)])
-def test_backbone_names_and_shapes_match_torchvision(backbone, builder):
-    ours = ChestXrayClassifier(backbone=backbone).state_dict()
-    reference = {f"features.{k}": v for k, v in builder().features.state_dict().items()}
-    assert [k for k in ours if k.startswith("features.")] == list(reference)
-    for key, value in reference.items():
-        assert ours[key].shape == value.shape, key
 
 
 def test_head_is_the_tutorials_and_forward_returns_logits():
@@ -38,28 +28,6 @@ def test_default_model_downloads_nothing(monkeypatch):
     model = ChestXrayClassifier()
     assert model.config.class_names == ["Normal", "Covid", "Viral Pneumonia"]
     assert model.config.backbone_init == "random"
-
-
-def test_imagenet_factory_offline_names_the_file_the_cache_and_the_flag(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    with pytest.raises(PretrainedWeightsUnavailable) as info:
-        ChestXrayClassifier.from_imagenet(image_size=64)
-    message = str(info.value)
-    assert "vgg19-dcbb9e9d.pth" in message
-    assert str(tmp_path / "torch" / "hub" / "checkpoints") in message
-    assert "--weights none" in message
-
-
-def test_imagenet_factory_loads_from_the_torch_hub_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    donor = ChestXrayClassifier(backbone="vgg19_bn", image_size=64)
-    state = {k: v for k, v in donor.state_dict().items() if k.startswith("features.")}
-    cache = tmp_path / "torch" / "hub" / "checkpoints"
-    cache.mkdir(parents=True)
-    torch.save(state, cache / "vgg19_bn-c79401a0.pth")  # stands in for torchvision's file
-    model = ChestXrayClassifier.from_imagenet(backbone="vgg19_bn", image_size=64)
-    torch.testing.assert_close(model.features[0].weight, donor.features[0].weight)
-    assert "IMAGENET1K_V1" in model.config.backbone_init
 
 
 def test_predict_single_and_batch(tiny_model):
@@ -137,3 +105,13 @@ def test_predict_marks_non_xrays_uncertain(tiny_model):
     tiny_model.config.min_confidence = 0.99  # nothing a random model says is that confident
     assert "low confidence" in tiny_model.predict(synthetic_xray(80, 80)).reasons[0]
     assert tiny_model.analyze([synthetic_xray(64, 64)])[0]["uncertain"] is True
+
+
+def test_the_preprocessor_follows_the_config_the_model_holds(tiny_model):
+    import dataclasses
+
+    image = tiny_model.preprocessor.load(synthetic_xray(100, 90))  # RGB uint8
+    assert tiny_model.preprocessor(image).shape == (3, 32, 32)
+    tiny_model.config = dataclasses.replace(tiny_model.config, image_size=48, mean=[0.5] * 3)  # a new config object
+    assert tiny_model.preprocessor(image).shape == (3, 48, 48)
+    assert tiny_model.preprocessor.mean.flatten().tolist() == [127.5] * 3
