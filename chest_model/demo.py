@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,13 @@ def example_files(examples_dir: Path | None) -> list[Path]:
 
 
 class DemoService:
-    """The model and the three things the UI needs from it."""
+    """The model and the three things the UI needs from it.
+
+    Each upload is decoded once: the label, its heat map and every heat map for another class read
+    the same decoded pixels, kept for the last few uploads (keyed by the file's path, size and time).
+    """
+
+    DECODED_UPLOADS = 8  # a few per concurrent request; decoded images are at most a few MB each
 
     def __init__(self, model: ChestXrayClassifier, model_ref: str, revision: str | None = None, precision: str = "auto"):
         self.model = model.eval()
@@ -87,26 +95,52 @@ class DemoService:
         # bf16 where it is faster than fp32 (chest_model.precision): checked against fp32 on real X-rays
         # (same top class, probabilities within 0.02; tests/test_model.py, docs/benchmarks.md).
         self.precision = precision
+        self._uploads: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def load(self, path: str | None) -> np.ndarray:
+    def _upload(self, path: str | None) -> dict[str, Any]:
+        """``{"image": decoded RGB (read-only), "predicted": the label's top class, once predicted}``."""
         import gradio as gr
 
         if not path:
             raise gr.Error("Upload a chest X-ray first (JPEG, PNG or DICOM).")
         try:
-            return self.model.preprocessor.load(path, name=Path(path).name)
+            stat = os.stat(path)
+        except OSError:
+            stat = None  # the decoder names what is wrong with it
+        key = (path, stat.st_size, stat.st_mtime_ns) if stat else None
+        with self._lock:
+            if key in self._uploads:
+                self._uploads.move_to_end(key)
+                return self._uploads[key]
+        try:
+            image = self.model.preprocessor.load(path, name=Path(path).name)
         except ImageLoadError as err:
             raise gr.Error(str(err), title="Cannot read this file") from None
+        image.flags.writeable = False  # shared by the requests that read this upload
+        entry = {"image": image, "predicted": None}
+        if key is not None:
+            with self._lock:
+                entry = self._uploads.setdefault(key, entry)
+                while len(self._uploads) > self.DECODED_UPLOADS:
+                    self._uploads.popitem(last=False)
+        return entry
+
+    def load(self, path: str | None) -> np.ndarray:
+        return self._upload(path)["image"]
 
     def predict_with_warning(self, path: str | None):
         """The label and the out-of-distribution warning, both from one forward pass."""
-        prediction = self.model.predict(self.load(path), precision=self.precision)
+        upload = self._upload(path)
+        prediction = self.model.predict(upload["image"], precision=self.precision)
+        upload["predicted"] = max(prediction, key=prediction.get)  # the heat map explains the class the label shows
         return label_value(prediction), warning_markdown(prediction.reasons)
 
     def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any]]:
         """Grad-CAM overlay and the state to re-blend it."""
-        image = self.load(path)
-        result = explain_image(self.model, image, None if target in (None, "", PREDICTED) else target)
+        upload = self._upload(path)
+        chosen = upload["predicted"] if target in (None, "", PREDICTED) else target
+        result = explain_image(self.model, upload["image"], chosen)
         state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
         return overlay(result.image, result.heatmap, opacity), state
 

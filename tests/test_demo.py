@@ -190,3 +190,35 @@ def test_only_the_example_folders_images_are_offered(tmp_path):
     (tmp_path / "sub").mkdir()
     assert [p.name for p in example_files(tmp_path)] == ["A.PNG", "b.jpeg"]
     assert example_files(tmp_path / "missing") == [] and example_files(None) == []
+
+
+def test_an_upload_is_decoded_once_for_its_label_and_every_heat_map(tiny_model, tmp_path, monkeypatch):
+    import cv2
+    import numpy as np
+
+    import chest_model.preprocess
+    from chest_model.demo import PREDICTED, DemoService
+    from helpers import synthetic_xray
+
+    decoded = []  # the files read and decoded (an already decoded array passed on is only checked)
+    real = chest_model.preprocess.load_image
+
+    def spy(source, *args, **kwargs):
+        if not isinstance(source, np.ndarray):
+            decoded.append(source)
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(chest_model.preprocess, "load_image", spy)
+    service = DemoService(tiny_model, "tiny", precision="auto")
+    path = tmp_path / "scan.png"
+    cv2.imwrite(str(path), synthetic_xray(120, 100, seed=1))
+    label, _ = service.predict_with_warning(str(path))
+    _, state = service.explain(str(path), PREDICTED, 0.5)
+    shown = dict(label) if isinstance(label, dict) else {c.label: c.confidence for c in label.confidences}
+    top = max(shown, key=shown.get)
+    assert state["target"] == top  # the heat map explains the class the label shows, from the same precision's pass
+    service.explain(str(path), "Covid", 0.3)
+    assert decoded == [str(path)]
+    cv2.imwrite(str(path), synthetic_xray(100, 120, seed=2))  # the same path, another file: decoded again
+    _, state = service.explain(str(path), "Normal", 0.5)
+    assert len(decoded) == 2 and state["image"].shape[:2] == (100, 120)
