@@ -115,15 +115,11 @@ def looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
 
 
-def resolve_model_folder(
-    name_or_path: str | Path,
-    *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    force_download: bool = False,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-) -> Path:
+# from_pretrained's options that choose what is downloaded, passed on to huggingface_hub's snapshot_download.
+DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+
+
+def resolve_model_folder(name_or_path: str | Path, **download: Any) -> Path:
     """A local folder as is, or a Hub repo downloaded (config, weights and card only) to the cache."""
     path = Path(name_or_path).expanduser()
     if not path.exists():
@@ -139,15 +135,7 @@ def resolve_model_folder(
     from huggingface_hub.errors import HFValidationError
 
     try:
-        folder = snapshot_download(
-            repo_id=text,
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            local_files_only=local_files_only,
-            token=token,
-            allow_patterns=list(MODEL_FILES),
-        )
+        folder = snapshot_download(repo_id=text, allow_patterns=list(MODEL_FILES), **download)
     except HFValidationError:
         raise ModelLoadError(f"{text}: neither a local folder nor a valid Hugging Face Hub repo id") from None
     except Exception as err:  # noqa: BLE001 - offline, 404, auth: all end here with advice
@@ -166,26 +154,18 @@ def load_model(
     cls: type[ChestXrayClassifier],
     name_or_path: str | Path,
     *,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    force_download: bool = False,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
     map_location: str | torch.device = "cpu",
-    **config_overrides: Any,
+    **options: Any,
 ) -> ChestXrayClassifier:
+    """``options``: any of :data:`DOWNLOAD_OPTIONS` (``revision``, ``cache_dir``, ``force_download``,
+    ``local_files_only``, ``token``), and ChestXrayConfig fields to override."""
+    download = {name: options.pop(name) for name in DOWNLOAD_OPTIONS if name in options}
+    config_overrides = options
     unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(ChestXrayConfig)})
     if unknown:  # before any download: a mistyped argument is not the model's fault
         raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {unknown}; it takes revision, cache_dir, "
                         "force_download, local_files_only, token, map_location, and ChestXrayConfig fields to override")
-    folder = resolve_model_folder(
-        name_or_path,
-        revision=revision,
-        cache_dir=cache_dir,
-        force_download=force_download,
-        local_files_only=local_files_only,
-        token=token,
-    )
+    folder = resolve_model_folder(name_or_path, **download)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -235,7 +215,7 @@ def load_model(
     model.to(map_location)
     model.source = str(name_or_path)
     model.folder = str(folder)
-    model.revision = revision
+    model.revision = download.get("revision")
     return model.eval()
 
 

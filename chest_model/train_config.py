@@ -110,22 +110,23 @@ def whole_number(minimum: int, meaning: str = ""):
     return parse
 
 
-def _share(text: str) -> float:
-    """An argparse type: a share strictly between 0 and 1."""
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _share(text: str) -> float:
+    """An argparse type: a share strictly between 0 and 1."""
+    value = _number(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
     return value
 
 
 def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _number(text)
     if not value >= 0.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value

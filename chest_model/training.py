@@ -95,7 +95,12 @@ def train(args: TrainingConfig, command: str) -> int:
     data = decode_data(args, folders, model.preprocessor)
     run = prepare_run(args, accelerator, model, data, command)
     best_val = run_epochs(run)
-    finish(run, best_val)
+    model, best_val = chosen_model(run, best_val)
+    if accelerator.is_main_process:
+        val_metrics = calibrate_chosen(run, model, best_val)
+        test_metrics, external = evaluate_held_out(run, model)
+        save_outputs(run, model, val_metrics, test_metrics, external)
+    finish(run)
     return 0
 
 
@@ -549,7 +554,8 @@ def validation_metrics(run: Run, logits: torch.Tensor, labels: torch.Tensor, *, 
 # ---- the end: best weights, calibration, test, outputs -------------------------------------------
 
 
-def finish(run: Run, best_val: Predictions | None) -> None:
+def chosen_model(run: Run, best_val: Predictions | None) -> tuple[ChestXrayClassifier, Predictions]:
+    """The weights of the epoch chosen on validation, in eval mode, and their validation pass."""
     accelerator = run.accelerator
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
     model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False) if run.ema is None else run.ema.module
@@ -558,10 +564,83 @@ def finish(run: Run, best_val: Predictions | None) -> None:
         # A finished run extended with more epochs saved its model with the fitted feature statistics;
         # they are fitted again below, for the model being trained has none.
         model.load_state_dict({k: v for k, v in saved.items() if not k.startswith(BUFFER_PREFIX)})
-    if best_val is None:  # the best epoch was before a resume
+    if best_val is None:  # the best epoch was before a resume; every process takes part in this pass
         best_val = predict_logits(accelerator, model, run.val_loader, run.preprocessor, desc="calibrate", block_summaries=True)
-    if accelerator.is_main_process:
-        save_outputs(run, model.eval(), best_val)
+    return model.eval(), best_val
+
+
+def calibrate_chosen(run: Run, model, val_pass: Predictions) -> dict[str, Any]:
+    """Temperature and the out-of-distribution gate, fitted on validation and training images; the
+    validation metrics at that temperature; and what the run records about its choice."""
+    args, record = run.args, run.record
+    feature_precision = "bf16" if run.accelerator.precision_choice.precision == "bf16" else "fp32"
+    val_metrics = calibrate(model, val_pass, run.data.val, run.data.train.images, fpr=args.ood_fpr, precision=feature_precision)
+    val_metrics.update(validation_metrics(run, val_pass.logits, val_pass.labels, temperature=model.config.temperature))
+    record["best_epoch"] = run.state["best"]["epoch"]
+    record["temperature"] = model.config.temperature
+    record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded
+    record["unlearned_groups"] = unlearned_groups(val_metrics["by_source"])
+    record["val_copies_of_train"] = validation_copies(run.data, run.class_names)  # after training, not in its start-up
+    for group in record["unlearned_groups"]:
+        logger.warning("the chosen model has not learned %s: do not use it as is; try another --seed, more --epochs "
+                       "or a lower --lr", group)
+    return val_metrics
+
+
+def evaluate_held_out(run: Run, model) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The test split (``--test-dir``) and the external sets, each evaluated once, with the chosen model."""
+    args, output_dir = run.args, run.output_dir
+    if (output_dir / "eval").exists():  # a resumed run's earlier evaluation measured other weights
+        logger.warning("%s: removing the earlier evaluation, which measured the weights before this run", output_dir / "eval")
+        shutil.rmtree(output_dir / "eval")
+    test_metrics, external = None, {}
+    # Copies of evaluated images are sought among the images the model was trained on (the training
+    # split of every source), hashed once for the test and every external set; the metadata baseline
+    # learns from the first source's files.
+    trained_on = None
+    if args.test_dir or args.external_dir:
+        trained_on = hash_training_files(model, split_files(run.data.train, _named(args.data_dir)), "the training split")
+    if args.test_dir:
+        # The full evaluation (CIs, shortcut audit, OOD rate).
+        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1], training_images=trained_on,
+                                      output_dir=output_dir / "eval")
+        logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
+                    run.record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
+                    _figure(test_metrics["audit"]["metadata_baseline_accuracy"]))
+        for message in test_metrics["unreadable_files"]:
+            logger.warning("test file left out: %s", message)
+    for name, path in _named(args.external_dir):
+        external[name] = evaluate_external(model, path, name=name, training_images=trained_on)
+        logger.info("external %s: %s", name, external[name]["summary"])
+    if external:
+        (output_dir / "eval").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "eval" / "external.json", json.dumps(external, indent=2))
+    return test_metrics, external
+
+
+def save_outputs(run: Run, model, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None,
+                 external: dict[str, Any]) -> None:
+    """The run's records, its figure, the model with its card, and the upload."""
+    from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
+
+    args, record, output_dir = run.args, run.record, run.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output_dir / "history.json", json.dumps(run.state["history"], indent=2))
+    atomic_write_text(output_dir / "val_metrics.json", json.dumps(val_metrics, indent=2))
+    atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
+    plot_training_curves(run.state["history"], output_dir / "training_curves.png")
+    card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics, "external_metrics": external or None,
+            "repo_id": args.push_to_hub}
+    model.save_pretrained(output_dir, card_context=card)
+    logger.info("saved the best model (epoch %d) to %s", record["best_epoch"], output_dir)
+    if args.push_to_hub:
+        url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
+        logger.info("pushed to %s", url)
+
+
+def finish(run: Run) -> None:
+    """Every process waits for rank 0's outputs; the trackers get the figures and close."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if run.args.report_to != "none":
         if accelerator.is_main_process:
@@ -582,61 +661,6 @@ def log_figures(accelerator, output_dir: Path, *, step: int) -> None:
             tracker.log_images(images, step=step, dataformats="NHWC")
         else:
             tracker.log_images({k: list(v) for k, v in images.items()}, step=step)
-
-
-def save_outputs(run: Run, model, val_pass: Predictions) -> None:
-    from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
-
-    args, record, output_dir = run.args, run.record, run.output_dir
-    if (output_dir / "eval").exists():  # a resumed run's earlier evaluation measured other weights
-        logger.warning("%s: removing the earlier evaluation, which measured the weights before this run", output_dir / "eval")
-        shutil.rmtree(output_dir / "eval")
-    feature_precision = "bf16" if run.accelerator.precision_choice.precision == "bf16" else "fp32"
-    val_metrics = calibrate(model, val_pass, run.data.val, run.data.train.images, fpr=args.ood_fpr, precision=feature_precision)
-    val_metrics.update(validation_metrics(run, val_pass.logits, val_pass.labels, temperature=model.config.temperature))
-    record["best_epoch"] = run.state["best"]["epoch"]
-    record["temperature"] = model.config.temperature
-    record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded
-    record["unlearned_groups"] = unlearned_groups(val_metrics["by_source"])
-    record["val_copies_of_train"] = validation_copies(run.data, run.class_names)  # after training, not in its start-up
-    for group in record["unlearned_groups"]:
-        logger.warning("the chosen model has not learned %s: do not use it as is; try another --seed, more --epochs "
-                       "or a lower --lr", group)
-    test_metrics, external = None, {}
-    # Copies of evaluated images are sought among the images the model was trained on (the training
-    # split of every source), hashed once for the test and every external set; the metadata baseline
-    # learns from the first source's files.
-    trained_on = None
-    if args.test_dir or args.external_dir:
-        trained_on = hash_training_files(model, split_files(run.data.train, _named(args.data_dir)), "the training split")
-    if args.test_dir:
-        # The full evaluation (CIs, shortcut audit, OOD rate), once, with the chosen model.
-        test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1], training_images=trained_on,
-                                      output_dir=output_dir / "eval")
-        logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
-                    record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
-                    _figure(test_metrics["audit"]["metadata_baseline_accuracy"]))
-        for message in test_metrics["unreadable_files"]:
-            logger.warning("test file left out: %s", message)
-    for name, path in _named(args.external_dir):
-        external[name] = evaluate_external(model, path, name=name, training_images=trained_on)
-        logger.info("external %s: %s", name, external[name]["summary"])
-    if external:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "eval").mkdir(exist_ok=True)
-        atomic_write_text(output_dir / "eval" / "external.json", json.dumps(external, indent=2))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "history.json", json.dumps(run.state["history"], indent=2))
-    atomic_write_text(output_dir / "val_metrics.json", json.dumps(val_metrics, indent=2))
-    atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
-    plot_training_curves(run.state["history"], output_dir / "training_curves.png")
-    card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics, "external_metrics": external or None,
-            "repo_id": args.push_to_hub}
-    model.save_pretrained(output_dir, card_context=card)
-    logger.info("saved the best model (epoch %d) to %s", record["best_epoch"], output_dir)
-    if args.push_to_hub:
-        url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
-        logger.info("pushed to %s", url)
 
 
 def _figure(value: float | None) -> str:

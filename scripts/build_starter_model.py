@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chest_model import ChestXrayClassifier  # noqa: E402
+from chest_model.atomic import replace_directory  # noqa: E402
 from chest_model.card import card_context_from_folder  # noqa: E402
 from chest_model.citations import cited_sources  # noqa: E402
 from chest_model.calibrate import block_summaries  # noqa: E402
@@ -108,8 +109,7 @@ def main() -> None:
     # recalibration) without the training run's folder, which does not outlive the machine it ran on.
     (staging / "card_context.json").write_text(json.dumps(context, indent=2) + "\n")
     shutil.rmtree(staging / "eval")
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+    replace_directory(staging, out)  # the old starter model stays whole until the new one is complete
     print(f"wrote {out}: accuracy {metrics['accuracy']:.3f}, Covid recall {metrics['per_class']['Covid']['recall']:.3f}, "
           f"metadata-only baseline {metrics['audit']['metadata_baseline_accuracy']:.3f}, "
           f"non-X-rays flagged {ood['flagged']}/{ood['n']}, test X-rays flagged {metrics['ood']['flagged']}/{metrics['n']}")
