@@ -83,10 +83,12 @@ class DemoService:
     """The model and the three things the UI needs from it.
 
     Each upload is decoded once: the label, its heat map and every heat map for another class read
-    the same decoded pixels, kept for the last few uploads (keyed by the file's path, size and time).
+    the same decoded pixels, kept for the last few uploads (keyed by the file's path, size and time)
+    within a memory budget.
     """
 
-    DECODED_UPLOADS = 8  # a few per concurrent request; decoded images are at most a few MB each
+    DECODED_UPLOADS = 8  # a few per concurrent request
+    DECODED_BYTES = 256 * 2**20  # large PNGs and DICOMs decode at full size (up to 600 MB for 200 MP)
 
     def __init__(self, model: ChestXrayClassifier, model_ref: str, revision: str | None = None, precision: str = "auto"):
         self.model = model.eval()
@@ -95,52 +97,47 @@ class DemoService:
         # bf16 where it is faster than fp32 (chest_model.precision): checked against fp32 on real X-rays
         # (same top class, probabilities within 0.02; tests/test_model.py, docs/benchmarks.md).
         self.precision = precision
-        self._uploads: OrderedDict[tuple, dict[str, Any]] = OrderedDict()
+        self._decoded: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _upload(self, path: str | None) -> dict[str, Any]:
-        """``{"image": decoded RGB (read-only), "predicted": the label's top class, once predicted}``."""
+    def load(self, path: str | None) -> np.ndarray:
+        """The upload decoded as RGB uint8 (read-only: requests for the same file share it)."""
         import gradio as gr
 
         if not path:
             raise gr.Error("Upload a chest X-ray first (JPEG, PNG or DICOM).")
         try:
             stat = os.stat(path)
+            key = (path, stat.st_size, stat.st_mtime_ns)
         except OSError:
-            stat = None  # the decoder names what is wrong with it
-        key = (path, stat.st_size, stat.st_mtime_ns) if stat else None
+            key = None  # the decoder names what is wrong with it
         with self._lock:
-            if key in self._uploads:
-                self._uploads.move_to_end(key)
-                return self._uploads[key]
+            if key in self._decoded:
+                self._decoded.move_to_end(key)
+                return self._decoded[key]
         try:
             image = self.model.preprocessor.load(path, name=Path(path).name)
         except ImageLoadError as err:
             raise gr.Error(str(err), title="Cannot read this file") from None
-        image.flags.writeable = False  # shared by the requests that read this upload
-        entry = {"image": image, "predicted": None}
-        if key is not None:
+        image.flags.writeable = False
+        if key is not None and image.nbytes <= self.DECODED_BYTES:
             with self._lock:
-                entry = self._uploads.setdefault(key, entry)
-                while len(self._uploads) > self.DECODED_UPLOADS:
-                    self._uploads.popitem(last=False)
-        return entry
-
-    def load(self, path: str | None) -> np.ndarray:
-        return self._upload(path)["image"]
+                self._decoded[key] = image
+                while len(self._decoded) > self.DECODED_UPLOADS or \
+                        sum(cached.nbytes for cached in self._decoded.values()) > self.DECODED_BYTES:
+                    self._decoded.popitem(last=False)
+        return image
 
     def predict_with_warning(self, path: str | None):
-        """The label and the out-of-distribution warning, both from one forward pass."""
-        upload = self._upload(path)
-        prediction = self.model.predict(upload["image"], precision=self.precision)
-        upload["predicted"] = max(prediction, key=prediction.get)  # the heat map explains the class the label shows
-        return label_value(prediction), warning_markdown(prediction.reasons)
+        """The label, the out-of-distribution warning and the top class, all from one forward pass."""
+        prediction = self.model.predict(self.load(path), precision=self.precision)
+        return label_value(prediction), warning_markdown(prediction.reasons), max(prediction, key=prediction.get)
 
-    def explain(self, path: str | None, target: str, opacity: float) -> tuple[np.ndarray, dict[str, Any]]:
-        """Grad-CAM overlay and the state to re-blend it."""
-        upload = self._upload(path)
-        chosen = upload["predicted"] if target in (None, "", PREDICTED) else target
-        result = explain_image(self.model, upload["image"], chosen)
+    def explain(self, path: str | None, target: str, opacity: float, predicted: str | None = None):
+        """Grad-CAM overlay and the state to re-blend it. For "Predicted class" the map explains
+        ``predicted``, the class the label shows, where the page has it (an API call has not)."""
+        chosen = (predicted if predicted in self.model.class_names else None) if target in (None, "", PREDICTED) else target
+        result = explain_image(self.model, self.load(path), chosen)
         state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
         return overlay(result.image, result.heatmap, opacity), state
 
@@ -169,7 +166,7 @@ def label_value(prediction):
 
 def clear_results():
     """Empty label, warning, heat map and states: what the page shows before a file's results arrive."""
-    return None, "", None, None, None
+    return None, "", None, None, None, None
 
 
 def require_upload(path: str | None) -> None:
@@ -296,19 +293,20 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
                             "bright areas outside the lungs (labels, borders, devices) suggest a shortcut._")
         with gr.Accordion("About this model", open=True):
             gr.Markdown(service.model_panel(), elem_id="model-panel")
-        state, pending_warning = gr.State(), gr.State()
+        state, pending_warning, predicted = gr.State(), gr.State(), gr.State()
 
         # Every new upload first clears the last file's results, so a file that cannot be read (or a
         # cleared upload box) never leaves another file's label, warning or heat map on the page.
-        # State outputs stay out of the API: /predict returns the label alone, the page also gets the warning.
-        upload.change(clear_results, None, [label, warning, heat, state, pending_warning],
+        # States stay out of the API: /predict returns the label alone, the page also gets the warning
+        # and the top class, which its heat map then explains.
+        upload.change(clear_results, None, [label, warning, heat, state, pending_warning, predicted],
                       api_visibility="private", queue=False).then(
             require_upload, upload, None, api_visibility="private", queue=False).success(
-            service.predict_with_warning, upload, [label, pending_warning], api_name="predict").success(
+            service.predict_with_warning, upload, [label, pending_warning, predicted], api_name="predict").success(
             lambda text: text, pending_warning, warning, api_visibility="private", queue=False).success(
-            service.explain, [upload, target, opacity], [heat, state], api_name="explain")
+            service.explain, [upload, target, opacity, predicted], [heat, state], api_name="explain")
         target.change(require_upload, upload, None, api_visibility="private", queue=False).success(
-            service.explain, [upload, target, opacity], [heat, state], api_visibility="private")
+            service.explain, [upload, target, opacity, predicted], [heat, state], api_visibility="private")
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
 

@@ -120,7 +120,11 @@ DOWNLOAD_OPTIONS = ("revision", "cache_dir", "force_download", "local_files_only
 
 
 def resolve_model_folder(name_or_path: str | Path, **download: Any) -> Path:
-    """A local folder as is, or a Hub repo downloaded (config, weights and card only) to the cache."""
+    """A local folder as is, or a Hub repo downloaded (config, weights and card only) to the cache;
+    ``download``: any of :data:`DOWNLOAD_OPTIONS`."""
+    unknown = sorted(set(download) - set(DOWNLOAD_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected download option(s) {unknown}; the options are {', '.join(DOWNLOAD_OPTIONS)}")
     path = Path(name_or_path).expanduser()
     if not path.exists():
         recover_interrupted(path)  # a save killed between its two renames set the folder aside
@@ -163,8 +167,8 @@ def load_model(
     config_overrides = options
     unknown = sorted(set(config_overrides) - {f.name for f in dataclasses.fields(ChestXrayConfig)})
     if unknown:  # before any download: a mistyped argument is not the model's fault
-        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {unknown}; it takes revision, cache_dir, "
-                        "force_download, local_files_only, token, map_location, and ChestXrayConfig fields to override")
+        raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {unknown}; it takes "
+                        f"{', '.join(DOWNLOAD_OPTIONS)}, map_location, and ChestXrayConfig fields to override")
     folder = resolve_model_folder(name_or_path, **download)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

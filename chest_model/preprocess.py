@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -182,12 +183,16 @@ def _decode_bytes(data: bytes, label: str, min_size: int | None) -> np.ndarray:
     return _to_uint8(np.ascontiguousarray(image), label)
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
 def header_size(data: bytes | str | os.PathLike, fmt: str, label: str) -> tuple[int, int]:
     """Width and height from the header alone (of the file's bytes or of a path), before anything is decoded."""
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
+        # The limit is PIL's global: decoding threads take turns, so none restores another's None.
+        with _PIL_LIMIT_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # we apply our own limit
             try:

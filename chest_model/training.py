@@ -605,7 +605,7 @@ def evaluate_held_out(run: Run, model) -> tuple[dict[str, Any] | None, dict[str,
         test_metrics = evaluate_model(model, args.test_dir, train_dir=_named(args.data_dir)[0][1], training_images=trained_on,
                                       output_dir=output_dir / "eval")
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
-                    run.record["best_epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
+                    run.state["best"]["epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                     _figure(test_metrics["audit"]["metadata_baseline_accuracy"]))
         for message in test_metrics["unreadable_files"]:
             logger.warning("test file left out: %s", message)

@@ -193,6 +193,8 @@ def test_only_the_example_folders_images_are_offered(tmp_path):
 
 
 def test_an_upload_is_decoded_once_for_its_label_and_every_heat_map(tiny_model, tmp_path, monkeypatch):
+    import warnings
+
     import cv2
     import numpy as np
 
@@ -212,13 +214,35 @@ def test_an_upload_is_decoded_once_for_its_label_and_every_heat_map(tiny_model, 
     service = DemoService(tiny_model, "tiny", precision="auto")
     path = tmp_path / "scan.png"
     cv2.imwrite(str(path), synthetic_xray(120, 100, seed=1))
-    label, _ = service.predict_with_warning(str(path))
-    _, state = service.explain(str(path), PREDICTED, 0.5)
-    shown = dict(label) if isinstance(label, dict) else {c.label: c.confidence for c in label.confidences}
-    top = max(shown, key=shown.get)
-    assert state["target"] == top  # the heat map explains the class the label shows, from the same precision's pass
-    service.explain(str(path), "Covid", 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shared decoded image is read-only: nothing may write to it
+        label, _, top = service.predict_with_warning(str(path))
+        shown = dict(label) if isinstance(label, dict) else {c.label: c.confidence for c in label.confidences}
+        assert top == max(shown, key=shown.get)
+        own = service.explain(str(path), PREDICTED, 0.5)[1]["target"]  # an API call: Grad-CAM's own top class
+        other = next(name for name in tiny_model.class_names if name != own)
+        # On the page "Predicted class" is the class the label shows, from the label's own pass and precision.
+        assert service.explain(str(path), PREDICTED, 0.5, predicted=other)[1]["target"] == other
+        assert service.explain(str(path), "Covid", 0.3, predicted=other)[1]["target"] == "Covid"
     assert decoded == [str(path)]
     cv2.imwrite(str(path), synthetic_xray(100, 120, seed=2))  # the same path, another file: decoded again
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))
     _, state = service.explain(str(path), "Normal", 0.5)
     assert len(decoded) == 2 and state["image"].shape[:2] == (100, 120)
+
+
+def test_the_decoded_uploads_kept_stay_within_their_memory_budget(tiny_model, tmp_path, monkeypatch):
+    import cv2
+
+    from chest_model.demo import DemoService
+    from helpers import synthetic_xray
+
+    service = DemoService(tiny_model, "tiny")
+    monkeypatch.setattr(service, "DECODED_BYTES", 3 * 200 * 200 * 3)  # three 200 x 200 RGB images
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), synthetic_xray(200, 200, seed=i))
+        service.load(str(tmp_path / f"{i}.png"))
+    assert [key[0] for key in service._decoded] == [str(tmp_path / f"{i}.png") for i in (2, 3, 4)]
+    cv2.imwrite(str(tmp_path / "big.png"), synthetic_xray(400, 400))
+    assert service.load(str(tmp_path / "big.png")).shape == (400, 400, 3)  # served, but too large to keep
+    assert len(service._decoded) == 3

@@ -124,7 +124,7 @@ def test_the_demo_service_predicts_on_the_gpu(tmp_path, gated_model_pair):
     image = tmp_path / "x.png"
     cv2.imwrite(str(image), synthetic_xray(150, 130, seed=9))
     on_gpu, on_cpu = DemoService(gpu, "m", precision="fp32"), DemoService(cpu, "m", precision="fp32")
-    (label_gpu, warning_gpu), (label_cpu, warning_cpu) = on_gpu.predict_with_warning(str(image)), on_cpu.predict_with_warning(str(image))
+    (label_gpu, warning_gpu, _), (label_cpu, warning_cpu, _) = on_gpu.predict_with_warning(str(image)), on_cpu.predict_with_warning(str(image))
     label_gpu, label_cpu = _confidences(label_gpu), _confidences(label_cpu)
     assert set(label_gpu) == set(label_cpu) and bool(warning_gpu) == bool(warning_cpu)
     for name, p in label_cpu.items():

@@ -47,4 +47,7 @@ def test_check_counts_what_it_flags_overall_and_by_kind(tiny_model):
     assert report["by_kind"]["generated"]["n"] == 4
     for row in report["images"]:
         assert (row["label"] == "uncertain") == row["uncertain"] and (bool(row["reasons"]) == row["uncertain"])
+    rows = {row["name"]: row for row in report["images"]}
+    assert any(reason.startswith("blank or uniform image") for reason in rows["generated/blank grey"]["reasons"])
+    assert any(reason.startswith("blank or uniform image") for reason in rows["x-ray-like"]["reasons"])
     assert check(tiny_model, [])["n"] == 0

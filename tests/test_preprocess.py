@@ -11,7 +11,7 @@ from PIL import Image
 
 from chest_model import ChestXrayConfig, ImageLoadError, Preprocessor, load_image
 from chest_model.preprocess import MAX_PIXELS
-from helpers import DATASET, EXAMPLES, requires_dataset
+from helpers import DATASET, EXAMPLES, requires_dataset, synthetic_xray
 from corpus import bad_cases, base_xray, valid_cases
 
 VALID = valid_cases()
@@ -188,3 +188,18 @@ def test_real_dataset_files_decode_with_reduced_size():
     for path in files[::6]:
         image = load_image(path, min_size=224)
         assert min(image.shape[:2]) >= 224 or min(load_image(path).shape[:2]) < 448
+
+
+def test_reading_headers_from_many_threads_leaves_pils_own_limit_in_place(tmp_path):
+    """The header reader lifts PIL's decompression-bomb limit while it reads; threads must not leave it lifted."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from chest_model.preprocess import header_size
+
+    limit = Image.MAX_IMAGE_PIXELS
+    data = cv2.imencode(".png", synthetic_xray(64, 48))[1].tobytes()
+    with ThreadPoolExecutor(8) as pool:
+        sizes = list(pool.map(lambda _: header_size(data, "PNG", "x.png"), range(2000)))
+    assert set(sizes) == {(48, 64)} and Image.MAX_IMAGE_PIXELS == limit
