@@ -115,6 +115,12 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
                 assert f"{shipped['audit']['metadata_baseline_accuracy']:.0%} of the time" in page.inner_text("body")
                 worst = max(row["predicted_share"]["Covid"] for row in shipped["external"].values())
                 assert f"up to {worst:.0%} of that source's normal adult X-rays Covid" in page.inner_text("body")
+            # Another class to explain: the heat map is drawn again for it.
+            before = page.get_attribute("#gradcam img", "src")
+            page.get_by_label("Explain which class").click()
+            page.get_by_role("option", name="Normal").click()
+            page.wait_for_function("([before]) => document.querySelector('#gradcam img') && "
+                                   "document.querySelector('#gradcam img').src !== before", arg=[before], timeout=60_000)
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
 
             # A photograph, in a fresh page: the label says "Uncertain" and the page says why.
