@@ -182,10 +182,11 @@ class ChestXrayClassifier(
         """Calibrated probabilities and feature-space scores, from one forward pass per batch."""
         items = list(images)
         device = next(self.parameters()).device
+        preprocessor = self.preprocessor  # one for the whole call, as the config stands now
         rows, distances = [], []
         with eval_mode(self), torch.inference_mode():
             for start in range(0, len(items), batch_size):
-                batch = torch.stack([self.preprocessor(self.preprocessor.load(x)) for x in items[start : start + batch_size]])
+                batch = torch.stack([preprocessor(preprocessor.load(x)) for x in items[start : start + batch_size]])
                 with feature_ood.capture_block_stats(self.features) as captured:
                     rows.append(self.probabilities(batch.to(device), precision=precision).float().cpu())
                 score = self.feature_scores(captured)
