@@ -255,6 +255,11 @@ def build_train_augmentation(kind: str = "standard"):
     - ColorJitter on brightness/contrast: exposure and detector response vary between machines.
       Hue/saturation jitter is meaningless on grayscale X-rays.
 
+    ``"framing"``: ``"standard"`` after a random crop of 50-100% of the area, of a slightly other
+    aspect ratio, resized back. Collections frame the chest differently (the tutorial's Covid films
+    are often cropped tight, the adult normals show the whole thorax with margins), and a model
+    trained without it calls a normal adult film Covid when it is merely cropped tighter.
+
     ``"acquisition"`` adds what differs between *sources* rather than patients, so that the model
     cannot tell the collections apart by it: tighter or looser framing (crops), detector and
     processing curves (gamma, stronger contrast), resolution (blur), noise and JPEG compression.
@@ -263,13 +268,16 @@ def build_train_augmentation(kind: str = "standard"):
         return None
     from torchvision.transforms import v2
 
+    standard = [
+        v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+        v2.ColorJitter(brightness=0.2, contrast=0.2),
+    ]
     if kind == "standard":
-        return v2.Compose([
-            v2.RandomAffine(degrees=7, translate=(0.05, 0.05), scale=(0.9, 1.1)),
-            v2.ColorJitter(brightness=0.2, contrast=0.2),
-        ])
+        return v2.Compose(standard)
+    if kind == "framing":
+        return v2.Compose([RandomCropResize(scale=(0.5, 1.0), ratio=(0.8, 1.25)), *standard])
     if kind != "acquisition":
-        raise ValueError(f"unknown augmentation {kind!r}; expected 'standard', 'acquisition' or 'none'")
+        raise ValueError(f"unknown augmentation {kind!r}; expected 'standard', 'framing', 'acquisition' or 'none'")
     return v2.Compose([
         RandomCropResize(scale=(0.7, 1.0), ratio=(0.8, 1.25)),
         v2.RandomAffine(degrees=7, translate=(0.03, 0.03)),

@@ -193,8 +193,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--contrast", choices=["none", "standardize", "clahe"], default="none",
                      help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
                           "which collections differ (stored in config.json, so inference does the same)")
-    mdl.add_argument("--augment", choices=["standard", "acquisition", "none"], default="standard",
-                     help="'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how and where an image was taken")
+    mdl.add_argument("--augment", choices=["standard", "framing", "acquisition", "none"], default="standard",
+                     help="'framing' adds random crops (50-100%% of the area), so how tightly a collection frames the chest "
+                          "cannot tell the class; 'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how "
+                          "and where an image was taken")
     mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
     mdl.add_argument("--ood-fpr", type=_share, default=0.02,
                      help="share of validation X-rays the feature-space out-of-distribution gate may flag")

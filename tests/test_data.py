@@ -105,7 +105,7 @@ def test_balanced_sampler_is_reproducible_per_epoch_and_balanced():
     assert 0.45 < share < 0.55, share
 
 
-@pytest.mark.parametrize("kind", ["standard", "acquisition"])
+@pytest.mark.parametrize("kind", ["standard", "framing", "acquisition"])
 def test_augmentations_keep_uint8_images_and_their_size(kind):
     augment = build_train_augmentation(kind)
     image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
@@ -114,6 +114,19 @@ def test_augmentations_keep_uint8_images_and_their_size(kind):
     assert all(o.dtype == torch.uint8 and o.shape == image.shape for o in outputs)
     assert any(not torch.equal(o, image) for o in outputs)
     assert build_train_augmentation("none") is None
+
+
+def test_framing_augmentation_zooms_in():
+    """A bright frame around a dark square: crops of 50-100% of the area cut into the frame, often
+    past it, so the dark centre fills more of the image than it did."""
+    image = torch.full((3, 64, 64), 255, dtype=torch.uint8)
+    image[:, 16:48, 16:48] = 0
+    dark_share = lambda x: float((x < 128).float().mean())  # noqa: E731
+    torch.manual_seed(0)
+    shares = [dark_share(build_train_augmentation("framing")(image)) for _ in range(50)]
+    torch.manual_seed(0)
+    standard = [dark_share(build_train_augmentation("standard")(image)) for _ in range(50)]
+    assert sum(shares) / 50 > sum(standard) / 50 + 0.1, (sum(shares) / 50, sum(standard) / 50)
 
 
 def test_group_weights_give_every_source_class_group_equal_mass():
