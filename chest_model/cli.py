@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "train/ and the like). Repeat it for a model trained on several sources")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures (without it, the report is only printed)")
     evaluate.add_argument("--bootstrap", type=whole_number(0), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    evaluate.add_argument("--framing-check", action="store_true",
+                          help="also classify every image cropped around its centre (tighter, portrait, landscape) and report, "
+                               "per class, what it is called then: a model that learned how its sources frame the chest "
+                               "changes its answer (five more passes over each set)")
     evaluate.set_defaults(func=run_evaluate)
 
     ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
@@ -106,9 +110,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
         if complete:
             results[name] = evaluate_model(model, path, train_dir=train_dir, training_images=training_images, output_dir=out,
-                                           n_bootstrap=args.bootstrap)
+                                           n_bootstrap=args.bootstrap, framing=args.framing_check)
         else:
-            results[name] = evaluate_external(model, path, name=name, training_images=training_images)
+            results[name] = evaluate_external(model, path, name=name, training_images=training_images,
+                                              framing=args.framing_check)
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
         print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:

@@ -19,6 +19,7 @@ from .atomic import atomic_write_text
 from .audit import mask_center, metadata_baseline, verdict
 from .data import DatasetError, relative_name, scan_image_folder, source_name
 from .duplicates import hash_matrix as cached_hashes, image_hash, train_test_copies
+from .framing import framing_check, framing_lines
 from .hub import weights_fingerprint
 from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, reliability_bins
 from .model import ChestXrayClassifier
@@ -42,12 +43,14 @@ def evaluate_model(
     batch_size: int = 16,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    framing: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given.
 
     ``train_dir`` holds the training files the metadata-only baseline learns from (default: a sibling
     ``train/``). ``training_images`` are the hashed training images searched for copies of the
     evaluated ones (:func:`hash_training_files`; default: every image under ``train_dir``).
+    ``framing`` adds the framing check (:mod:`chest_model.framing`) per true class, five more passes.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names)
@@ -90,6 +93,8 @@ def evaluate_model(
     if copies is not None:
         audit["train_copies"] = copies
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"], audit["center_masked_accuracy"], chance)
+    if framing:
+        audit["framing"] = framing_check(model, images, [class_names[c] for c in labels], batch_size=batch_size)
     metrics["audit"] = audit
 
     metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
@@ -153,13 +158,14 @@ def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: n
 
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
-                      batch_size: int = 16, training_images: TrainingHashes | None = None) -> dict[str, Any]:
+                      batch_size: int = 16, training_images: TrainingHashes | None = None,
+                      framing: bool = False) -> dict[str, Any]:
     """How a set from a source the model was not trained on is classified.
 
     The set may hold only some classes (a folder of adult normals): it reports the share predicted as
     each class, per true class, the accuracy, and how many inputs the model flagged as uncertain. With
     ``training_images`` (as for :func:`evaluate_model`), also how many of its images are copies of a
-    training image: a set that holds some is not unseen.
+    training image: a set that holds some is not unseen. ``framing`` adds the framing check per true class.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names, partial=True, name=name)
@@ -191,6 +197,8 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
     copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], training_images, probs)
     if copies is not None:
         result["train_copies"] = copies
+    if framing:
+        result["framing"] = framing_check(model, images, [class_names[c] for c in labels], batch_size=batch_size)
     called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
     result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
                         f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"
@@ -205,6 +213,8 @@ def external_summary(result: dict[str, Any]) -> str:
     lines += [f"accuracy {result['accuracy']:.3f}", f"flagged as uncertain: {result['ood']['flagged']} of {result['n']}"]
     if "train_copies" in result:
         lines += copies_lines(result["train_copies"])
+    if "framing" in result:
+        lines += framing_lines(result["framing"], list(result["predicted_share"]))
     lines += unreadable_lines(result["unreadable_files"])
     return "\n".join(lines)
 
@@ -289,6 +299,7 @@ def summary(metrics: dict[str, Any]) -> str:
         f"  majority class            {audit['majority_class_accuracy']:.3f}",
         f"  -> {audit['verdict']}",
         *copies_lines(audit.get("train_copies")),
+        *(framing_lines(audit["framing"], metrics["class_names"]) if "framing" in audit else []),
         f"flagged as uncertain: {metrics['ood']['flagged']} of {metrics['n']}"
         + flagged_by_class_text(metrics["ood"]),
     ]

@@ -174,6 +174,10 @@ class Split:
     def counts(self, class_names: list[str]) -> dict[str, int]:
         return {name: self.labels.count(i) for i, name in enumerate(class_names)}
 
+    def group_names(self, class_names: list[str]) -> list[str]:
+        """Each image's "source / class" group."""
+        return [f"{self.source_names[s]} / {class_names[c]}" for s, c in zip(self.sources, self.labels)]
+
     def counts_by_source(self, class_names: list[str]) -> dict[str, dict[str, int]]:
         return {source: {name: sum(1 for l, s in zip(self.labels, self.sources) if (l, s) == (i, k)) for i, name in enumerate(class_names)}
                 for k, source in enumerate(self.source_names) if k in self.sources}
@@ -367,6 +371,18 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
         "skipped_files": data.skipped,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
+
+
+def rebuild_split(record: dict, preprocessor) -> tuple[TrainingData, list[tuple[str, Path]]]:
+    """A run's training and validation split, rebuilt from its recorded command as this module builds it
+    (same folders, seed, fraction and stratification), checked against the counts it recorded."""
+    args = parse_config(shlex.split(record["command"].split("train.py", 1)[1]))
+    sources = parse_data_dirs(args.data_dir)
+    data = decode_data(args, scan_data(args, sources, record["class_names"]), preprocessor)
+    for split in ("train", "val"):
+        if getattr(data, split).counts(record["class_names"]) != record["data_counts"][split]:
+            raise DatasetError(f"the rebuilt {split} split does not match the run's record; is the data the same?")
+    return data, sources
 
 
 def split_files(split: Split, sources: list[tuple[str, Path]]) -> list[tuple[str, Path]]:

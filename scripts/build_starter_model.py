@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shlex
 import shutil
 import sys
 from collections import Counter
@@ -39,10 +38,10 @@ from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
 from chest_model.evaluation import evaluate_external, evaluate_model, flagged_by_class_text, hash_training_files  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
+from chest_model.framing import framing_check  # noqa: E402
 from chest_model.metrics import flagged_by_class  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
-from chest_model.train_config import parse_config  # noqa: E402
-from chest_model.training import decode_data, scan_data, split_files, validation_copies  # noqa: E402
+from chest_model.training import rebuild_split, split_files, validation_copies  # noqa: E402
 
 
 def main() -> None:
@@ -71,7 +70,7 @@ def main() -> None:
     # The run's split, rebuilt as train.py built it: copies of test images are sought among the images
     # it trained on, as train.py's own evaluation does.
     record = json.loads((run / "train_config.json").read_text())
-    data, sources = rebuilt_split(record, model)
+    data, sources = rebuild_split(record, model.preprocessor)
     trained_on = hash_training_files(shipped, split_files(data.train, sources), "the training split")
     metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, training_images=trained_on,
                              output_dir=staging / "eval")
@@ -88,6 +87,10 @@ def main() -> None:
 
     context = card_context_from_folder(run)
     complete_validation_record(model, context, data)
+    # Framed otherwise, the films the chosen model did not train on: validation holds the adult normals.
+    context["framing_check"] = {
+        "what": "the chosen run's validation films (not trained on), by source and class",
+        **framing_check(shipped, [shipped.preprocessor.load(p) for p in data.val.paths], data.val.group_names(model.class_names))}
     for old, new in moves:
         context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
@@ -115,14 +118,14 @@ def main() -> None:
           f"non-X-rays flagged {ood['flagged']}/{ood['n']}, test X-rays flagged {metrics['ood']['flagged']}/{metrics['n']}")
     for name, row in external.items():
         print(f"  left out {name}: {row['summary']}")
-    update_readme(ROOT / "README.md", metrics, json.loads((run / "train_config.json").read_text()))
+    update_readme(ROOT / "README.md", metrics, json.loads((run / "train_config.json").read_text()), context["framing_check"])
     print("updated README.md's starter-model figures")
 
 
-def update_readme(readme: Path, metrics: dict, record: dict) -> None:
+def update_readme(readme: Path, metrics: dict, record: dict, framing: dict | None = None) -> None:
     """Rewrite the README's measured sentences from the shipped metrics (between their markers)."""
     text = readme.read_text(encoding="utf-8")
-    for name, body in readme_sections(metrics, record).items():
+    for name, body in readme_sections(metrics, record, framing).items():
         pattern = re.compile(rf"(<!-- starter:{name} -->).*?(<!-- /starter:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{readme}: no <!-- starter:{name} --> ... <!-- /starter:{name} --> markers")
@@ -151,7 +154,16 @@ def targets_sentence(metrics: dict) -> str:
             (f" Met: {'; '.join(met)}." if met else ""))
 
 
-def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
+def framing_sentence(framing: dict | None, crop: str = "80% of each side") -> str:
+    """The README's words for the framing check: per validation group, how often a tighter crop changes the answer."""
+    if not framing:
+        return ""
+    changes = ", ".join(f"{group} {row['framings'][crop]['changed']:.0%}" for group, row in framing["groups"].items())
+    return (f"Cropped around the centre to {crop} (the same anatomy, framed tighter), its validation films change "
+            f"answer: {changes} (the card's Framing check has every framing).\n\n")
+
+
+def readme_sections(metrics: dict, record: dict, framing: dict | None = None) -> dict[str, str]:
     audit, ci, ood = metrics["audit"], metrics["ci"], metrics["ood_check"]
     recalls = ", ".join(f"{name} {row['recall']:.3f}" for name, row in metrics["per_class"].items())
     counts = record["data_counts"]
@@ -178,6 +190,7 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         + (f"Sources it was not trained on (leave-one-source-out): {left_out}. "
            f"{failed_runs_sentence(metrics.get('external', {}))}{shared_origin_sentence(record['sources'])}\n\n"
            if left_out else "")
+        + framing_sentence(framing)
         + f"Non-X-ray images (photographs, documents, other modalities, generated): {ood['flagged']} of {ood['n']} "
         f"flagged as uncertain ({ood['rate']:.0%}).\n\n"
         + targets_sentence(metrics) + " The previous starter model, trained on the tutorial's data alone, called nearly "
@@ -189,18 +202,6 @@ def readme_sections(metrics: dict, record: dict) -> dict[str, str]:
         "kind of machine measured.\n")
     shortcut = f"scores {audit['metadata_baseline_accuracy']:.0%} on its test split"
     return {"figures": starter, "shortcut": shortcut}
-
-
-def rebuilt_split(record: dict, model: ChestXrayClassifier):
-    """A run's training and validation split, rebuilt from its command as train.py builds it (same
-    folders, seed, fraction and stratification), checked against the counts it recorded."""
-    args = parse_config(shlex.split(record["command"].split("train.py", 1)[1]))
-    sources = parse_data_dirs(args.data_dir)
-    data = decode_data(args, scan_data(args, sources, record["class_names"]), model.preprocessor)
-    for split in ("train", "val"):
-        if getattr(data, split).counts(record["class_names"]) != record["data_counts"][split]:
-            raise SystemExit(f"the rebuilt {split} split does not match the run's record; is the data the same?")
-    return data, sources
 
 
 def complete_validation_record(model: ChestXrayClassifier, context: dict, data) -> None:
@@ -339,7 +340,7 @@ def add_left_out_copies(external: dict, run_dirs: list[str]) -> None:
         if all("train_copies" in row for row in rows.values()):
             continue
         run_model = ChestXrayClassifier.from_pretrained(run_dir)
-        data, sources = rebuilt_split(record, run_model)
+        data, sources = rebuild_split(record, run_model.preprocessor)
         trained_on = hash_training_files(run_model, split_files(data.train, sources), "the training split")
         for name, path in parse_data_dirs(record["external_dirs"]):
             rows[name].setdefault("train_copies", evaluate_external(run_model, path, name=name,

@@ -75,3 +75,12 @@ def test_the_readme_says_when_two_training_sources_come_from_one_hospital():
     sentence = build.shared_origin_sentence(["covid19-image-dataset", "nih-cxr8", "rsna-radiography-db"])
     assert sentence.startswith(" nih-cxr8 and rsna-radiography-db come from one hospital, the NIH Clinical Center")
     assert build.shared_origin_sentence(["covid19-image-dataset", "nih-cxr8"]) == ""
+
+
+def test_the_readme_gives_how_often_a_tighter_crop_changes_each_groups_answer():
+    cell = lambda changed: {"called": {}, "uncertain": 0.0, "changed": changed}  # noqa: E731
+    framing = {"groups": {"nih / Normal": {"n": 21, "framings": {"80% of each side": cell(0.9)}},
+                          "kaggle / Covid": {"n": 16, "framings": {"80% of each side": cell(0.0625)}}}}
+    sentence = build.framing_sentence(framing)
+    assert "validation films change answer: nih / Normal 90%, kaggle / Covid 6%" in sentence
+    assert build.framing_sentence(None) == ""

@@ -98,7 +98,8 @@ def test_several_named_sets_are_reported_separately_and_a_one_class_set_gives_sh
     (tmp_path / "data" / "test" / "Covid" / "empty.jpg").write_bytes(b"")
     tiny_model.save_pretrained(tmp_path / "model")
     result = cli("evaluate", "--model", str(tmp_path / "model"), "--data-dir", f"kids={tmp_path / 'data' / 'test'}",
-                 "--data-dir", f"adult-normals={adults}", "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50")
+                 "--data-dir", f"adult-normals={adults}", "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50",
+                 "--framing-check")
     assert result.returncode == 0, result.stderr
     # Files left out are named, with their problem, in each set's printed report (not only counted).
     kids, adults_text = result.stdout.split("== adult-normals ==")
@@ -112,6 +113,12 @@ def test_several_named_sets_are_reported_separately_and_a_one_class_set_gives_sh
     assert set(adult["predicted_share"]) == {"Normal", "Covid", "Viral Pneumonia"}
     assert sum(adult["predicted_share"].values()) == pytest.approx(1)
     assert adult["accuracy"] == pytest.approx(adult["predicted_share"]["Normal"])
+    # --framing-check: per true class, the films as given are called as the set's own figures say.
+    framing = adult["framing"]["groups"]
+    assert list(framing) == ["Normal"] and framing["Normal"]["n"] == 5
+    assert framing["Normal"]["framings"]["as given"]["called"] == pytest.approx(adult["predicted_share"])
+    assert set(sets["kids"]["audit"]["framing"]["groups"]) == {"Normal", "Covid", "Viral Pneumonia"}
+    assert "framing check" in kids and "framing check" in adults_text
     assert (tmp_path / "eval" / "kids" / "confusion_matrix.png").is_file()
 
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from chest_model import ChestXrayClassifier
-from chest_model.training import main
+from chest_model.data import DatasetError
+from chest_model.training import main, rebuild_split
 from helpers import CLASS_NAMES, make_class_folders, synthetic_xray
 
 
@@ -42,6 +43,12 @@ def test_main_trains_one_epoch_and_saves_a_loadable_model(tmp_path, clean_accele
     copies = record["val_copies_of_train"]
     assert copies["of"] == sum(record["data_counts"]["val"].values()) and copies["n"] == copies["of"]
     assert f"{copies['n']} of the {copies['of']} validation images are copies of a training image" in card
+    # The run's split is rebuilt from its record alone (for probes and packaging after the run).
+    rebuilt, sources = rebuild_split(record, model.preprocessor)
+    assert rebuilt.val.counts(CLASS_NAMES) == record["data_counts"]["val"] and sources == [(data.name, data)]
+    assert sorted(rebuilt.val.paths + rebuilt.train.paths) == sorted(p for p in data.rglob("*") if p.is_file())
+    with pytest.raises(DatasetError, match="rebuilt val split does not match"):
+        rebuild_split({**record, "data_counts": {**record["data_counts"], "val": {"Normal": 99}}}, model.preprocessor)
 
 
 def test_validation_images_that_are_copies_of_training_images_are_counted_per_class():

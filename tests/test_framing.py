@@ -1,0 +1,51 @@
+"""The framing check: films cropped around their centre and classified again."""
+import numpy as np
+import pytest
+
+from chest_model.framing import FRAMINGS, centre_crop, framing_check, framing_lines
+from helpers import synthetic_xray
+
+
+def test_centre_crop_keeps_the_centre_of_a_non_square_film():
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[40:60, 90:110] = 255  # a mark in the middle
+    for _, keep_width, keep_height in FRAMINGS:
+        crop = centre_crop(image, keep_width, keep_height)
+        assert crop.shape == (round(100 * keep_height), round(200 * keep_width), 3)
+        h, w = crop.shape[:2]
+        assert crop[h // 2, w // 2].tolist() == [255, 255, 255]
+        assert crop.sum() == image.sum()  # the mark is whole in every framing
+    assert centre_crop(image, 0.5, 1.0).shape == (100, 100, 3)
+    # Never below the smallest film the model accepts: a small film is cropped less, or not at all.
+    assert centre_crop(image, 0.2, 0.2, min_side=32).shape == (32, 40, 3)
+    assert centre_crop(image[:20], 0.5, 0.5, min_side=32).shape == (20, 100, 3)
+
+
+def test_framing_check_reports_each_group_and_framing(tiny_model):
+    images = [np.repeat(synthetic_xray(64, 80, seed=i, kind=i % 3)[..., None], 3, axis=2) for i in range(9)]
+    groups = ["a / Normal"] * 4 + ["b / Normal"] * 5
+    check = framing_check(tiny_model, images, groups, batch_size=4)
+    assert check["framings"] == [name for name, _, _ in FRAMINGS]
+    assert list(check["groups"]) == ["a / Normal", "b / Normal"]
+    assert [row["n"] for row in check["groups"].values()] == [4, 5]
+
+    # "as given" is exactly the model's own answer on the uncropped films.
+    top = tiny_model.predict_proba(images).argmax(dim=1).numpy()
+    for group, mask in (("a / Normal", slice(0, 4)), ("b / Normal", slice(4, 9))):
+        cells = check["groups"][group]["framings"]
+        as_given = cells["as given"]
+        assert as_given["changed"] == 0
+        for c, name in enumerate(tiny_model.class_names):
+            assert as_given["called"][name] == pytest.approx(float((top[mask] == c).mean()))
+        for cell in cells.values():
+            assert sum(cell["called"].values()) == pytest.approx(1)
+            # A share can only move as far as the films whose answer changed.
+            moved = sum(abs(cell["called"][k] - as_given["called"][k]) for k in as_given["called"]) / 2
+            assert moved <= cell["changed"] + 1e-9
+    lines = framing_lines(check, tiny_model.class_names)
+    assert "b / Normal (5 films)" in "\n".join(lines) and len(lines) == 2 + 2 * (1 + len(FRAMINGS))
+
+
+def test_framing_check_needs_a_group_per_image(tiny_model):
+    with pytest.raises(ValueError, match="2 images but 1 group"):
+        framing_check(tiny_model, [np.zeros((8, 8, 3), np.uint8)] * 2, ["x"])
