@@ -94,13 +94,13 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         external_metrics=context.get("external_metrics"),
         external_note=context.get("external_note"),
         ood_report=context.get("ood_report"),
-        framing_check=context.get("framing_check") or test_framing_check(test, test_name),
+        framing_check=context.get("framing_check") or evaluated_framing_check(test, test_name),
         selection_note=context.get("selection_note"),
     )
     return str(card)
 
 
-def test_framing_check(test: dict[str, Any] | None, test_name: str) -> dict[str, Any] | None:
+def evaluated_framing_check(test: dict[str, Any] | None, test_name: str) -> dict[str, Any] | None:
     """The framing check of ``chest-model evaluate --framing-check``, named for the card, if it ran."""
     framing = ((test or {}).get("audit") or {}).get("framing")
     return {"what": f"the {test_name} images, by true class", **framing} if framing else None

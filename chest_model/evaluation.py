@@ -94,7 +94,7 @@ def evaluate_model(
         audit["train_copies"] = copies
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"], audit["center_masked_accuracy"], chance)
     if framing:
-        audit["framing"] = framing_check(model, images, [class_names[c] for c in labels], batch_size=batch_size)
+        audit["framing"] = framing_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
     metrics["audit"] = audit
 
     metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
@@ -198,7 +198,7 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
     if copies is not None:
         result["train_copies"] = copies
     if framing:
-        result["framing"] = framing_check(model, images, [class_names[c] for c in labels], batch_size=batch_size)
+        result["framing"] = framing_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
     called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
     result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
                         f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"

@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import math
+
 import numpy as np
 
-from .preprocess import MIN_SIDE
+from .preprocess import MIN_SIDE, ImageSource, load_image
 
 # (name, kept share of the width, kept share of the height): centre crops of the decoded film.
 FRAMINGS = (
@@ -35,15 +37,19 @@ def centre_crop(image: np.ndarray, keep_width: float, keep_height: float, *, min
     return image[y:y + nh, x:x + nw]
 
 
-def framing_check(model, images: Sequence[np.ndarray], groups: Sequence[str], *, batch_size: int = 16,
+def framing_check(model, images: Sequence[ImageSource], groups: Sequence[str], *, batch_size: int = 16,
                   precision: str = "fp32") -> dict[str, Any]:
     """Per group (e.g. true class, or "source / class") and framing: the share of its films called each
     class, flagged uncertain, and whose top class differs from the film as given.
 
-    ``images`` are decoded films (``model.preprocessor.load``); ``groups`` names each one's group.
+    ``images`` are files (decoded here, large enough that the tightest crop still covers the model's
+    input, so no framing is softer than another) or decoded arrays; ``groups`` names each one's group.
     """
     if len(images) != len(groups):
         raise ValueError(f"{len(images)} images but {len(groups)} group names")
+    tightest = min(min(keep_width, keep_height) for _, keep_width, keep_height in FRAMINGS)
+    min_size = math.ceil(model.config.image_size / tightest)
+    images = [load_image(image, min_size=min_size) for image in images]
     class_names = model.class_names
     groups = np.asarray(groups, dtype=object)
     top, uncertain = {}, {}

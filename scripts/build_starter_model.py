@@ -90,7 +90,7 @@ def main() -> None:
     # Framed otherwise, the films the chosen model did not train on: validation holds the adult normals.
     context["framing_check"] = {
         "what": "the chosen run's validation films (not trained on), by source and class",
-        **framing_check(shipped, [shipped.preprocessor.load(p) for p in data.val.paths], data.val.group_names(model.class_names))}
+        **framing_check(shipped, data.val.paths, data.val.group_names(model.class_names))}
     for old, new in moves:
         context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.

@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.models:
         model = ChestXrayClassifier.from_pretrained(path).eval()
         val = rebuild_split(record, model.preprocessor)[0].val
-        images = [model.preprocessor.load(p) for p in val.paths]
-        check = framing_check(model, images, val.group_names(record["class_names"]), precision=args.precision)
+        check = framing_check(model, val.paths, val.group_names(record["class_names"]), precision=args.precision)
         print(f"\n## {path}")
         print("\n".join(framing_lines(check, model.class_names)))
 
