@@ -246,7 +246,7 @@ def decode_folder(
     return images, errors, chromas
 
 
-def build_train_augmentation(kind: str = "standard"):
+def build_train_augmentation(kind: str = "standard", preprocessor: Preprocessor | None = None):
     """Training augmentation on uint8 ``(3, S, S)`` tensors (torchvision transforms v2), or None for ``"none"``.
 
     ``"standard"``: small, anatomy-preserving changes.
@@ -258,7 +258,13 @@ def build_train_augmentation(kind: str = "standard"):
     ``"framing"``: ``"standard"`` after a random crop of 50-100% of the area, of a slightly other
     aspect ratio, resized back. Collections frame the chest differently (the tutorial's Covid films
     are often cropped tight, the adult normals show the whole thorax with margins), and a model
-    trained without it calls a normal adult film Covid when it is merely cropped tighter.
+    trained without it calls a normal adult film Covid when it is merely cropped tighter. The
+    ``preprocessor``'s per-image contrast normalisation is then applied to the crop, as inference
+    applies it to a film framed that way: the cached images were normalised whole, and a crop of one
+    keeps the whole film's grey levels, which no input at inference has. (Trained without that
+    step, a model learned crops with the whole film's levels and still called re-normalised crops
+    of normal adult films Covid.) ``"standard"`` and ``"acquisition"`` keep augmenting the
+    normalised image, so that recorded commands train as they did.
 
     ``"acquisition"`` adds what differs between *sources* rather than patients, so that the model
     cannot tell the collections apart by it: tighter or looser framing (crops), detector and
@@ -275,7 +281,8 @@ def build_train_augmentation(kind: str = "standard"):
     if kind == "standard":
         return v2.Compose(standard)
     if kind == "framing":
-        return v2.Compose([RandomCropResize(scale=(0.5, 1.0), ratio=(0.8, 1.25)), *standard])
+        contrast = [preprocessor.normalize_contrast_tensor] if preprocessor is not None else []
+        return v2.Compose([RandomCropResize(scale=(0.5, 1.0), ratio=(0.8, 1.25)), *standard, *contrast])
     if kind != "acquisition":
         raise ValueError(f"unknown augmentation {kind!r}; expected 'standard', 'framing', 'acquisition' or 'none'")
     return v2.Compose([

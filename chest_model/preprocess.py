@@ -340,6 +340,13 @@ class Preprocessor:
             gray = np.clip((values - values.mean()) * (STANDARD_STD / std) + STANDARD_MEAN, 0, 255).round().astype(np.uint8)
         return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
 
+    def normalize_contrast_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """:meth:`normalize_contrast` of a uint8 ``(3, S, S)`` tensor (an augmented training image)."""
+        if self.config.contrast == "none":
+            return image
+        rgb = self.normalize_contrast(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+        return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
     def to_uint8_tensor(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 array -> resized, contrast-normalised (3, S, S) uint8 tensor."""
         return torch.from_numpy(np.ascontiguousarray(self.normalize_contrast(self.resize(image)).transpose(2, 0, 1)))

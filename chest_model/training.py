@@ -278,7 +278,8 @@ class Run:
 
 def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, command: str) -> Run:
     class_names = model.class_names
-    train_set = CachedImageDataset(data.train.images, data.train.labels, transform=build_train_augmentation(args.augment), seed=args.seed)
+    train_set = CachedImageDataset(data.train.images, data.train.labels, seed=args.seed,
+                                   transform=build_train_augmentation(args.augment, model.preprocessor))
     val_set = CachedImageDataset(data.val.images, data.val.labels)
     sampler = None
     if args.sampling != "shuffle":

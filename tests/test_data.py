@@ -2,6 +2,7 @@
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,25 @@ def test_framing_augmentation_zooms_in():
     torch.manual_seed(0)
     standard = [dark_share(build_train_augmentation("standard")(image)) for _ in range(50)]
     assert sum(shares) / 50 > sum(standard) / 50 + 0.1, (sum(shares) / 50, sum(standard) / 50)
+
+
+def test_framing_crops_get_the_models_contrast_normalisation_as_inference_gives_them(tiny_config):
+    """A crop of a film normalised whole keeps the whole film's grey levels; inference would normalise
+    the crop itself. With a preprocessor, every framing crop leaves with the crop's own normalisation."""
+    from chest_model.preprocess import STANDARD_MEAN, STANDARD_STD, Preprocessor
+
+    config = tiny_config.__class__.from_dict({**tiny_config.to_dict(), "image_size": 64, "contrast": "standardize"})
+    preprocessor = Preprocessor(config)
+    film = np.repeat(synthetic_xray(96, 80, seed=3)[..., None], 3, axis=2)
+    cached = preprocessor.to_uint8_tensor(film)
+    torch.manual_seed(0)
+    crops = [build_train_augmentation("framing", preprocessor)(cached) for _ in range(10)]
+    for crop in crops:
+        grey = crop[0].float()
+        assert abs(float(grey.mean()) - STANDARD_MEAN) < 3 and abs(float(grey.std()) - STANDARD_STD) < 3
+    torch.manual_seed(0)
+    unnormalised = [build_train_augmentation("framing")(cached) for _ in range(10)]
+    assert max(abs(float(c[0].float().mean()) - STANDARD_MEAN) for c in unnormalised) > 3  # what the step corrects
 
 
 def test_group_weights_give_every_source_class_group_equal_mass():
