@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from chest_model import ChestXrayClassifier  # noqa: E402
-from chest_model.atomic import replace_directory  # noqa: E402
-from chest_model.card import card_context_from_folder  # noqa: E402
+from chest_model.atomic import atomic_write_text, replace_directory  # noqa: E402
+from chest_model.card import card_context_from_folder, render_card  # noqa: E402
 from chest_model.citations import cited_sources  # noqa: E402
 from chest_model.calibrate import block_summaries  # noqa: E402
 from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
@@ -47,7 +47,11 @@ from chest_model.training import rebuild_split, split_files, validation_copies  
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--test-dir", required=True)
+    parser.add_argument("--test-dir", default=None, help="the test split, evaluated once (required unless --framing-only)")
+    parser.add_argument("--framing-only", action="store_true",
+                        help="RUN_DIR is an already packaged starter model: only measure its framing check on its run's "
+                             "validation split (rebuilt from its card's training record, the datasets under data/), then "
+                             "render its card and the README's figures again")
     parser.add_argument("--train-dir", default=None, help="training files for the metadata-only baseline")
     parser.add_argument("--external-run", action="append", default=[], help="a leave-one-source-out run folder (repeatable)")
     parser.add_argument("--selection-note", default=None, help="how the recipe was chosen, for the card (say what saw the test split)")
@@ -59,6 +63,10 @@ def main() -> None:
                              "the card names it runs/, so its command reads as run from the project root")
     parser.add_argument("--output", default=str(ROOT / "demo" / "starter-model"))
     args = parser.parse_args()
+    if args.framing_only:
+        return refresh_framing_check(Path(args.run_dir))
+    if not args.test_dir:
+        parser.error("--test-dir is required")
 
     run = Path(args.run_dir)
     model = ChestXrayClassifier.from_pretrained(run)
@@ -88,9 +96,7 @@ def main() -> None:
     context = card_context_from_folder(run)
     complete_validation_record(model, context, data)
     # Framed otherwise, the films the chosen model did not train on: validation holds the adult normals.
-    context["framing_check"] = {
-        "what": "the chosen run's validation films (not trained on), by source and class",
-        **framing_check(shipped, data.val.paths, data.val.group_names(model.class_names))}
+    context["framing_check"] = validation_framing_check(shipped, data)
     for old, new in moves:
         context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
@@ -120,6 +126,24 @@ def main() -> None:
         print(f"  left out {name}: {row['summary']}")
     update_readme(ROOT / "README.md", metrics, json.loads((run / "train_config.json").read_text()), context["framing_check"])
     print("updated README.md's starter-model figures")
+
+
+def validation_framing_check(model: ChestXrayClassifier, data) -> dict:
+    """The framing check on the films the chosen model did not train on: validation holds the adult normals."""
+    return {"what": "the chosen run's validation films (not trained on), by source and class",
+            **framing_check(model, data.val.paths, data.val.group_names(model.class_names))}
+
+
+def refresh_framing_check(folder: Path) -> None:
+    """Measure a packaged starter model's framing check and render its card and the README's figures again."""
+    model = ChestXrayClassifier.from_pretrained(folder)
+    context = json.loads((folder / "card_context.json").read_text())
+    data, _ = rebuild_split(context["training"], model.preprocessor)
+    context["framing_check"] = validation_framing_check(model, data)
+    atomic_write_text(folder / "card_context.json", json.dumps(context, indent=2) + "\n")
+    atomic_write_text(folder / "README.md", render_card(model.config, context))
+    update_readme(ROOT / "README.md", json.loads((folder / "metrics.json").read_text()), context["training"], context["framing_check"])
+    print(f"wrote {folder}'s framing check, card and the README's figures")
 
 
 def update_readme(readme: Path, metrics: dict, record: dict, framing: dict | None = None) -> None:
