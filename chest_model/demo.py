@@ -42,13 +42,17 @@ def shortcut_caveat(metadata_accuracy: float | None) -> str:
     )
 
 
-def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: float | None = None) -> str:
+def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: float | None = None,
+                 cropped_normals_called_covid: float | None = None) -> str:
     figure = f"about {metadata_accuracy:.0%} of the time" if metadata_accuracy is not None else "far above chance"
     unseen = (f" Trained the same way without one adult-normal source, it called up to {unseen_normals_called_covid:.0%} "
               "of that source's normal adult X-rays Covid: a Covid call on an adult film from elsewhere is weak evidence."
               if unseen_normals_called_covid is not None else "")
+    cropped = (f" Cropped to {FRAMING_SHOWN} around their centre, up to {cropped_normals_called_covid:.0%} of a group of "
+               "normal films it had not trained on were called Covid: how tightly a film is framed can decide its answer."
+               if cropped_normals_called_covid is not None else "")
     return (f"⚠️ On the public dataset behind this model, file size and source alone predict the class {figure}, so a "
-            f"high score may reflect the image's source rather than the lungs.{unseen} See *About this model*.")
+            f"high score may reflect the image's source rather than the lungs.{unseen}{cropped} See *About this model*.")
 
 
 # For a model the card cannot tie to the tutorial's dataset (chest_model.card.tutorial_data_possible).
@@ -216,6 +220,32 @@ def unseen_normals_called_covid(model: ChestXrayClassifier) -> float | None:
     return max(shares) if shares else None
 
 
+FRAMING_SHOWN = "80% of each side"  # the framing check's crop the caveat quotes (chest_model.framing)
+
+
+def cropped_normals_called_covid(model: ChestXrayClassifier) -> float | None:
+    """The largest share of a group of normal films called Covid once cropped (the framing check its card
+    was rendered with, else its evaluation's), if measured."""
+    check = _card_context(model).get("framing_check") or (_measured_metrics(model).get("audit") or {}).get("framing")
+    try:
+        shares = [float(row["framings"][FRAMING_SHOWN]["called"]["Covid"]) for group, row in check["groups"].items()
+                  if group.rpartition(" / ")[2] == "Normal"]
+    except (AttributeError, KeyError, TypeError, ValueError):  # no such record, or not one this version wrote
+        return None
+    return max(shares) if shares else None
+
+
+def _card_context(model: ChestXrayClassifier) -> dict:
+    """What the model folder's card was rendered from (card_context.json), or {}."""
+    folder = getattr(model, "folder", None)
+    path = Path(folder) / "card_context.json" if folder else None
+    try:
+        context = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+    except ValueError:
+        return {}
+    return context if isinstance(context, dict) else {}
+
+
 def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: str | None) -> str:
     config = model.config
     lines = [
@@ -272,7 +302,8 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
     examples = [str(p) for p in example_files(examples_dir)]
     # Remove uploads from the cache: check every 10 minutes, delete what is older than an hour.
     with gr.Blocks(title="Chest X-ray classifier (research demo)", delete_cache=(600, 3600)) as demo:
-        caveat = (short_caveat(metadata_baseline_accuracy(model), unseen_normals_called_covid(model))
+        caveat = (short_caveat(metadata_baseline_accuracy(model), unseen_normals_called_covid(model),
+                               cropped_normals_called_covid(model))
                   if tutorial_caveats_apply(model) else "⚠️ " + GENERIC_CAVEAT)
         gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + caveat)
         with gr.Row():

@@ -165,6 +165,26 @@ def test_the_caveat_names_the_worst_left_out_source_and_only_all_normal_ones(tmp
     assert "adult-normal source" not in short_caveat(0.77)
 
 
+def test_the_caveat_quotes_the_framing_check_for_normal_films_only(tmp_path):
+    from chest_model import ChestXrayClassifier
+    from chest_model.demo import cropped_normals_called_covid, short_caveat
+
+    ChestXrayClassifier().save_pretrained(tmp_path)
+    assert cropped_normals_called_covid(ChestXrayClassifier.from_pretrained(tmp_path)) is None  # nothing measured
+    cell = lambda covid: {"called": {"Normal": 1 - covid, "Covid": covid}}  # noqa: E731
+    groups = {"nih / Normal": {"framings": {"80% of each side": cell(0.9)}},
+              "kaggle / Covid": {"framings": {"80% of each side": cell(0.95)}},
+              "Normal": {"framings": {"80% of each side": cell(0.4)}}}
+    (tmp_path / "card_context.json").write_text(json.dumps({"framing_check": {"groups": groups}}))
+    worst = cropped_normals_called_covid(ChestXrayClassifier.from_pretrained(tmp_path))
+    assert worst == pytest.approx(0.9)  # the Covid films' group is not a normal group
+    assert "Cropped to 80% of each side around their centre, up to 90% of a group of normal films" in short_caveat(0.77, None, worst)
+    # Without a packaged check, an evaluation's --framing-check (by true class) is used.
+    (tmp_path / "card_context.json").unlink()
+    (tmp_path / "metrics.json").write_text(json.dumps({"audit": {"framing": {"groups": {"Normal": groups["Normal"]}}}}))
+    assert cropped_normals_called_covid(ChestXrayClassifier.from_pretrained(tmp_path)) == pytest.approx(0.4)
+
+
 def test_a_model_that_cannot_be_loaded_stops_the_demo_with_one_error_line(tmp_path):
     import subprocess
     import sys
