@@ -211,3 +211,20 @@ def test_an_impossible_validation_share_is_refused_when_parsing(value, capsys):
     with pytest.raises(SystemExit):
         parse_config(["--data-dir", "d", "--output-dir", "o", "--val-split", value])
     assert "--val-split is the share of the training images held out" in capsys.readouterr().err
+
+
+def test_framing_augmentation_trains_with_the_models_contrast_normalisation(tmp_path, clean_accelerate, monkeypatch):
+    """--augment framing gets the run's preprocessor, so each crop is standardised as inference would."""
+    from chest_model import preprocess
+
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    calls = []
+    original = preprocess.Preprocessor.normalize_contrast_tensor
+    monkeypatch.setattr(preprocess.Preprocessor, "normalize_contrast_tensor",
+                        lambda self, image: calls.append(self.config.contrast) or original(self, image))
+    assert main(["--data-dir", str(data), "--output-dir", str(tmp_path / "run"), "--image-size", "32", "--weights", "none",
+                 "--epochs", "1", "--augment", "framing", "--contrast", "standardize", "--num-workers", "0",
+                 "--checkpointing-steps", "none"]) == 0
+    record = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert set(calls) == {"standardize"}
+    assert len(calls) == sum(record["data_counts"]["train"].values())  # each training draw of the epoch, no validation image
