@@ -188,18 +188,25 @@ def warning_markdown(reasons: list[str]) -> str:
             + "\n\nThe class probabilities are shown for transparency; they are not meaningful for this input.")
 
 
+def _folder_json(model: ChestXrayClassifier, relative: str) -> dict | None:
+    """A JSON object from the model's folder, or None where there is none (or it is not one)."""
+    folder = getattr(model, "folder", None)
+    path = Path(folder) / relative if folder else None
+    if not (path and path.is_file()):
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _measured_metrics(model: ChestXrayClassifier) -> dict:
     """The model folder's measured figures (metrics.json, or eval/metrics.json of a training run), or {}."""
-    folder = getattr(model, "folder", None)
     for relative in ("metrics.json", "eval/metrics.json"):
-        path = Path(folder) / relative if folder else None
-        if path and path.is_file():
-            try:
-                metrics = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError:
-                continue
-            if isinstance(metrics, dict):
-                return metrics
+        metrics = _folder_json(model, relative)
+        if metrics is not None:
+            return metrics
     return {}
 
 
@@ -237,13 +244,7 @@ def cropped_normals_called_covid(model: ChestXrayClassifier) -> float | None:
 
 def _card_context(model: ChestXrayClassifier) -> dict:
     """What the model folder's card was rendered from (card_context.json), or {}."""
-    folder = getattr(model, "folder", None)
-    path = Path(folder) / "card_context.json" if folder else None
-    try:
-        context = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
-    except ValueError:
-        return {}
-    return context if isinstance(context, dict) else {}
+    return _folder_json(model, "card_context.json") or {}
 
 
 def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: str | None) -> str:
