@@ -3,7 +3,7 @@
 - temperature scaling on the validation logits (fit_temperature);
 - the low-confidence and colour thresholds of ood.py, on the validation X-rays;
 - the feature-space statistics of feature_ood.py on the training images, and their threshold on the
-  validation X-rays at a stated false-positive rate.
+  validation X-rays for a stated false-positive rate (a split-conformal bound).
 
 Nothing here sees a test image or a non-X-ray image.
 """
@@ -72,13 +72,21 @@ def fit_feature_gate(model: ChestXrayClassifier, train_images: torch.Tensor, val
     model.set_feature_statistics(means, precisions, scales, threshold=float("inf"), fpr=fpr)
     if isinstance(val_images, torch.Tensor):
         val_images = [torch.from_numpy(x) for x in block_summaries(model, val_images, precision=precision)]
-    val_scores = model.feature_scores(val_images)
+    return {**fit_feature_threshold(model, val_images, fpr=fpr, val_labels=val_labels), "n_train": len(train_images)}
+
+
+def fit_feature_threshold(model: ChestXrayClassifier, val_summaries: list[torch.Tensor], *, fpr: float,
+                          val_labels=None) -> dict[str, Any]:
+    """Set the gate's threshold from the validation X-rays' block summaries (statistics already fitted);
+    also how to fit it again on a saved model with a newer rule, without its training images."""
+    val_scores = model.feature_scores(val_summaries)
     threshold = feature_ood.fit_threshold(val_scores.numpy(), fpr)
     model.config.feature_threshold = threshold
+    model.config.feature_fpr = float(fpr)
     flagged = float((val_scores > threshold).double().mean())
-    logger.info("feature gate: threshold %.3f at a %.0f%% validation false-positive rate (%.1f%% of validation flagged)",
+    logger.info("feature gate: threshold %.3f for a false-positive rate of at most %.0f%% (%.1f%% of validation flagged)",
                 threshold, 100 * fpr, 100 * flagged)
-    result = {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged, "n_train": len(train_images)}
+    result = {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged}
     if val_labels is not None:
         result["validation_flagged_by_class"] = flagged_by_class((val_scores > threshold).numpy(), val_labels, model.class_names)
     return result

@@ -16,13 +16,17 @@ block decided 77 of the 81 validation scores. Out-of-fold units put every block 
 unseen X-rays, so the maximum compares like with like.
 
 The statistics are fitted on training images and stored as buffers in ``model.safetensors``; the
-threshold is the ``1 - fpr`` quantile of the validation X-rays' scores, stored in ``config.json``
-with that rate, so about ``fpr`` of in-distribution X-rays are flagged by construction. No
-non-X-ray image is used to fit anything.
+threshold is the split-conformal rank of the validation X-rays' scores at a stated rate, stored in
+``config.json`` with that rate, so at most ``fpr`` of X-rays like the validation ones are flagged.
+X-rays from elsewhere lie further out (the starter model's test films scored a median 0.77, its
+validation films 0.67), so the rate on them is higher.
+No non-X-ray image is used to fit anything.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +34,8 @@ import torch
 from torch import nn
 
 from .hooks import this_thread_only
+
+logger = logging.getLogger(__name__)
 
 BUFFER_PREFIX = "ood_"
 # 99th percentile of held-out training distances: each block's distance is expressed in these units.
@@ -146,13 +152,26 @@ def scores(block_summaries: list[torch.Tensor], means: list[torch.Tensor], preci
 
 
 def fit_threshold(validation_scores, fpr: float = DEFAULT_FPR) -> float:
-    """The score above which only ``fpr`` of the validation X-rays lie."""
-    values = np.asarray(validation_scores, dtype=np.float64)
-    if not len(values):
+    """The split-conformal threshold: the ``ceil((n + 1) * (1 - fpr))``-th smallest of ``n`` validation scores.
+
+    A new X-ray exchangeable with the validation ones scores above it with probability at most ``fpr``
+    (Vovk et al. 2005; Angelopoulos & Bates 2021, section 1.1). The interpolated ``1 - fpr`` quantile is
+    no such bound: on 81 validation X-rays at 2% it lies below two of them, so about 3% of new ones
+    exceed it. With fewer than ``1 / fpr - 1`` images no score gives the bound; the largest is used,
+    which bounds the rate at ``1 / (n + 1)``, and a warning says so.
+    """
+    values = np.sort(np.asarray(validation_scores, dtype=np.float64))
+    n = len(values)
+    if not n:
         raise ValueError("cannot fit the feature threshold without validation images")
-    return float(np.quantile(values, 1 - fpr))
+    rank = math.ceil((n + 1) * (1 - fpr) - 1e-9)  # the tolerance keeps an exact product, e.g. 100 * 0.99, exact
+    if rank > n:
+        logger.warning("%d validation images are too few to bound the feature gate's false-positive rate at %.1f%%: "
+                       "the threshold is their largest score, which bounds it at %.1f%%", n, 100 * fpr, 100 / (n + 1))
+        rank = n
+    return float(values[rank - 1])
 
 
 def reason(score: float, threshold: float, fpr: float) -> str:
     return (f"unlike the training X-rays (feature distance {score:.2f} > {threshold:.2f}, "
-            f"a level {fpr:.0%} of validation X-rays exceed)")
+            f"a level at most {fpr:.0%} of X-rays like the validation ones exceed)")

@@ -7,7 +7,7 @@
 - blank: grey-level standard deviation below ``MIN_CONTRAST`` (uniform or empty images);
 - document: more than ``MAX_WHITE_FRACTION`` of the pixels near-white (scanned pages, screenshots);
 - feature distance: far from the training X-rays in the backbone's feature space (feature_ood.py),
-  above ``config.feature_threshold``, fitted on validation X-rays at a stated false-positive rate;
+  above ``config.feature_threshold``, fitted on validation X-rays for a stated false-positive rate;
 - low confidence: top calibrated probability below ``config.min_confidence``, a threshold fitted
   on the validation split at the end of training (its 2nd percentile, at most 0.5).
 

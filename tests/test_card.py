@@ -151,9 +151,9 @@ def test_the_gate_paragraph_gives_the_validation_flags_per_class_beside_the_pool
             "validation_flagged_by_class": {"Normal": {"flagged": 2, "n": 54}, "Covid": {"flagged": 0, "n": 16}}}
     val = {"accuracy": 0.95, "macro_f1": 0.94, "n": 81, "feature_gate": gate}
     card = render_card(config, {"val_metrics": val})
-    assert "set so that 2% of validation X-rays exceed it: on validation, by true class, Normal 2 of 54, Covid 0 of 16)" in card
+    assert "set so that at most 2% of X-rays like the validation ones exceed it: on validation, by true class, Normal 2 of 54, Covid 0 of 16)" in card
     without = render_card(config, {"val_metrics": {**val, "feature_gate": {"threshold": 0.922}}})
-    assert "set so that 2% of validation X-rays exceed it)," in without
+    assert "set so that at most 2% of X-rays like the validation ones exceed it)," in without
 
 
 def test_sources_from_one_hospital_are_named_even_when_one_is_only_evaluated():

@@ -28,12 +28,13 @@ def test_block_summaries_hold_the_mean_and_std_of_every_channel_of_each_block(ti
     assert feature_ood.block_dims(tiny_model.features) == [128, 256, 512, 1024, 1024]
 
 
-def test_threshold_is_the_validation_quantile_at_the_stated_rate(gated_model):
+def test_threshold_is_fitted_on_the_validation_scores_at_the_stated_rate(gated_model):
     model, report = gated_model
     assert model.config.feature_fpr == 0.1 and model.config.feature_threshold == report["threshold"] > 0
     assert report["validation_flagged_rate"] <= 0.1 + 1e-9
     val_scores = model.feature_scores([torch.from_numpy(x) for x in block_summaries(model, cached(30, 500, kind=None))])
-    assert float(np.quantile(val_scores.numpy(), 0.9)) == pytest.approx(report["threshold"], rel=1e-5)
+    # 30 images at 10%: the ceil(31 * 0.9) = 28th smallest score
+    assert float(np.sort(val_scores.numpy())[27]) == pytest.approx(report["threshold"], rel=1e-5)
 
 
 def test_far_inputs_are_flagged_and_in_distribution_ones_mostly_not(gated_model):
@@ -145,3 +146,24 @@ def test_with_labels_the_validation_flags_are_counted_per_class(gated_model):
     assert report["validation_flagged_by_class"] == expected
     assert sum(row["flagged"] for row in expected.values()) == round(report["validation_flagged_rate"] * 30) > 0
     assert "validation_flagged_by_class" not in fit_feature_gate(model, cached(60, 0, kind=None), val, fpr=0.1)
+
+
+@pytest.mark.parametrize(("n", "fpr", "rank"), [(81, 0.02, 81), (99, 0.05, 95), (99, 0.01, 99), (400, 0.02, 393)])
+def test_the_threshold_is_the_split_conformal_rank_of_the_validation_scores(n, fpr, rank):
+    scores = np.random.default_rng(n).permutation(np.arange(1.0, n + 1))  # the k-th smallest score is k
+    assert feature_ood.fit_threshold(scores, fpr) == rank
+
+
+def test_a_new_xray_like_the_validation_ones_exceeds_the_threshold_at_most_at_the_stated_rate():
+    # Exchangeable draws: the share of fresh scores above each fitted threshold, over many validation sets.
+    rng = np.random.default_rng(0)
+    n, fpr, trials = 81, 0.05, 4000
+    exceeded = [(rng.gamma(2.0, size=50) > feature_ood.fit_threshold(rng.gamma(2.0, size=n), fpr)).mean() for _ in range(trials)]
+    assert np.mean(exceeded) <= fpr
+    assert np.mean(exceeded) > fpr - 0.015  # a bound, not a threshold so high that it flags nothing
+
+
+def test_too_few_validation_images_for_the_rate_use_the_largest_score_and_say_so(caplog):
+    with caplog.at_level("WARNING", logger="chest_model.feature_ood"):
+        assert feature_ood.fit_threshold([0.3, 0.9, 0.5], 0.02) == 0.9
+    assert "3 validation images are too few" in caplog.text and "25.0%" in caplog.text
