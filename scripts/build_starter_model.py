@@ -11,8 +11,12 @@ recipe without that source). metrics.json and the model card carry every figure,
 starter-model paragraph and shortcut sentence (between their <!-- starter:... --> markers) are
 rewritten from them: no figure in them is typed by hand. card_context.json keeps everything the
 card was rendered from (training record, validation figures, selection note), so a later packaging
-can render it again (``chest_model.card.render_card``) without the training run's folder; no
-command reads it yet.
+can render it again (``chest_model.card.render_card``) without the training run's folder.
+
+``--framing-only`` and ``--refit-threshold`` work on an already packaged starter model from those
+records: the first measures its framing check again; the second fits its feature gate's threshold
+again with this version's rule, measures it again and says in the card and the README that the
+new threshold was fitted after its test split had been seen.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,7 +38,7 @@ from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.atomic import atomic_write_text, replace_directory  # noqa: E402
 from chest_model.card import card_context_from_folder, render_card  # noqa: E402
 from chest_model.citations import cited_sources  # noqa: E402
-from chest_model.calibrate import block_summaries  # noqa: E402
+from chest_model.calibrate import block_summaries, fit_feature_threshold  # noqa: E402
 from chest_model.data import parse_data_dirs, scan_image_folder  # noqa: E402
 from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
 from chest_model.evaluation import evaluate_external, evaluate_model, flagged_by_class_text, hash_training_files  # noqa: E402
@@ -52,6 +57,10 @@ def main() -> None:
                         help="RUN_DIR is an already packaged starter model: only measure its framing check on its run's "
                              "validation split (rebuilt from its card's training record, the datasets under data/), then "
                              "render its card and the README's figures again")
+    parser.add_argument("--refit-threshold", action="store_true",
+                        help="RUN_DIR is an already packaged starter model: fit its feature-gate threshold again with this "
+                             "version's rule on its run's validation split (rebuilt from its card's training record), then "
+                             "measure it again on --test-dir and package it in --output; its leave-one-source-out rows are kept")
     parser.add_argument("--train-dir", default=None, help="training files for the metadata-only baseline")
     parser.add_argument("--external-run", action="append", default=[], help="a leave-one-source-out run folder (repeatable)")
     parser.add_argument("--selection-note", default=None, help="how the recipe was chosen, for the card (say what saw the test split)")
@@ -68,37 +77,43 @@ def main() -> None:
     if not args.test_dir:
         parser.error("--test-dir is required")
 
+    if args.refit_threshold:
+        return refit_threshold(Path(args.run_dir), args)
+
     run = Path(args.run_dir)
     model = ChestXrayClassifier.from_pretrained(run)
     shipped, dtype = half_precision_if_harmless(model, [d for d in (args.test_dir, args.train_dir) if d])
-
-    out = Path(args.output)
-    staging = out.with_name(out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
     # The run's split, rebuilt as train.py built it: copies of test images are sought among the images
     # it trained on, as train.py's own evaluation does.
     record = json.loads((run / "train_config.json").read_text())
     data, sources = rebuild_split(record, model.preprocessor)
+    # The card names datasets and the project's own folders, never this machine's paths.
+    moves = [(root.rstrip("/") + "/", new) for root, new in ((args.data_root, "data/"), (args.runs_root, "runs/")) if root]
+    external = leave_one_source_out(args.external_run)
+    add_left_out_copies(external, args.external_run)
+    context = card_context_from_folder(run)
+    complete_validation_record(model, context, data)
+    for old, new in moves:
+        external = relocate_paths(external, old, new)
+        context["training"] = relocate_paths(context["training"], old, new)
+    package(model, shipped, dtype, data, sources, context, external, args, args.selection_note)
+
+
+def package(model, shipped, dtype, data, sources, context: dict, external: dict, args, selection_note: str | None) -> None:
+    """Measure exactly what is shipped (test split, non-X-ray images, validation framing check), then
+    write the model folder whole and the README's figures from those measurements."""
+    out = Path(args.output)
+    staging = out.with_name(out.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
     trained_on = hash_training_files(shipped, split_files(data.train, sources), "the training split")
     metrics = evaluate_model(shipped, args.test_dir, train_dir=args.train_dir, training_images=trained_on,
                              output_dir=staging / "eval")
     ood = check(shipped)
     metrics["ood_check"] = {k: v for k, v in ood.items() if k != "images"}
     metrics["ood_check"]["missed"] = [row["name"] for row in ood["images"] if not row["uncertain"]]
-    # The card names datasets and the project's own folders, never this machine's paths.
-    moves = [(root.rstrip("/") + "/", new) for root, new in ((args.data_root, "data/"), (args.runs_root, "runs/")) if root]
-    external = leave_one_source_out(args.external_run)
-    add_left_out_copies(external, args.external_run)
-    for old, new in moves:
-        external = relocate_paths(external, old, new)
     metrics["external"] = external
-
-    context = card_context_from_folder(run)
-    complete_validation_record(model, context, data)
     # Framed otherwise, the films the chosen model did not train on: validation holds the adult normals.
     context["framing_check"] = validation_framing_check(shipped, data)
-    for old, new in moves:
-        context["training"] = relocate_paths(context["training"], old, new)
     # A run trained without --test-dir records no test counts; the card's data table gets them from the evaluation.
     if context.get("training"):
         context["training"].setdefault("data_counts", {}).setdefault(
@@ -110,7 +125,7 @@ def main() -> None:
                     {"what": "test-split X-rays", "n": metrics["n"], "flagged": metrics["ood"]["flagged"],
                      "rate": metrics["ood"]["flagged_rate"]}],
         model_name="Chest X-ray classifier: starter model (VGG19-BN, random init)",
-        selection_note=" ".join(filter(None, [args.selection_note, targets_sentence(metrics)])),
+        selection_note=" ".join(filter(None, [selection_note, targets_sentence(metrics)])),
     )
     model.save_pretrained(staging, card_context=context, weights_dtype=dtype)
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -124,8 +139,66 @@ def main() -> None:
           f"non-X-rays flagged {ood['flagged']}/{ood['n']}, test X-rays flagged {metrics['ood']['flagged']}/{metrics['n']}")
     for name, row in external.items():
         print(f"  left out {name}: {row['summary']}")
-    update_readme(ROOT / "README.md", metrics, json.loads((run / "train_config.json").read_text()), context["framing_check"])
+    update_readme(ROOT / "README.md", metrics, context["training"], context["framing_check"], context.get("gate_refit"))
     print("updated README.md's starter-model figures")
+
+
+def refit_threshold(folder: Path, args) -> None:
+    """Fit a packaged starter model's feature-gate threshold again with this version's rule (feature_ood.fit_threshold),
+    on its run's validation split rebuilt from its card's training record, then measure and package it again.
+
+    Its leave-one-source-out rows are other runs' models: they are kept as measured, with their own runs' gates.
+    """
+    model = ChestXrayClassifier.from_pretrained(folder)
+    context = json.loads((folder / "card_context.json").read_text())
+    shipped_before = json.loads((folder / "metrics.json").read_text())
+    record = context["training"]
+    data, sources = rebuild_split(record, model.preprocessor)
+    precision = "bf16" if record["mixed_precision"] == "bf16" else "fp32"  # as the run fitted the gate
+    summaries = [torch.from_numpy(x) for x in block_summaries(model, data.val.images, precision=precision)]
+    before = model.config.feature_threshold
+    gate = context["val_metrics"]["feature_gate"]
+    gate.update(fit_feature_threshold(model, summaries, fpr=model.config.feature_fpr, val_labels=list(data.val.labels)))
+    dtype = stored_weights_dtype(folder)
+    # Fitted again a second time, the record keeps what the first refit replaced and what the test showed before it.
+    first = context.get("gate_refit") or {"threshold_before": before, "test_flagged_before": shipped_before["ood"]["flagged"],
+                                           "n_test": shipped_before["n"]}
+    context["gate_refit"] = {**first, "threshold": gate["threshold"], "fpr": gate["fpr"]}
+    note = refit_sentence(context["gate_refit"])
+    print(note)
+    package(model, model, dtype, data, sources, context, shipped_before.get("external", {}), args,
+            " ".join(filter(None, [given_selection_note(context.get("selection_note")), note])))
+
+
+def refit_sentence(refit: dict) -> str:
+    """The card's words for a threshold fitted again after the test split was seen: what changed and why it is not blind."""
+    return (f"After it shipped, its feature gate's threshold was fitted again on the same validation X-rays with a "
+            f"corrected rule: the split-conformal rank, which bounds the share of X-rays like them that are flagged at "
+            f"{refit['fpr']:.0%}, where the interpolated quantile used before was no such bound ({refit['threshold_before']:.3f} "
+            f"-> {refit['threshold']:.3f}). {refit_caveat(refit)} The leave-one-source-out rows keep their own runs' thresholds.")
+
+
+def refit_caveat(refit: dict | None) -> str:
+    """Why the test split's flag rate of a refitted gate is not a blind measurement (empty when the gate was not refitted)."""
+    if not refit:
+        return ""
+    return (f"The gate's threshold rule was corrected after the test split had been seen with {refit['test_flagged_before']} "
+            f"of {refit['n_test']} X-rays flagged, so the test split's flag rate is not a measurement the rule was blind to.")
+
+
+def given_selection_note(note: str | None) -> str | None:
+    """A packaged card's selection note without what packaging appended: the targets sentence and a refit's
+    sentence (both are written again)."""
+    if not note:
+        return note
+    return re.split(r" (?:\*\*It does not meet the targets set for it\*\*:|It meets every target set for it:|"
+                    r"After it shipped, its feature gate's threshold was fitted again)", note)[0]
+
+
+def stored_weights_dtype(folder: Path):
+    """float16 when the packaged weights were stored in it (after half_precision_if_harmless), else None."""
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        return torch.float16 if weights.get_slice("features.0.weight").get_dtype() == "F16" else None
 
 
 def validation_framing_check(model: ChestXrayClassifier, data) -> dict:
@@ -142,14 +215,15 @@ def refresh_framing_check(folder: Path) -> None:
     context["framing_check"] = validation_framing_check(model, data)
     atomic_write_text(folder / "card_context.json", json.dumps(context, indent=2) + "\n")
     atomic_write_text(folder / "README.md", render_card(model.config, context))
-    update_readme(ROOT / "README.md", json.loads((folder / "metrics.json").read_text()), context["training"], context["framing_check"])
+    update_readme(ROOT / "README.md", json.loads((folder / "metrics.json").read_text()), context["training"],
+                  context["framing_check"], context.get("gate_refit"))
     print(f"wrote {folder}'s framing check, card and the README's figures")
 
 
-def update_readme(readme: Path, metrics: dict, record: dict, framing: dict | None = None) -> None:
+def update_readme(readme: Path, metrics: dict, record: dict, framing: dict | None = None, gate_refit: dict | None = None) -> None:
     """Rewrite the README's measured sentences from the shipped metrics (between their markers)."""
     text = readme.read_text(encoding="utf-8")
-    for name, body in readme_sections(metrics, record, framing).items():
+    for name, body in readme_sections(metrics, record, framing, gate_refit).items():
         pattern = re.compile(rf"(<!-- starter:{name} -->).*?(<!-- /starter:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{readme}: no <!-- starter:{name} --> ... <!-- /starter:{name} --> markers")
@@ -187,7 +261,7 @@ def framing_sentence(framing: dict | None, crop: str = "80% of each side") -> st
             f"answer: {changes} (the card's Framing check has every framing).\n\n")
 
 
-def readme_sections(metrics: dict, record: dict, framing: dict | None = None) -> dict[str, str]:
+def readme_sections(metrics: dict, record: dict, framing: dict | None = None, gate_refit: dict | None = None) -> dict[str, str]:
     audit, ci, ood = metrics["audit"], metrics["ci"], metrics["ood_check"]
     recalls = ", ".join(f"{name} {row['recall']:.3f}" for name, row in metrics["per_class"].items())
     counts = record["data_counts"]
@@ -208,7 +282,8 @@ def readme_sections(metrics: dict, record: dict, framing: dict | None = None) ->
         f"On the 66-image test split, evaluated once: accuracy {metrics['accuracy']:.3f} (95% CI "
         f"{ci['accuracy'][0]:.3f}–{ci['accuracy'][1]:.3f}), macro-F1 {metrics['macro_f1']:.3f}, recall per class "
         f"{recalls}; "
-        f"{metrics['ood']['flagged']} of {metrics['n']} test X-rays flagged as uncertain{flagged_by_class_text(metrics['ood'])}. A random forest on file metadata "
+        f"{metrics['ood']['flagged']} of {metrics['n']} test X-rays flagged as uncertain{flagged_by_class_text(metrics['ood'])}."
+        f"{' ' + refit_caveat(gate_refit) if gate_refit else ''} A random forest on file metadata "
         f"alone scores {audit['metadata_baseline_accuracy']:.3f} on the same images, so the test score is an upper bound on "
         f"what the model learned about lungs.{copies_sentence(audit.get('train_copies'))}\n\n"
         + (f"Sources it was not trained on (leave-one-source-out): {left_out}. "

@@ -84,3 +84,24 @@ def test_the_readme_gives_how_often_a_tighter_crop_changes_each_groups_answer():
     sentence = build.framing_sentence(framing)
     assert "validation films change answer: nih / Normal 90%, kaggle / Covid 6%" in sentence
     assert build.framing_sentence(None) == ""
+
+
+def test_a_gate_refitted_after_the_test_was_seen_says_so_where_its_test_flag_rate_is_given():
+    metrics = json.loads((ROOT / "demo" / "starter-model" / "metrics.json").read_text())
+    record = json.loads((ROOT / "demo" / "starter-model" / "card_context.json").read_text())["training"]
+    refit = {"threshold_before": 0.922, "threshold": 1.19, "fpr": 0.02, "test_flagged_before": 14, "n_test": 66}
+    caveat = "corrected after the test split had been seen with 14 of 66 X-rays flagged"
+    assert caveat in build.readme_sections(metrics, record, gate_refit=refit)["figures"]
+    assert caveat not in build.readme_sections(metrics, record)["figures"]
+    note = build.refit_sentence(refit)
+    assert "(0.922 -> 1.190)" in note and caveat in note and "at 2%" in note
+
+
+def test_packaging_again_keeps_the_given_selection_note_and_drops_what_packaging_appended():
+    given = "Chosen on validation (group recall 0.954)."
+    refit = build.refit_sentence({"threshold_before": 0.9, "threshold": 1.2, "fpr": 0.02, "test_flagged_before": 3, "n_test": 66})
+    for appended in ("**It does not meet the targets set for it**: test Covid recall 0.846 (target >= 0.90).",
+                     "It meets every target set for it: test accuracy 0.950 (target >= 0.90).",
+                     refit + " **It does not meet the targets set for it**: x."):
+        assert build.given_selection_note(f"{given} {appended}") == given
+    assert build.given_selection_note(given) == given and build.given_selection_note(None) is None
