@@ -3,7 +3,7 @@
 - temperature scaling on the validation logits (fit_temperature);
 - the low-confidence and colour thresholds of ood.py, on the validation X-rays;
 - the feature-space statistics of feature_ood.py on the training images, and their threshold on the
-  validation X-rays for a stated false-positive rate (a split-conformal bound).
+  validation X-rays for a stated false-positive rate (feature_ood.fit_threshold).
 
 Nothing here sees a test image or a non-X-ray image.
 """
@@ -81,12 +81,13 @@ def fit_feature_threshold(model: ChestXrayClassifier, val_summaries: list[torch.
     also how to fit it again on a saved model with a newer rule, without its training images."""
     val_scores = model.feature_scores(val_summaries)
     threshold = feature_ood.fit_threshold(val_scores.numpy(), fpr)
+    rate = feature_ood.bounded_rate(len(val_scores), fpr)  # the rate asked, unless too few images bound it
     model.config.feature_threshold = threshold
-    model.config.feature_fpr = float(fpr)
+    model.config.feature_fpr = float(rate)
     flagged = float((val_scores > threshold).double().mean())
-    logger.info("feature gate: threshold %.3f for a false-positive rate of at most %.0f%% (%.1f%% of validation flagged)",
-                threshold, 100 * fpr, 100 * flagged)
-    result = {"threshold": threshold, "fpr": fpr, "validation_flagged_rate": flagged}
+    logger.info("feature gate: threshold %.3f for a false-positive rate of at most %.1f%% (%.1f%% of validation flagged)",
+                threshold, 100 * rate, 100 * flagged)
+    result = {"threshold": threshold, "fpr": rate, "rule": "split-conformal", "validation_flagged_rate": flagged}
     if val_labels is not None:
         result["validation_flagged_by_class"] = flagged_by_class((val_scores > threshold).numpy(), val_labels, model.class_names)
     return result

@@ -51,7 +51,7 @@ class ChestXrayConfig:
     max_chroma: float = 0.08
     # Feature-space gate (chest_model/feature_ood.py): inputs scoring above this are flagged; 0 disables it.
     # When > 0 the fitted training statistics are stored with the weights. ``feature_fpr`` is the
-    # share of validation X-rays above the threshold, the rate it was fitted at.
+    # false-positive rate the threshold was fitted for on the validation X-rays.
     feature_threshold: float = 0.0
     feature_fpr: float = 0.0
 

@@ -199,8 +199,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                           "and where an image was taken")
     mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
     mdl.add_argument("--ood-fpr", type=_share, default=0.02,
-                     help="the most X-rays like the validation ones that the feature-space out-of-distribution gate may flag "
-                          "(a split-conformal bound)")
+                     help="the feature-space out-of-distribution gate's false-positive rate: the largest chance that it "
+                          "flags an X-ray like the validation ones (a split-conformal bound)")
     run = p.add_argument_group("run")
     run.add_argument("--mixed-precision", choices=["auto", "bf16", "fp16", "no"], default="auto",
                      help="'auto': bf16 where the device runs it faster than fp32 (GPUs with bf16 tensor cores, CPUs with "

@@ -94,7 +94,7 @@ def test_a_gate_refitted_after_the_test_was_seen_says_so_where_its_test_flag_rat
     assert caveat in build.readme_sections(metrics, record, gate_refit=refit)["figures"]
     assert caveat not in build.readme_sections(metrics, record)["figures"]
     note = build.refit_sentence(refit)
-    assert "(0.922 -> 1.190)" in note and caveat in note and "at 2%" in note
+    assert "(0.922 -> 1.190)" in note and caveat in note and "probability at most 2%" in note
 
 
 def test_packaging_again_keeps_the_given_selection_note_and_drops_what_packaging_appended():
@@ -105,3 +105,13 @@ def test_packaging_again_keeps_the_given_selection_note_and_drops_what_packaging
                      refit + " **It does not meet the targets set for it**: x."):
         assert build.given_selection_note(f"{given} {appended}") == given
     assert build.given_selection_note(given) == given and build.given_selection_note(None) is None
+    # packaged without --selection-note: the note was only what packaging appended
+    assert build.given_selection_note("**It does not meet the targets set for it**: test Covid recall 0.846.") is None
+    assert build.given_selection_note(refit) is None
+
+
+def test_a_test_flag_rate_met_only_after_the_rule_was_corrected_says_so_among_the_targets():
+    metrics = json.loads((ROOT / "demo" / "starter-model" / "metrics.json").read_text())
+    refit = {"threshold_before": 0.922, "threshold": 1.19, "fpr": 0.02, "test_flagged_before": 14, "n_test": 66}
+    tagged = "share of test X-rays flagged uncertain (its rule corrected after this split was seen)"
+    assert tagged in build.targets_sentence(metrics, refit) and tagged not in build.targets_sentence(metrics)

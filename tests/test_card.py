@@ -146,14 +146,22 @@ def test_card_says_how_many_test_images_are_copies_of_training_images_and_the_fi
 
 
 def test_the_gate_paragraph_gives_the_validation_flags_per_class_beside_the_pooled_rate():
-    config = ChestXrayConfig(feature_threshold=0.922, feature_fpr=0.02)
-    gate = {"threshold": 0.922, "fpr": 0.02, "validation_flagged_rate": 2 / 81,
-            "validation_flagged_by_class": {"Normal": {"flagged": 2, "n": 54}, "Covid": {"flagged": 0, "n": 16}}}
+    config = ChestXrayConfig(feature_threshold=1.19, feature_fpr=0.02)
+    gate = {"threshold": 1.19, "fpr": 0.02, "rule": "split-conformal", "validation_flagged_rate": 0.0,
+            "validation_flagged_by_class": {"Normal": {"flagged": 0, "n": 54}, "Covid": {"flagged": 0, "n": 16}}}
     val = {"accuracy": 0.95, "macro_f1": 0.94, "n": 81, "feature_gate": gate}
     card = render_card(config, {"val_metrics": val})
-    assert "set so that at most 2% of X-rays like the validation ones exceed it: on validation, by true class, Normal 2 of 54, Covid 0 of 16)" in card
-    without = render_card(config, {"val_metrics": {**val, "feature_gate": {"threshold": 0.922}}})
-    assert "set so that at most 2% of X-rays like the validation ones exceed it)," in without
+    assert ("set so that a new X-ray like the validation ones exceeds it with probability at most 2%, on average over "
+            "validation draws: on validation, by true class, Normal 0 of 54, Covid 0 of 16)") in card
+    without = render_card(config, {"val_metrics": {**val, "feature_gate": {"threshold": 1.19, "rule": "split-conformal"}}})
+    assert "exceeds it with probability at most 2%, on average over validation draws)," in without
+
+
+def test_a_gate_fitted_by_the_earlier_quantile_rule_is_described_as_that_rule():
+    config = ChestXrayConfig(feature_threshold=0.922, feature_fpr=0.02)
+    gate = {"threshold": 0.922, "fpr": 0.02, "validation_flagged_rate": 2 / 81}  # recorded before the rule was named
+    card = render_card(config, {"val_metrics": {"accuracy": 0.95, "macro_f1": 0.94, "n": 81, "feature_gate": gate}})
+    assert "set so that 2% of validation X-rays exceed it)," in card and "probability at most" not in card
 
 
 def test_sources_from_one_hospital_are_named_even_when_one_is_only_evaluated():
