@@ -165,10 +165,7 @@ def refit_threshold(folder: Path, args) -> None:
     summaries = [torch.from_numpy(x) for x in block_summaries(model, data.val.images, precision="fp32")]
     before = model.config.feature_threshold
     gate = context["val_metrics"]["feature_gate"]
-    flagged = float((model.feature_scores(summaries) > before).double().mean())
-    if abs(flagged - gate["validation_flagged_rate"]) > 1.5 / len(data.val.labels):  # one image may flip with rounding
-        raise SystemExit(f"the gate flags {flagged:.3f} of the rebuilt validation split, the model's record says "
-                         f"{gate['validation_flagged_rate']:.3f}: is it the split the gate was fitted on?")
+    recorded_validation_flags(model, summaries, gate)
     gate.update(fit_feature_threshold(model, summaries, fpr=model.config.feature_fpr, val_labels=list(data.val.labels)))
     dtype = stored_weights_dtype(folder)
     # Fitted again a second time, the record keeps what the first refit replaced and what the test showed before it.
@@ -329,11 +326,18 @@ def complete_validation_record(model: ChestXrayClassifier, context: dict, data) 
     if gate and "validation_flagged_by_class" not in gate:
         precision = "bf16" if record["mixed_precision"] == "bf16" else "fp32"  # as the run fitted the gate
         summaries = [torch.from_numpy(x) for x in block_summaries(model, data.val.images, precision=precision)]
-        flags = (model.feature_scores(summaries) > model.config.feature_threshold).numpy()
-        if abs(flags.mean() - gate["validation_flagged_rate"]) > 1.5 / len(flags):  # one image may flip with rounding
-            raise SystemExit(f"the gate flags {flags.mean():.3f} of the rebuilt validation split, the run recorded "
-                             f"{gate['validation_flagged_rate']:.3f}")
+        flags = recorded_validation_flags(model, summaries, gate)
         gate["validation_flagged_by_class"] = flagged_by_class(flags, data.val.labels, class_names)
+
+
+def recorded_validation_flags(model: ChestXrayClassifier, summaries: list[torch.Tensor], gate: dict):
+    """The gate's flags on the rebuilt validation split, checked against the rate its record gives: a
+    different split (other data, another command) stops the packaging here."""
+    flags = (model.feature_scores(summaries) > model.config.feature_threshold).numpy()
+    if abs(flags.mean() - gate["validation_flagged_rate"]) > 1.5 / len(flags):  # one image may flip with rounding
+        raise SystemExit(f"the gate flags {flags.mean():.3f} of the rebuilt validation split, its record says "
+                         f"{gate['validation_flagged_rate']:.3f}: is it the split the gate was fitted on?")
+    return flags
 
 
 def copies_sentence(copies: dict | None) -> str:
