@@ -19,7 +19,7 @@ DEFAULT_CLASS_NAMES = ("Normal", "Covid", "Viral Pneumonia")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("vgg19", "vgg19_bn")
-CONTRAST = ("none", "standardize", "clahe")
+CONTRAST = ("none", "standardize", "clahe", "equalize")
 MIN_IMAGE_SIZE = 32
 
 
@@ -35,8 +35,10 @@ class ChestXrayConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     backbone: str = "vgg19"
     # Per-image contrast normalisation after the resize, on the grey level: "standardize" maps each
-    # image's mean and standard deviation to fixed values, "clahe" equalises local histograms. Both
-    # take away the brightness and contrast by which X-ray collections differ from each other.
+    # image's mean and standard deviation to fixed values, "clahe" equalises local histograms,
+    # "equalize" the whole image's histogram. All take away the brightness and contrast by which X-ray
+    # collections differ; only "equalize" also takes away their tone curves (gamma, detector look-up
+    # tables): any grey-level mapping that keeps the order of the levels gives the same image.
     contrast: str = "none"
     hidden_size: int = 256
     dropout: float = 0.5

@@ -33,6 +33,8 @@ def onnx_metadata(config) -> dict[str, str]:
         metadata["contrast_params"] = json.dumps({"mean": STANDARD_MEAN, "std": STANDARD_STD})
     elif getattr(config, "contrast", "none") == "clahe":
         metadata["contrast_params"] = json.dumps({"clip_limit": CLAHE_CLIP, "tile_grid": CLAHE_TILES})
+    elif getattr(config, "contrast", "none") == "equalize":
+        metadata["contrast_params"] = json.dumps({})  # OpenCV's equalizeHist has no parameters
     return metadata
 
 

@@ -334,6 +334,8 @@ class Preprocessor:
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         if mode == "clahe":
             gray = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=(CLAHE_TILES, CLAHE_TILES)).apply(gray)
+        elif mode == "equalize":
+            gray = cv2.equalizeHist(gray)
         else:  # "standardize"
             values = gray.astype(np.float32)
             std = max(float(values.std()), 1.0)  # a blank image stays blank instead of exploding its noise

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from .config import DEFAULT_CLASS_NAMES
+from .config import CONTRAST, DEFAULT_CLASS_NAMES
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19", help="torchvision VGG19, without or with BatchNorm")
     mdl.add_argument("--weights", choices=["imagenet", "none"], default="imagenet", help="backbone initialisation; 'none' is random init")
     mdl.add_argument("--dropout", type=float, default=0.5, help="dropout in the classification head")
-    mdl.add_argument("--contrast", choices=["none", "standardize", "clahe"], default="none",
+    mdl.add_argument("--contrast", choices=list(CONTRAST), default="none",
                      help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
-                          "which collections differ (stored in config.json, so inference does the same)")
+                          "which collections differ; 'equalize' (the whole histogram) also hides their tone curves "
+                          "(stored in config.json, so inference does the same)")
     mdl.add_argument("--augment", choices=["standard", "framing", "acquisition", "none"], default="standard",
                      help="'framing' adds random crops (50-100%% of the area), so how tightly a collection frames the chest "
                           "cannot tell the class; 'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how "

@@ -115,7 +115,7 @@ def readme_snippet() -> str:
     return blocks[0]
 
 
-@pytest.mark.parametrize("contrast", ["none", "standardize"])
+@pytest.mark.parametrize("contrast", ["none", "standardize", "clahe", "equalize"])
 def test_readme_onnxruntime_snippet_matches_the_package(tmp_path, monkeypatch, capsys, contrast):
     model = random_model(contrast=contrast)
     export_with_cli(model, tmp_path)  # the snippet opens chest-xray.onnx and examples/covid.jpeg from its folder

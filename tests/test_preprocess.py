@@ -203,3 +203,55 @@ def test_reading_headers_from_many_threads_leaves_pils_own_limit_in_place(tmp_pa
     with ThreadPoolExecutor(8) as pool:
         sizes = list(pool.map(lambda _: header_size(data, "PNG", "x.png"), range(2000)))
     assert set(sizes) == {(48, 64)} and Image.MAX_IMAGE_PIXELS == limit
+
+
+def _tone_curves(image: np.ndarray) -> dict[str, np.ndarray]:
+    """The same film as other detectors' look-up tables would render it (monotone grey-level maps). Kept
+    moderate: a steep curve merges 8-bit levels, and no normalisation can part levels the file merged."""
+    levels = np.arange(256) / 255.0
+    curves = {"gamma 0.7": levels ** 0.7, "gamma 1.3": levels ** 1.3,
+              "S-curve": 0.5 * levels + 0.5 * (0.5 - 0.5 * np.cos(np.pi * levels))}
+    return {name: np.rint(255 * curve).astype(np.uint8)[image] for name, curve in curves.items()}
+
+
+def test_contrast_standardize_gives_every_film_the_same_mean_and_spread():
+    from chest_model.preprocess import STANDARD_MEAN, STANDARD_STD
+
+    pre = Preprocessor(ChestXrayConfig(image_size=128, contrast="standardize"))
+    for path in sorted(EXAMPLES.glob("*.jpeg")):
+        for image in (load_image(path), *_tone_curves(load_image(path)).values()):
+            grey = pre.to_uint8_tensor(image)[0].float()
+            assert abs(grey.mean().item() - STANDARD_MEAN) < 2 and abs(grey.std().item() - STANDARD_STD) < 3, path
+
+
+def test_contrast_equalize_takes_away_the_tone_curve_that_standardize_leaves():
+    """Equalisation ranks the grey levels: a film rendered through another monotone curve gives the same input."""
+    for path in sorted(EXAMPLES.glob("*.jpeg")):
+        film = load_image(path)
+        for mode, most in (("equalize", 1.5), ("standardize", None)):
+            pre = Preprocessor(ChestXrayConfig(image_size=128, contrast=mode))
+            reference = pre.to_uint8_tensor(film).float()
+            for name, rendered in _tone_curves(film).items():
+                difference = (pre.to_uint8_tensor(rendered).float() - reference).abs().mean().item()
+                if most is not None:
+                    assert difference < most, (path.name, mode, name, difference)
+                else:  # the control: standardising alone leaves the curve visible, so the check above can fail
+                    assert difference > 2, (path.name, mode, name, difference)
+        # and the equalised film uses the whole grey range with an even histogram
+        grey = Preprocessor(ChestXrayConfig(image_size=128, contrast="equalize")).to_uint8_tensor(film)[0].numpy()
+        assert grey.min() < 10 and grey.max() == 255
+        quartiles = np.percentile(grey, [25, 50, 75])
+        np.testing.assert_allclose(quartiles, [64, 128, 191], atol=20, err_msg=path.name)
+
+
+@pytest.mark.parametrize("mode", ["standardize", "clahe", "equalize"])
+def test_contrast_modes_give_grey_rgb_and_leave_a_blank_image_blank(mode):
+    pre = Preprocessor(ChestXrayConfig(image_size=64, contrast=mode))
+    film = load_image(sorted(EXAMPLES.glob("*.jpeg"))[0])
+    colour = film.copy()
+    colour[..., 0] = np.clip(colour[..., 0].astype(int) + 40, 0, 255)
+    out = pre.to_uint8_tensor(colour)
+    assert out.dtype == torch.uint8 and out.shape == (3, 64, 64)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # the model sees grey, as it trained
+    blank = pre.to_uint8_tensor(np.full((100, 100, 3), 90, np.uint8))[0]
+    assert int(blank.max()) - int(blank.min()) == 0  # no noise invented where there is no picture
