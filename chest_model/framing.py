@@ -6,10 +6,14 @@ the framing as the class, and then calls a normal film from a hospital that coll
 "Covid". The check crops each film around its centre (the same anatomy, framed otherwise), classifies
 it again, and reports, per group of films, the share called each class and the share whose answer
 changed. Nothing is fitted, so it may be run on any labelled films, test or external.
+
+The tone check asks the same of the grey-level curve: detectors and their look-up tables render the
+same dose lighter or darker in the mid-greys, so each film goes through a gamma curve and is
+classified again. ``--contrast standardize`` keeps the curve's shape; ``--contrast equalize`` does not.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import math
@@ -37,6 +41,20 @@ def centre_crop(image: np.ndarray, keep_width: float, keep_height: float, *, min
     return image[y:y + nh, x:x + nw]
 
 
+# (name, gamma): the same film through another tone curve; gamma < 1 lightens the mid-greys.
+TONES = (
+    ("as given", 1.0),
+    ("gamma 0.7 (mid-greys lighter)", 0.7),
+    ("gamma 1.4 (mid-greys darker)", 1.4),
+)
+
+
+def tone_curve(image: np.ndarray, gamma: float) -> np.ndarray:
+    """A uint8 image through the curve ``255 * (level / 255) ** gamma``; black and white stay put."""
+    lut = np.rint(255 * (np.arange(256) / 255.0) ** gamma).astype(np.uint8)
+    return lut[image]
+
+
 def framing_check(model, images: Sequence[ImageSource], groups: Sequence[str], *, batch_size: int = 16,
                   precision: str = "fp32") -> dict[str, Any]:
     """Per group (e.g. true class, or "source / class") and framing: the share of its films called each
@@ -45,39 +63,55 @@ def framing_check(model, images: Sequence[ImageSource], groups: Sequence[str], *
     ``images`` are files (decoded here, large enough that the tightest crop still covers the model's
     input, so no framing is softer than another) or decoded arrays; ``groups`` names each one's group.
     """
+    tightest = min(min(keep_width, keep_height) for _, keep_width, keep_height in FRAMINGS)
+    variants = [(name, lambda image, w=keep_width, h=keep_height: centre_crop(image, w, h, min_side=MIN_SIDE))
+                for name, keep_width, keep_height in FRAMINGS]
+    return _variant_check(model, images, groups, variants, "framings", math.ceil(model.config.image_size / tightest),
+                          batch_size, precision)
+
+
+def tone_check(model, images: Sequence[ImageSource], groups: Sequence[str], *, batch_size: int = 16,
+               precision: str = "fp32") -> dict[str, Any]:
+    """As :func:`framing_check`, each film through the gamma curves of ``TONES`` instead of crops."""
+    variants = [(name, lambda image, g=gamma: image if g == 1.0 else tone_curve(image, g)) for name, gamma in TONES]
+    return _variant_check(model, images, groups, variants, "tones", model.config.image_size, batch_size, precision)
+
+
+def _variant_check(model, images, groups, variants: Sequence[tuple[str, Callable[[np.ndarray], np.ndarray]]],
+                   key: str, min_size: int, batch_size: int, precision: str) -> dict[str, Any]:
     if len(images) != len(groups):
         raise ValueError(f"{len(images)} images but {len(groups)} group names")
-    tightest = min(min(keep_width, keep_height) for _, keep_width, keep_height in FRAMINGS)
-    min_size = math.ceil(model.config.image_size / tightest)
     images = [load_image(image, min_size=min_size) for image in images]
     class_names = model.class_names
     groups = np.asarray(groups, dtype=object)
     top, uncertain = {}, {}
-    for name, keep_width, keep_height in FRAMINGS:
-        framed = [centre_crop(image, keep_width, keep_height, min_side=MIN_SIDE) for image in images]
-        inference = model.infer(framed, batch_size=batch_size, precision=precision)
+    for name, change in variants:
+        changed = [change(image) for image in images]
+        inference = model.infer(changed, batch_size=batch_size, precision=precision)
         top[name] = inference.probabilities.argmax(dim=1).numpy()
-        uncertain[name] = np.array([bool(r) for r in inference.reasons(framed, model.config)], dtype=bool)
-    as_given = top[FRAMINGS[0][0]]
-    result: dict[str, Any] = {"framings": [name for name, _, _ in FRAMINGS], "groups": {}}
+        uncertain[name] = np.array([bool(r) for r in inference.reasons(changed, model.config)], dtype=bool)
+    as_given = top[variants[0][0]]
+    result: dict[str, Any] = {key: [name for name, _ in variants], "groups": {}}
     for group in dict.fromkeys(groups.tolist()):  # in order of first appearance
         mask = groups == group
-        result["groups"][group] = {"n": int(mask.sum()), "framings": {
+        result["groups"][group] = {"n": int(mask.sum()), key: {
             name: {"called": {cls: float((top[name][mask] == c).mean()) for c, cls in enumerate(class_names)},
                    "uncertain": float(uncertain[name][mask].mean()),
                    "changed": float((top[name][mask] != as_given[mask]).mean())}
-            for name, _, _ in FRAMINGS}}
+            for name, _ in variants}}
     return result
 
 
 def framing_lines(check: dict[str, Any], class_names: Sequence[str]) -> list[str]:
-    """The check as a plain-text table, one row per group and framing."""
-    width = max(len(name) for name in check["framings"])
-    lines = ["framing check (each film cropped around its centre and classified again):",
-             f"  {'framing':{width}s}  " + "  ".join(f"{c:>16s}" for c in class_names) + f"  {'uncertain':>9s}  {'changed':>7s}"]
+    """The check (framing or tone) as a plain-text table, one row per group and variant."""
+    key = "tones" if "tones" in check else "framings"
+    title = ("tone check (each film through another gamma curve and classified again):" if key == "tones" else
+             "framing check (each film cropped around its centre and classified again):")
+    width = max(len(name) for name in check[key])
+    lines = [title, f"  {key[:-1]:{width}s}  " + "  ".join(f"{c:>16s}" for c in class_names) + f"  {'uncertain':>9s}  {'changed':>7s}"]
     for group, row in check["groups"].items():
         lines.append(f"  {group} ({row['n']} films)")
-        for name, cell in row["framings"].items():
+        for name, cell in row[key].items():
             lines.append(f"  {name:{width}s}  " + "  ".join(f"{cell['called'][c]:16.0%}" for c in class_names)
                          + f"  {cell['uncertain']:9.0%}  {cell['changed']:7.0%}")
     return lines

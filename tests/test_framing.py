@@ -1,8 +1,8 @@
-"""The framing check: films cropped around their centre and classified again."""
+"""The framing and tone checks: films cropped around their centre, or through another gamma curve, and classified again."""
 import numpy as np
 import pytest
 
-from chest_model.framing import FRAMINGS, centre_crop, framing_check, framing_lines
+from chest_model.framing import FRAMINGS, TONES, centre_crop, framing_check, framing_lines, tone_check, tone_curve
 from helpers import synthetic_xray
 
 
@@ -49,3 +49,28 @@ def test_framing_check_reports_each_group_and_framing(tiny_model):
 def test_framing_check_needs_a_group_per_image(tiny_model):
     with pytest.raises(ValueError, match="2 images but 1 group"):
         framing_check(tiny_model, [np.zeros((8, 8, 3), np.uint8)] * 2, ["x"])
+
+
+def test_tone_curve_keeps_black_white_and_order_and_moves_the_mid_greys():
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    lighter, darker = tone_curve(levels, 0.7), tone_curve(levels, 1.4)
+    for curve in (lighter, darker):
+        assert curve[0, 0] == 0 and curve[-1, -1] == 255
+        assert (np.diff(curve.ravel().astype(int)) >= 0).all()  # a look-up table: the order of the levels stays
+    assert lighter[8, 0] > 128 > darker[8, 0]  # level 128
+
+
+def test_tone_check_reports_each_group_and_curve_with_the_models_own_answer_as_given(tiny_model):
+    images = [np.repeat(synthetic_xray(64, 80, seed=i, kind=i % 3)[..., None], 3, axis=2) for i in range(6)]
+    groups = ["a / Normal"] * 2 + ["b / Covid"] * 4
+    check = tone_check(tiny_model, images, groups, batch_size=4)
+    assert check["tones"] == [name for name, _ in TONES] and list(check["groups"]) == ["a / Normal", "b / Covid"]
+    top = tiny_model.predict_proba(images).argmax(dim=1).numpy()
+    darker = tiny_model.predict_proba([tone_curve(image, 1.4) for image in images]).argmax(dim=1).numpy()
+    cells = check["groups"]["b / Covid"]["tones"]
+    assert cells["as given"]["changed"] == 0
+    assert cells["gamma 1.4 (mid-greys darker)"]["changed"] == pytest.approx(float((darker[2:] != top[2:]).mean()))
+    for c, name in enumerate(tiny_model.class_names):
+        assert cells["as given"]["called"][name] == pytest.approx(float((top[2:] == c).mean()))
+    lines = framing_lines(check, tiny_model.class_names)
+    assert lines[0].startswith("tone check") and len(lines) == 2 + 2 * (1 + len(TONES))

@@ -27,6 +27,10 @@ def test_the_probe_uses_the_runs_own_validation_split(tmp_path, clean_accelerate
         for cls, n in by_class.items():
             assert (f"{source} / {cls} ({n} films)" in out) == (n > 0)
     assert out.count("71% of each side") == sum(n > 0 for by_class in counts.values() for n in by_class.values())
+    probe.main(["--tones", "--split-of", str(run), str(run)])
+    tones = capsys.readouterr().out
+    assert "tone check" in tones and "71% of each side" not in tones
+    assert tones.count("gamma 1.4") == sum(n > 0 for by_class in counts.values() for n in by_class.values())
 
 
 def test_a_folder_without_a_training_record_is_refused(tmp_path):
