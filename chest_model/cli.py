@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also classify every image cropped around its centre (tighter, portrait, landscape) and report, "
                                "per class, what it is called then: a model that learned how its sources frame the chest "
                                "changes its answer (five more passes over each set)")
+    evaluate.add_argument("--tone-check", action="store_true",
+                          help="also classify every image through a lighter and a darker tone (gamma) curve, as other "
+                               "detectors render the same film, and report per class what it is called then (three more passes)")
     evaluate.set_defaults(func=run_evaluate)
 
     ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
@@ -110,10 +113,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out = None if not args.output_dir else Path(args.output_dir) / (name if len(sets) > 1 else "")
         if complete:
             results[name] = evaluate_model(model, path, train_dir=train_dir, training_images=training_images, output_dir=out,
-                                           n_bootstrap=args.bootstrap, framing=args.framing_check)
+                                           n_bootstrap=args.bootstrap, framing=args.framing_check,
+                                           tone=args.tone_check)
         else:
             results[name] = evaluate_external(model, path, name=name, training_images=training_images,
-                                              framing=args.framing_check)
+                                              framing=args.framing_check, tone=args.tone_check)
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
         print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:

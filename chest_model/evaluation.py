@@ -19,7 +19,7 @@ from .atomic import atomic_write_text
 from .audit import mask_center, metadata_baseline, verdict
 from .data import DatasetError, relative_name, scan_image_folder, source_name
 from .duplicates import hash_matrix as cached_hashes, image_hash, train_test_copies
-from .framing import framing_check, framing_lines
+from .framing import framing_check, framing_lines, tone_check
 from .hub import weights_fingerprint
 from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, reliability_bins
 from .model import ChestXrayClassifier
@@ -44,13 +44,15 @@ def evaluate_model(
     n_bootstrap: int = 1000,
     seed: int = 0,
     framing: bool = False,
+    tone: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given.
 
     ``train_dir`` holds the training files the metadata-only baseline learns from (default: a sibling
     ``train/``). ``training_images`` are the hashed training images searched for copies of the
     evaluated ones (:func:`hash_training_files`; default: every image under ``train_dir``).
-    ``framing`` adds the framing check (:mod:`chest_model.framing`) per true class, five more passes.
+    ``framing`` adds the framing check (:mod:`chest_model.framing`) per true class, five more passes;
+    ``tone`` the tone check, three more.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names)
@@ -95,6 +97,8 @@ def evaluate_model(
     audit["verdict"] = verdict(metrics["accuracy"], audit["metadata_baseline_accuracy"], audit["center_masked_accuracy"], chance)
     if framing:
         audit["framing"] = framing_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
+    if tone:
+        audit["tone"] = tone_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
     metrics["audit"] = audit
 
     metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
@@ -159,13 +163,13 @@ def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: n
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
                       batch_size: int = 16, training_images: TrainingHashes | None = None,
-                      framing: bool = False) -> dict[str, Any]:
+                      framing: bool = False, tone: bool = False) -> dict[str, Any]:
     """How a set from a source the model was not trained on is classified.
 
     The set may hold only some classes (a folder of adult normals): it reports the share predicted as
     each class, per true class, the accuracy, and how many inputs the model flagged as uncertain. With
     ``training_images`` (as for :func:`evaluate_model`), also how many of its images are copies of a
-    training image: a set that holds some is not unseen. ``framing`` adds the framing check per true class.
+    training image: a set that holds some is not unseen. ``framing`` and ``tone`` add those checks per true class.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names, partial=True, name=name)
@@ -199,6 +203,8 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
         result["train_copies"] = copies
     if framing:
         result["framing"] = framing_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
+    if tone:
+        result["tone"] = tone_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
     called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
     result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
                         f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"
@@ -213,8 +219,9 @@ def external_summary(result: dict[str, Any]) -> str:
     lines += [f"accuracy {result['accuracy']:.3f}", f"flagged as uncertain: {result['ood']['flagged']} of {result['n']}"]
     if "train_copies" in result:
         lines += copies_lines(result["train_copies"])
-    if "framing" in result:
-        lines += framing_lines(result["framing"], list(result["predicted_share"]))
+    for check in ("framing", "tone"):
+        if check in result:
+            lines += framing_lines(result[check], list(result["predicted_share"]))
     lines += unreadable_lines(result["unreadable_files"])
     return "\n".join(lines)
 
@@ -300,6 +307,7 @@ def summary(metrics: dict[str, Any]) -> str:
         f"  -> {audit['verdict']}",
         *copies_lines(audit.get("train_copies")),
         *(framing_lines(audit["framing"], metrics["class_names"]) if "framing" in audit else []),
+        *(framing_lines(audit["tone"], metrics["class_names"]) if "tone" in audit else []),
         f"flagged as uncertain: {metrics['ood']['flagged']} of {metrics['n']}"
         + flagged_by_class_text(metrics["ood"]),
     ]

@@ -99,7 +99,7 @@ def test_several_named_sets_are_reported_separately_and_a_one_class_set_gives_sh
     tiny_model.save_pretrained(tmp_path / "model")
     result = cli("evaluate", "--model", str(tmp_path / "model"), "--data-dir", f"kids={tmp_path / 'data' / 'test'}",
                  "--data-dir", f"adult-normals={adults}", "--output-dir", str(tmp_path / "eval"), "--bootstrap", "50",
-                 "--framing-check")
+                 "--framing-check", "--tone-check")
     assert result.returncode == 0, result.stderr
     # Files left out are named, with their problem, in each set's printed report (not only counted).
     kids, adults_text = result.stdout.split("== adult-normals ==")
@@ -119,6 +119,11 @@ def test_several_named_sets_are_reported_separately_and_a_one_class_set_gives_sh
     assert framing["Normal"]["framings"]["as given"]["called"] == pytest.approx(adult["predicted_share"])
     assert set(sets["kids"]["audit"]["framing"]["groups"]) == {"Normal", "Covid", "Viral Pneumonia"}
     assert "framing check" in kids and "framing check" in adults_text
+    # --tone-check: the same per-class table, over gamma curves.
+    tone = adult["tone"]["groups"]["Normal"]["tones"]
+    assert tone["as given"]["called"] == pytest.approx(adult["predicted_share"]) and len(tone) == 3
+    assert set(sets["kids"]["audit"]["tone"]["groups"]) == {"Normal", "Covid", "Viral Pneumonia"}
+    assert "tone check" in kids and "tone check" in adults_text
     assert (tmp_path / "eval" / "kids" / "confusion_matrix.png").is_file()
 
 
