@@ -27,6 +27,10 @@ class NotAFolderError(ChestModelError, ValueError):
     """A path to write to that is the wrong kind (a file where a folder goes, or the reverse), or lies below a file."""
 
 
+class FolderWriteError(ChestModelError, OSError):
+    """A folder that cannot be replaced atomically where it is: read-only, a mount point, or in a read-only folder."""
+
+
 def fsync_directory(folder: Path) -> None:
     """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
     try:
@@ -59,9 +63,15 @@ def atomic_directory(target: str | Path, *, keep_existing: bool = True, drop: It
     to a folder is written through (the folder it points to is replaced); an existing file is refused.
     """
     target = writable_target(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling(target, "tmp")
-    tmp.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = sibling(target, "tmp")
+        tmp.mkdir()
+    except OSError as err:
+        raise FolderWriteError(f"{target}: cannot be written ({err.strerror or err}): it is replaced as a whole, "
+                               f"through a new folder made beside it, so {target.parent} must be writable") from None
+    if target.is_dir():
+        _copy_permissions(target, tmp)
     dropped = set(drop)
     try:
         yield tmp
@@ -85,8 +95,22 @@ def writable_target(target: str | Path) -> Path:
         raise NotAFolderError(f"{target}: is a file, not a folder; choose another folder to save to")
     if (blocking := file_above(target)) is not None:
         raise NotAFolderError(f"{target}: {blocking} is a file, so no folder can be made below it")
+    if target.is_dir() and os.path.ismount(target):
+        raise FolderWriteError(f"{target}: is a mount point, which cannot be replaced by a rename; "
+                               "save into a folder inside it")
+    if target.is_dir() and not os.access(target, os.W_OK):
+        raise FolderWriteError(f"{target}: is read-only; make it writable or choose another folder")
     recover_interrupted(target)
     return target
+
+
+def _copy_permissions(old: Path, new: Path) -> None:
+    """The new folder keeps the old one's mode and group (a shared folder stays shared), where allowed."""
+    try:
+        shutil.copymode(old, new)
+        os.chown(new, -1, old.stat().st_gid)
+    except (OSError, AttributeError):  # not the group's member, or no chown (Windows): the defaults stay
+        pass
 
 
 def sibling(target: Path, kind: str) -> Path:
@@ -158,18 +182,31 @@ def replace_directory(tmp: str | Path, target: str | Path) -> None:
     """
     tmp, target = Path(tmp), Path(target)
     old = sibling(target, "old")
+    inside = _working_directory_below(target)
     try:
         fsync_tree(tmp)
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
         fsync_directory(target.parent)
+        if inside is not None and (target / inside).is_dir():
+            os.chdir(target / inside)  # else the process would stay in the removed old folder
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
             os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _working_directory_below(target: Path) -> Path | None:
+    """Where the working directory lies below ``target`` (``.`` for the folder itself), if it does."""
+    try:
+        cwd = Path.cwd()
+    except OSError:
+        return None
+    target = Path(os.path.realpath(target))
+    return cwd.relative_to(target) if cwd == target or target in cwd.parents else None
 
 
 def _link_tree(src: Path, dst: Path) -> None:

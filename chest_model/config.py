@@ -21,6 +21,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BACKBONES = ("vgg19", "vgg19_bn")
 CONTRAST = ("none", "standardize", "clahe", "equalize")
 MIN_IMAGE_SIZE = 32
+# What config.json must state rather than take from the defaults; the later keys (contrast, the
+# calibration and out-of-distribution fields) default to "off" for folders saved before they existed.
+REQUIRED_KEYS = ("class_names", "image_size", "mean", "std", "backbone", "hidden_size")
 
 
 class ConfigError(ChestModelError, ValueError):
@@ -129,7 +132,15 @@ class ChestXrayConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ChestXrayConfig:
-        return cls.from_dict(read_json(path), source=str(path))
+        """A saved config.json. Every such file has held :data:`REQUIRED_KEYS`: one without them is
+        damaged or not ours, and the defaults (another input size, other class names) would load it wrongly."""
+        data = read_json(path)
+        config = cls.from_dict(data, source=str(path))
+        missing = [key for key in REQUIRED_KEYS if key not in data]
+        if missing:
+            raise ConfigError(f"{path}: missing key(s) {missing}; a saved model's config.json holds "
+                              f"{list(REQUIRED_KEYS)} (ChestXrayClassifier.save_pretrained writes them)")
+        return config
 
 
 def read_json(path: str | Path) -> Any:

@@ -23,6 +23,7 @@ from .atomic import atomic_directory, recover_interrupted, writable_target
 from .config import ChestXrayConfig, ConfigError
 from .errors import ChestModelError
 from .feature_ood import BUFFER_PREFIX
+from .precision import DeviceError, inference_device
 
 if TYPE_CHECKING:
     from .model import ChestXrayClassifier
@@ -52,14 +53,20 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
     # With no card context given, the card and records of the folder the model was loaded from still
     # describe it while it is unchanged, and travel with it, in the precision they were stored in;
     # records in the target that describe another model would be false next to this one, and are dropped.
-    source = unchanged_source(model) if card_context is None and weights_dtype is None else None
-    if source is not None:
+    source = unchanged_source(model) if card_context is None else None
+    if source is not None and weights_dtype is None:
         weights_dtype = getattr(model, "stored_dtype", None)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    held = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = held
     if weights_dtype is not None:
         # Feature statistics stay fp32: a precision matrix's entries can overflow float16.
         state = {k: v.to(weights_dtype) if v.is_floating_point() and not k.startswith(BUFFER_PREFIX) else v
-                 for k, v in state.items()}
+                 for k, v in held.items()}
+    if source is not None and not all(_same_values(state[k], held[k]) for k in held):
+        logger.warning("%s: storing the weights as %s changes them, so the card and records of %s (measured on "
+                       "the weights as they were) are not carried over; a fresh card is written",
+                       directory, weights_dtype, source)
+        source = None
     stale = [] if card_context is not None else _stale_records(directory, model.config, state)
     with atomic_directory(directory, drop=stale) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -129,6 +136,9 @@ def resolve_model_folder(name_or_path: str | Path, **download: Any) -> Path:
     if not path.exists():
         recover_interrupted(path)  # a save killed between its two renames set the folder aside
     if path.is_dir():
+        if download.get("revision") is not None:
+            raise ModelLoadError(f"{name_or_path}: is a local folder, which has no revisions; revision= "
+                                 f"({download['revision']!r}) chooses a version of a Hub repo")
         return path
     text = str(name_or_path)
     if path.exists():
@@ -151,7 +161,33 @@ def resolve_model_folder(name_or_path: str | Path, **download: Any) -> Path:
         raise ModelLoadError(
             f"{text}: could not download from the Hugging Face Hub ({type(err).__name__}: {err}). {advice}."
         ) from None
-    return Path(folder)
+    folder = Path(folder)
+    if not (folder / WEIGHTS_NAME).is_file():
+        # Only our files are downloaded, so a repo with pickled weights leaves none of them here: ask the Hub what it holds.
+        raise _no_weights_error(text, _hub_file_names(text, download))
+    return folder
+
+
+def _hub_file_names(repo_id: str, download: dict[str, Any]) -> list[str]:
+    """The files of a Hub repo, or none where the Hub cannot be asked (offline: the message then says less)."""
+    from huggingface_hub import HfApi
+
+    try:
+        return list(HfApi(token=download.get("token")).list_repo_files(repo_id, revision=download.get("revision")))
+    except Exception:  # noqa: BLE001 - offline, auth...: the error raised next still says what is missing
+        return []
+
+
+def _no_weights_error(where: str, names: list[str]) -> ModelLoadError:
+    pickles = sorted(name for name in names if Path(name).suffix.lower() in PICKLE_SUFFIXES)
+    if not pickles:
+        return ModelLoadError(f"{where}: no {WEIGHTS_NAME}: not a saved model folder (save_pretrained "
+                              f"writes {CONFIG_NAME}, {WEIGHTS_NAME} and {CARD_NAME})")
+    return ModelLoadError(
+        f"{where}: no {WEIGHTS_NAME}. It has {', '.join(pickles)}, which are never loaded, because unpickling "
+        "can run arbitrary code. Convert the weights to safetensors (safetensors.torch.save_file) in a "
+        "trusted environment."
+    )
 
 
 def load_model(
@@ -169,19 +205,16 @@ def load_model(
     if unknown:  # before any download: a mistyped argument is not the model's fault
         raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {unknown}; it takes "
                         f"{', '.join(DOWNLOAD_OPTIONS)}, map_location, and ChestXrayConfig fields to override")
+    try:
+        device = inference_device(str(map_location)) if isinstance(map_location, (str, torch.device)) else None
+    except DeviceError as err:
+        raise ModelLoadError(f"map_location: {err}") from None
+    if device is None:
+        raise TypeError(f"map_location must be a device name or torch.device, got {map_location!r}")
     folder = resolve_model_folder(name_or_path, **download)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if not pickles:
-            raise ModelLoadError(f"{name_or_path}: no {WEIGHTS_NAME}: not a saved model folder (save_pretrained "
-                                 f"writes {CONFIG_NAME}, {WEIGHTS_NAME} and {CARD_NAME})")
-        found = f" It has {', '.join(pickles)}, which"
-        raise ModelLoadError(
-            f"{name_or_path}: no {WEIGHTS_NAME}.{found} are never loaded, because unpickling can run "
-            "arbitrary code. Convert the weights to safetensors (safetensors.torch.save_file) in a "
-            "trusted environment."
-        )
+        raise _no_weights_error(str(name_or_path), [p.name for p in folder.iterdir()])
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ModelLoadError(f"{name_or_path}: no {CONFIG_NAME} next to {WEIGHTS_NAME}")
@@ -194,14 +227,18 @@ def load_model(
 
     model = cls(config)
     try:
-        state = load_file(str(weights), device=str(map_location))
+        state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(f"{weights}: corrupt safetensors file ({err})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or mismatched:
+    # Half precision is cast back to fp32; integers or booleans where the model holds floats (or the
+    # reverse) would be cast into nonsense, so they are refused.
+    mistyped = sorted(k for k in set(state) & set(expected) if state[k].is_floating_point() != expected[k].is_floating_point()
+                      or (not expected[k].is_floating_point() and state[k].dtype != expected[k].dtype))
+    if missing or unexpected or mismatched or mistyped:
         details = []
         if missing:
             details.append(f"missing tensors {_first(missing)}")
@@ -210,13 +247,16 @@ def load_model(
         if mismatched:
             details.append("shape mismatch " + _first(
                 [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in mismatched]))
+        if mistyped:
+            details.append("dtype mismatch " + _first(
+                [f"{k}: file {state[k].dtype} vs model {expected[k].dtype}" for k in mistyped]))
         raise ModelLoadError(f"{weights}: does not match {CONFIG_NAME}: " + "; ".join(details))
     # Weights may be stored in half precision to keep the file small; compute in fp32 (and save them
     # again as stored: see save_model_folder).
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     stored = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.startswith(BUFFER_PREFIX)}
     model.stored_dtype = stored.pop() if len(stored) == 1 and stored != {torch.float32} else None
-    model.to(map_location)
+    model.to(device)
     model.source = str(name_or_path)
     model.folder = str(folder)
     model.revision = download.get("revision")
@@ -326,8 +366,15 @@ def _holds_state(folder: Path, config: ChestXrayConfig, state: dict[str, torch.T
         saved = load_file(str(folder / WEIGHTS_NAME))
     except (OSError, ConfigError, SafetensorError, ValueError):
         return False
-    return saved.keys() == state.keys() and all(
-        torch.equal(saved[k].to(state[k].dtype), state[k].detach().cpu()) for k in state)
+    # Compared exactly, in float64: a float16 file equals the fp32 model loaded from it, but not a copy
+    # of that model cast to bfloat16, whose predictions differ.
+    return saved.keys() == state.keys() and all(_same_values(saved[k], state[k].detach().cpu()) for k in state)
+
+
+def _same_values(saved: torch.Tensor, held: torch.Tensor) -> bool:
+    if saved.is_floating_point() and held.is_floating_point():
+        return torch.equal(saved.to(torch.float64), held.to(torch.float64))
+    return saved.dtype == held.dtype and torch.equal(saved, held)
 
 
 def _stage(source: Path, tmp: Path, card: str) -> Path:

@@ -1,5 +1,6 @@
 """Atomic folder writes: the target is completely the old folder or completely the new one."""
 import os
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,47 @@ def test_a_model_set_aside_by_a_killed_save_loads_again(tmp_path):
     _folder(tmp_path / f".m.tmp-{atomic._HOST}-{pid}-4567abcd", weights="half")
     assert ChestXrayClassifier.from_pretrained(tmp_path / "m").config.image_size == 32
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_replaced_folder_keeps_its_mode_and_group(tmp_path):
+    target = tmp_path / "shared-model"
+    target.mkdir()
+    os.chmod(target, 0o2770)  # a group-shared folder: group write and setgid must survive the swap
+    with atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert oct(os.stat(target).st_mode & 0o7777) == oct(0o2770)
+    assert (target / "config.json").read_text() == "{}"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes through permission bits")
+def test_a_read_only_folder_or_parent_is_refused_by_name_and_left_as_it_was(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "keep.txt").write_text("x")
+    os.chmod(target, 0o555)
+    try:
+        with pytest.raises(atomic.FolderWriteError, match="model: is read-only"):
+            with atomic_directory(target):
+                pass
+        assert sorted(p.name for p in target.iterdir()) == ["keep.txt"]
+    finally:
+        os.chmod(target, 0o755)
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    os.chmod(parent, 0o555)
+    try:
+        with pytest.raises(atomic.FolderWriteError, match="locked must be writable"):
+            with atomic_directory(parent / "model"):
+                pass
+    finally:
+        os.chmod(parent, 0o755)
+
+
+def test_saving_the_working_directory_leaves_the_process_in_the_new_folder(tmp_path, monkeypatch):
+    target = tmp_path / "model"
+    (target / "sub").mkdir(parents=True)
+    monkeypatch.chdir(target / "sub")
+    with atomic_directory(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert Path.cwd() == target / "sub"  # not the removed old folder
+    assert (Path("..") / "config.json").read_text() == "{}"

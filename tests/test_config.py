@@ -57,3 +57,21 @@ def test_non_json_and_non_object_configs_are_rejected(tmp_path):
     (tmp_path / "b.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="JSON object"):
         ChestXrayConfig.load(tmp_path / "b.json")
+
+
+@pytest.mark.parametrize("key", ["class_names", "image_size", "mean", "std", "backbone", "hidden_size"])
+def test_a_saved_config_missing_a_key_that_shapes_the_model_is_refused(tmp_path, key):
+    # The defaults (224 px, the default class names) would load such a model wrongly, without a word.
+    data = ChestXrayConfig(image_size=128, backbone="vgg19_bn").to_dict()
+    del data[key]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=rf"missing key\(s\) \['{key}'\]"):
+        ChestXrayConfig.load(tmp_path / "config.json")
+
+
+def test_a_saved_config_from_before_the_later_keys_still_loads_with_them_off(tmp_path):
+    data = {"class_names": ["Normal", "Covid", "Viral Pneumonia"], "image_size": 128, "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225], "backbone": "vgg19_bn", "hidden_size": 256, "dropout": 0.5}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    config = ChestXrayConfig.load(tmp_path / "config.json")
+    assert (config.image_size, config.contrast, config.feature_threshold) == (128, "none", 0.0)

@@ -417,3 +417,74 @@ def test_a_card_naming_a_branch_names_the_new_one_or_none():
     assert card_for_repo(card, "me/a") == 'x = ChestXrayClassifier.from_pretrained("me/a")\n`chest-model space --model me/a --output s`'
     plain = 'ChestXrayClassifier.from_pretrained("me/a")'
     assert card_for_repo(plain, "me/a") == plain
+
+
+def test_a_loaded_model_cast_to_bfloat16_is_a_changed_model_and_gets_a_fresh_card(tiny_model, tmp_path):
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder, card_context={"model_name": "measured run"})
+    (folder / "metrics.json").write_text("{}")
+    loaded = ChestXrayClassifier.from_pretrained(folder)
+    loaded.save_pretrained(tmp_path / "same")
+    assert (tmp_path / "same" / "metrics.json").exists()  # unchanged: its records travel with it
+    loaded.to(torch.bfloat16).save_pretrained(tmp_path / "cast")
+    assert not (tmp_path / "cast" / "metrics.json").exists()  # measured on other weights
+    assert "measured run" not in (tmp_path / "cast" / "README.md").read_text()
+
+
+def test_storing_in_half_precision_keeps_the_card_only_where_the_weights_stay_the_same(tiny_model, tmp_path, caplog):
+    fp16 = tmp_path / "fp16"
+    tiny_model.save_pretrained(fp16, card_context={"model_name": "measured run"}, weights_dtype=torch.float16)
+    ChestXrayClassifier.from_pretrained(fp16).save_pretrained(tmp_path / "again", weights_dtype=torch.float16)
+    assert "measured run" in (tmp_path / "again" / "README.md").read_text()
+    fp32 = tmp_path / "fp32"
+    tiny_model.save_pretrained(fp32, card_context={"model_name": "measured run"})
+    ChestXrayClassifier.from_pretrained(fp32).save_pretrained(tmp_path / "halved", weights_dtype=torch.float16)
+    assert "measured run" not in (tmp_path / "halved" / "README.md").read_text()
+    assert "changes them" in caplog.text
+
+
+def test_integer_tensors_where_the_model_holds_floats_are_refused(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["head.5.weight"] = state["head.5.weight"].to(torch.int8)
+    save_file(state, str(weights))
+    with pytest.raises(ModelLoadError, match=r"dtype mismatch head\.5\.weight: file torch\.int8 vs model torch\.float32"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+
+
+def test_a_revision_for_a_local_folder_is_refused(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="local folder, which has no revisions"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m", revision="v2")
+
+
+@pytest.mark.parametrize("device, message", [("gpu", "unknown device"), ("meta", "cannot run the model"),
+                                             pytest.param("cuda", "no such CUDA GPU", marks=pytest.mark.skipif(
+                                                 torch.cuda.is_available(), reason="a GPU is present"))])
+def test_a_map_location_that_is_not_here_is_refused_before_loading(tiny_model, tmp_path, device, message):
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=f"map_location: .*{message}"):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m", map_location=device)
+
+
+@pytest.mark.parametrize("repo_files", [["pytorch_model.bin"], ["config.json", "README.md", "pytorch_model.bin"]])
+def test_a_hub_repo_with_only_pickled_weights_says_to_convert_them(tmp_path, monkeypatch, repo_files):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"  # snapshot_download leaves only what matched our three names
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        for name in set(repo_files) & set(allow_patterns):
+            snapshot.mkdir(exist_ok=True)
+            (snapshot / name).write_text("{}")
+        return str(snapshot)
+
+    class RepoWithPickles(FakeHfApi):
+        def list_repo_files(self, repo_id, revision=None, **kwargs):
+            return repo_files
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "HfApi", RepoWithPickles)
+    with pytest.raises(ModelLoadError, match="me/old-model: no model.safetensors. It has pytorch_model.bin, which are never loaded"):
+        ChestXrayClassifier.from_pretrained("me/old-model")
