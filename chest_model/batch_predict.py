@@ -43,8 +43,12 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
             files.extend(found)
         else:
             files.append(path)
-    unique = list(dict.fromkeys(files))  # a file named twice, or also inside a named folder, is predicted once
-    return unique, problems
+    # A file named twice (in any spelling: relative, absolute, through ..), or also inside a named
+    # folder, is predicted once, under the first name given.
+    first_names: dict[str, Path] = {}
+    for path in files:
+        first_names.setdefault(os.path.realpath(path), path)
+    return list(first_names.values()), problems
 
 
 def predict_files(model, files: Sequence[Path], *, batch_size: int = 16, gradcam_dir: str | Path | None = None,
@@ -112,14 +116,14 @@ def error_records(problems: Iterable[tuple[Path, str]]) -> list[dict[str, Any]]:
 
 
 def _common_folder(files: Sequence[Path]) -> Path:
-    folders = [str(Path(f).absolute().parent) for f in files]
+    folders = [os.path.dirname(os.path.abspath(f)) for f in files]  # abspath folds "..", which would climb out
     return Path(os.path.commonpath(folders)) if folders else Path.cwd()
 
 
 def gradcam_path(gradcam_dir: str | Path, root: Path, file: Path) -> Path:
     """``gradcam_dir`` mirrors the inputs' folders below their common folder, so that two files with
     the same name in different folders keep apart: ``a/x.png`` -> ``GRADCAM/a/x.png.png``."""
-    relative = Path(file).absolute().relative_to(root)
+    relative = Path(os.path.abspath(file)).relative_to(root)
     return Path(gradcam_dir) / relative.parent / f"{relative.name}.png"
 
 

@@ -160,10 +160,13 @@ class ChestXrayClassifier(
         less confident than 98% of validation X-rays, and without a majority class).
         """
         single = not isinstance(images, (list, tuple))
-        decoded = [self.preprocessor.load(x) for x in ([images] if single else images)]
-        inference = self.infer(decoded, batch_size=batch_size, precision=precision)
-        results = [Prediction(dict(zip(self.class_names, map(float, row))), reasons)
-                   for row, reasons in zip(inference.probabilities.tolist(), inference.reasons(decoded, self.config))]
+        items = [images] if single else list(images)
+        results = []
+        for start in range(0, len(items), batch_size):  # one batch of full-size images held at a time
+            decoded = [self.preprocessor.load(x) for x in items[start : start + batch_size]]
+            inference = self.infer(decoded, batch_size=batch_size, precision=precision)
+            results += [Prediction(dict(zip(self.class_names, map(float, row))), reasons)
+                        for row, reasons in zip(inference.probabilities.tolist(), inference.reasons(decoded, self.config))]
         return results[0] if single else results
 
     def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):

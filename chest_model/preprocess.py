@@ -61,7 +61,12 @@ def load_image(source: ImageSource, *, name: str | None = None, min_size: int | 
     if isinstance(source, np.ndarray):
         return _finish(_array_to_rgb(source, label), label)
     if _is_pil_image(source):
-        return _finish(_pil_to_rgb(source, label), label)
+        try:
+            return _finish(_pil_to_rgb(source, label), label)
+        except (OSError, ValueError) as err:  # a lazily opened file that is truncated, or already closed
+            if isinstance(err, ImageLoadError):
+                raise
+            raise ImageLoadError(f"{label}: the PIL image cannot be read ({err})") from None
     data = _read_bytes(source, label)
     return _finish(_decode_bytes(data, label, min_size), label)
 
@@ -85,19 +90,26 @@ def _is_pil_image(obj: Any) -> bool:
 
 def _read_bytes(source: Any, label: str) -> bytes:
     if isinstance(source, (str, os.PathLike)):
+        if os.fspath(source) == "":  # an unset shell variable: Path("") would be the working folder
+            raise ImageLoadError("empty path: name an image file")
         path = Path(source)
-        if path.is_dir():
-            raise ImageLoadError(f"{label}: is a directory, not an image file")
         try:
+            if path.is_dir():
+                raise ImageLoadError(f"{label}: is a directory, not an image file")
             data = path.read_bytes()
         except FileNotFoundError:
             raise ImageLoadError(f"{label}: no such file") from None
-        except OSError as err:
+        except OSError as err:  # no permission, a name too long...
             raise ImageLoadError(f"{label}: cannot read file ({err.strerror or err})") from None
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     elif hasattr(source, "read"):
-        data = source.read()
+        try:
+            data = source.read()
+        except UnicodeDecodeError:
+            raise ImageLoadError(f"{label}: file object is open in text mode; open it with 'rb'") from None
+        except (OSError, ValueError) as err:  # a closed file, a failing stream
+            raise ImageLoadError(f"{label}: cannot read the file object ({err})") from None
         if isinstance(data, str):
             raise ImageLoadError(f"{label}: file object is open in text mode; open it with 'rb'")
     else:
@@ -114,13 +126,16 @@ def sniff_format(data: bytes) -> str | None:
     """The image format from the file's magic bytes, or None when it is not an image we read."""
     if len(data) >= 132 and data[128:132] == b"DICM":
         return "DICOM"
+    if len(data) >= 8 and data[:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
+        # No preamble (older exports, ACR-NEMA): the file starts with a little-endian group 0002 or 0008 tag.
+        return "DICOM"
     if data[:3] == b"\xff\xd8\xff":
         return "JPEG"
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "PNG"
     if data[:2] == b"BM":
         return "BMP"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic TIFF and BigTIFF
         return "TIFF"
     if data[:6] in (b"GIF87a", b"GIF89a"):
         return "GIF"
@@ -241,8 +256,13 @@ def _to_uint8(image: np.ndarray, label: str) -> np.ndarray:
         # bright; 8-bit data stored as x*257 comes back exactly). The maximum maps to <= 255: no clipping.
         peak = int(image.max())
         bits = max(8, peak.bit_length())
-        scaled = image.astype(np.float64) * (255.0 / ((1 << bits) - 1))
-        return np.rint(scaled).astype(np.uint8)
+        scale = np.float32(255.0 / ((1 << bits) - 1))
+        # In float32 and by bands of rows: a 100 MP 16-bit film would otherwise take gigabytes of float64.
+        out = np.empty(image.shape, np.uint8)
+        step = max(1, (1 << 22) // max(1, image[0].size))
+        for row in range(0, image.shape[0], step):
+            out[row : row + step] = np.rint(image[row : row + step].astype(np.float32) * scale)
+        return out
     raise ImageLoadError(f"{label}: unsupported pixel type {image.dtype}")
 
 

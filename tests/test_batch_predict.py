@@ -1,6 +1,7 @@
 """batch_predict.py: finding the files, one record per file in input order, the CSV table, Grad-CAM paths."""
 import csv
 import io
+from pathlib import Path
 
 import cv2
 import pytest
@@ -102,3 +103,19 @@ def test_a_class_named_like_a_column_is_refused():
     with pytest.raises(ColumnClashError, match=r"\['error', 'label'\]") as info:
         csv_columns(["label", "Covid", "error"])
     assert isinstance(info.value, ChestModelError) and isinstance(info.value, ValueError)
+
+
+def test_a_file_named_in_several_spellings_is_predicted_once_under_its_first_name(scans, monkeypatch):
+    monkeypatch.chdir(scans["root"] / "a")
+    files, _ = find_images(["x.png", scans["first"], "../a/x.png", "../a"])
+    assert files == [Path("x.png")]
+
+
+def test_gradcam_overlays_stay_inside_their_folder_when_inputs_climb_with_dotdot(tiny_model, scans, monkeypatch):
+    monkeypatch.chdir(scans["root"] / "a")
+    out = scans["root"].parent / "cams"
+    list(predict_files(tiny_model, [Path("x.png"), Path("../b/x.JPG")], gradcam_dir=Path("../../cams")))
+    written = sorted(p.relative_to(scans["root"].parent) for p in scans["root"].parent.rglob("*.png.png")) + sorted(
+        p.relative_to(scans["root"].parent) for p in scans["root"].parent.rglob("*.JPG.png"))
+    assert written == [Path("cams/a/x.png.png"), Path("cams/b/x.JPG.png")]
+    assert out.is_dir()

@@ -255,3 +255,41 @@ def test_contrast_modes_give_grey_rgb_and_leave_a_blank_image_blank(mode):
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # the model sees grey, as it trained
     blank = pre.to_uint8_tensor(np.full((100, 100, 3), 90, np.uint8))[0]
     assert int(blank.max()) - int(blank.min()) == 0  # no noise invented where there is no picture
+
+
+def test_8_bit_levels_stored_in_16_bits_come_back_exactly_over_many_row_bands():
+    levels = np.arange(256, dtype=np.uint16)
+    tall = np.tile(levels * 257, (20000, 1))  # taller than one band of rows of the scaling
+    np.testing.assert_array_equal(load_image(tall)[:, :, 0], np.tile(levels.astype(np.uint8), (20000, 1)))
+
+
+def test_bigtiff_is_read(tmp_path):
+    tifffile = pytest.importorskip("tifffile", reason="tifffile writes BigTIFF (it comes with scikit-image)")
+    tifffile.imwrite(tmp_path / "film.tif", base_xray(), bigtiff=True)
+    assert (tmp_path / "film.tif").read_bytes()[:4] == b"II+\x00"
+    np.testing.assert_array_equal(load_image(tmp_path / "film.tif")[:, :, 0], base_xray())
+
+
+def test_what_cannot_be_read_is_an_image_load_error_naming_it(tmp_path):
+    good = tmp_path / "film.png"
+    cv2.imwrite(str(good), base_xray())
+    with open(good, encoding="utf-8", errors="strict") as text:
+        with pytest.raises(ImageLoadError, match="open in text mode; open it with 'rb'"):
+            load_image(text)
+    handle = open(good, "rb")
+    handle.close()
+    with pytest.raises(ImageLoadError, match="film.png: cannot read the file object"):
+        load_image(handle)
+    closed = Image.open(good)
+    closed.close()
+    with pytest.raises(ImageLoadError, match="PIL image cannot be read"):
+        load_image(closed)
+    truncated = tmp_path / "cut.jpg"
+    cv2.imwrite(str(truncated), base_xray())
+    truncated.write_bytes(truncated.read_bytes()[:-400])
+    with pytest.raises(ImageLoadError, match="PIL image cannot be read .*truncated"):
+        load_image(Image.open(truncated))  # PIL opens lazily: the damage shows when the pixels are read
+    with pytest.raises(ImageLoadError, match="cannot read file .File name too long"):
+        load_image(tmp_path / ("x" * 300 + ".png"))
+    with pytest.raises(ImageLoadError, match="empty path"):
+        load_image("")
