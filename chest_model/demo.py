@@ -113,6 +113,9 @@ class DemoService:
         try:
             stat = os.stat(path)
             key = (path, stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:  # Gradio serves only its own uploads: this one was swept from its cache
+            raise gr.Error("This upload is no longer on the server (uploads are kept for an hour); upload the "
+                           "file again.", title="Upload expired", print_exception=False) from None
         except OSError:
             key = None  # the decoder names what is wrong with it
         with self._lock:
@@ -122,7 +125,7 @@ class DemoService:
         try:
             image = self.model.preprocessor.load(path, name=Path(path).name)
         except ImageLoadError as err:
-            raise gr.Error(str(err), title="Cannot read this file") from None
+            raise gr.Error(str(err), title="Cannot read this file", print_exception=False) from None
         image.flags.writeable = False
         if key is not None and image.nbytes <= self.DECODED_BYTES:
             with self._lock:
@@ -142,8 +145,9 @@ class DemoService:
         ``predicted``, the class the label shows, where the page has it (an API call has not)."""
         chosen = (predicted if predicted in self.model.class_names else None) if target in (None, "", PREDICTED) else target
         result = explain_image(self.model, self.load(path), chosen)
-        state = {"image": result.image, "heatmap": result.heatmap, "target": result.target_class}
-        return overlay(result.image, result.heatmap, opacity), state
+        image, heatmap = display_size(result.image, result.heatmap)
+        state = {"image": image, "heatmap": heatmap, "target": result.target_class}
+        return overlay(image, heatmap, opacity), state
 
     @staticmethod
     def reblend(state: dict[str, Any] | None, opacity: float):
@@ -156,6 +160,21 @@ class DemoService:
 
 
 PREDICTED = "Predicted class"
+# The overlay is shown on a page: larger films are shrunk to this longest side for it (a browser
+# shows no more, WebP stops at 16383 px, and each session keeps the overlay's state).
+DISPLAY_SIDE = 2048
+
+
+def display_size(image: np.ndarray, heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The film and its heat map shrunk together to at most :data:`DISPLAY_SIDE` on the longest side."""
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = DISPLAY_SIDE / max(height, width)
+    if scale >= 1:
+        return image, heatmap
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.resize(heatmap, size, interpolation=cv2.INTER_AREA)
 
 
 def label_value(prediction):
@@ -313,7 +332,8 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
                 upload = gr.File(label="Chest X-ray: drop a JPEG, PNG or DICOM file here, or click to upload",
                                  type="filepath", elem_id="xray-upload")
                 if examples:
-                    gr.Examples(examples=examples, inputs=upload, label="Examples (from the dataset's test split)")
+                    shown = gr.Examples(examples=examples, inputs=upload, label="Examples (from the dataset's test split)")
+                    keep_examples_in_cache(shown, upload)
                 target = gr.Dropdown([PREDICTED, *model.class_names], value=PREDICTED, label="Explain which class")
                 opacity = gr.Slider(0, 1, value=0.45, step=0.05, label="Heat-map opacity")
             with gr.Column(scale=1):
@@ -331,16 +351,43 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
         # cleared upload box) never leaves another file's label, warning or heat map on the page.
         # States stay out of the API: /predict returns the label alone, the page also gets the warning
         # and the top class, which its heat map then explains.
+        # The model's passes share one concurrency limit (the queue's default): Gradio limits each
+        # listener on its own, which would let /predict, /explain and a class change each run that many.
         upload.change(clear_results, None, [label, warning, heat, state, pending_warning, predicted],
                       api_visibility="private", queue=False).then(
             require_upload, upload, None, api_visibility="private", queue=False).success(
-            service.predict_with_warning, upload, [label, pending_warning, predicted], api_name="predict").success(
+            service.predict_with_warning, upload, [label, pending_warning, predicted], api_name="predict",
+            concurrency_id=MODEL_PASSES).success(
             lambda text: text, pending_warning, warning, api_visibility="private", queue=False).success(
-            service.explain, [upload, target, opacity, predicted], [heat, state], api_name="explain")
+            service.explain, [upload, target, opacity, predicted], [heat, state], api_name="explain",
+            concurrency_id=MODEL_PASSES)
         target.change(require_upload, upload, None, api_visibility="private", queue=False).success(
-            service.explain, [upload, target, opacity, predicted], [heat, state], api_visibility="private")
+            service.explain, [upload, target, opacity, predicted], [heat, state], api_visibility="private",
+            concurrency_id=MODEL_PASSES)
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
+
+
+MODEL_PASSES = "model"
+
+
+def keep_examples_in_cache(examples, component) -> None:
+    """Mark the example files' cached copies as kept: Gradio copies them once, at start, and its
+    hourly sweep of old uploads (``delete_cache``) would otherwise delete them, breaking every example."""
+    def paths(value):
+        if isinstance(value, dict):
+            if isinstance(value.get("path"), str):
+                yield value["path"]
+            for item in value.values():
+                yield from paths(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                yield from paths(item)
+        elif isinstance(getattr(value, "path", None), str):
+            yield value.path
+
+    for processed in examples.non_none_processed_examples.values():
+        component.keep_in_cache.update(paths(processed))
 
 
 def launch_options(examples_dir: Path | None, max_file_size: str | int = DEFAULT_MAX_FILE_SIZE) -> dict[str, Any]:
@@ -350,6 +397,26 @@ def launch_options(examples_dir: Path | None, max_file_size: str | int = DEFAULT
         "footer_links": ["api"],
         "show_error": True,
     }
+
+
+def file_size_argument(text: str) -> str:
+    """An argparse type for ``--max-file-size``: a whole number with a unit, checked before the model loads."""
+    import argparse
+
+    if not re.fullmatch(r"\s*\d+\s*(b|kb|mb|gb|tb)\s*", text, flags=re.I):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file size; write a whole number and a unit, e.g. 50mb or 1gb")
+    return text.replace(" ", "").lower()
+
+
+def serve(app, *, host: str, port: int, examples_dir: Path | None, max_file_size: str) -> None:
+    """Launch the server; a port in use or a host that cannot be bound is one ``error:`` line and status 2."""
+    import sys
+
+    try:
+        app.launch(server_name=host, server_port=port, **launch_options(examples_dir, max_file_size))
+    except OSError as err:
+        print(f"error: cannot serve on {host}:{port}: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def configure_queue(demo, *, concurrency: int | None = None, max_size: int = 64):

@@ -217,7 +217,9 @@ def header_size(data: bytes | str | os.PathLike, fmt: str, label: str) -> tuple[
                 Image.MAX_IMAGE_PIXELS = saved
     except Exception:  # noqa: BLE001 - any header parse failure means a broken file
         size = f"{len(data)} bytes; " if isinstance(data, bytes) else ""
-        raise ImageLoadError(f"{label}: corrupt {fmt} file: its header cannot be read ({size}truncated or damaged)") from None
+        variant = " (or a TIFF variant this reader does not support, such as 64-bit float samples)" if fmt == "TIFF" else ""
+        raise ImageLoadError(f"{label}: corrupt {fmt} file: its header cannot be read "
+                             f"({size}truncated or damaged){variant}") from None
 
 
 def _reduced_jpeg_flag(width: int, height: int, min_size: int) -> int | None:

@@ -15,8 +15,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the vendored chest_model/ beside this file, before any installed copy
 
-from chest_model import ChestXrayClassifier  # noqa: E402
-from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, launch_options  # noqa: E402
+from chest_model import ChestModelError, ChestXrayClassifier  # noqa: E402
+from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, file_size_argument, serve  # noqa: E402
 from chest_model.precision import inference_device  # noqa: E402
 
 MODEL = "model"  # a folder next to this file, or a Hub repo id
@@ -38,9 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     # A Space sets GRADIO_SERVER_NAME and GRADIO_SERVER_PORT; on a workstation the defaults stay local.
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="largest accepted upload, e.g. 50mb")
+    parser.add_argument("--max-file-size", type=file_size_argument, default=DEFAULT_MAX_FILE_SIZE,
+                        help="largest accepted upload, e.g. 50mb")
     args = parser.parse_args(argv)
-    create().launch(server_name=args.host, server_port=args.port, **launch_options(EXAMPLES, args.max_file_size))
+    try:
+        app = create()
+    except ChestModelError as err:  # a model that cannot be found or loaded: say why, in one line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    serve(app, host=args.host, port=args.port, examples_dir=EXAMPLES, max_file_size=args.max_file_size)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # a plain checkout holds chest_model/ next to demo/
 
 from chest_model import ChestModelError, ChestXrayClassifier  # noqa: E402
-from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, launch_options  # noqa: E402
+from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, file_size_argument, serve  # noqa: E402
 from chest_model.precision import DEVICE_HELP, device_argument, inference_device  # noqa: E402
 
 DEFAULT_MODEL = os.environ.get("CHEST_MODEL", str(HERE / "starter-model"))
@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", type=device_argument, default=DEFAULT_DEVICE, help=DEVICE_HELP)
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    parser.add_argument("--max-file-size", default=DEFAULT_MAX_FILE_SIZE, help="largest accepted upload, e.g. 50mb")
+    parser.add_argument("--max-file-size", type=file_size_argument, default=DEFAULT_MAX_FILE_SIZE,
+                        help="largest accepted upload, e.g. 50mb")
     args = parser.parse_args(argv)
     try:
         app = create(args.model, args.revision, args.device)
     except ChestModelError as err:  # a model that cannot be found or loaded: say why, in one line
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    app.launch(server_name=args.host, server_port=args.port, **launch_options(EXAMPLES, args.max_file_size))
+    serve(app, host=args.host, port=args.port, examples_dir=EXAMPLES, max_file_size=args.max_file_size)
 
 
 if __name__ == "__main__":

@@ -272,3 +272,63 @@ def test_the_decoded_uploads_kept_stay_within_their_memory_budget(tiny_model, tm
     cv2.imwrite(str(tmp_path / "big.png"), synthetic_xray(400, 400))
     assert service.load(str(tmp_path / "big.png")).shape == (400, 400, 3)  # served, but too large to keep
     assert len(service._decoded) == 3
+
+
+def test_the_examples_survive_the_sweep_of_old_uploads(tiny_model, tmp_path):
+    from gradio.route_utils import delete_files_created_by_app
+
+    from chest_model.demo import build_demo
+    from helpers import synthetic_xray, write_image
+
+    write_image(tmp_path / "examples" / "film.png", synthetic_xray(64, 64))
+    demo = build_demo(tiny_model, "tiny", examples_dir=tmp_path / "examples")
+    copies = {path for files in demo.temp_file_sets for path in files if Path(path).name == "film.png"}
+    assert copies, "Gradio copied the example into its cache"
+    delete_files_created_by_app(demo, age=None)  # what the hourly sweep does to uploads once they are old enough
+    assert all(Path(path).is_file() for path in copies)
+
+
+def test_an_expired_upload_is_named_as_such(tiny_model, tmp_path):
+    import gradio as gr
+
+    from chest_model.demo import DemoService
+
+    with pytest.raises(gr.Error, match="no longer on the server"):
+        DemoService(tiny_model, "tiny").load(str(tmp_path / "gradio" / "swept.png"))
+
+
+def test_the_heat_map_of_a_very_long_film_is_shrunk_for_the_page(tiny_model, tmp_path):
+    from chest_model.demo import DISPLAY_SIDE, DemoService
+    from helpers import synthetic_xray, write_image
+
+    path = write_image(tmp_path / "long.png", synthetic_xray(17000, 400))  # past WebP's 16383 px
+    picture, state = DemoService(tiny_model, "tiny").explain(str(path), "Predicted class", 0.45)
+    assert picture.shape[:2] == (DISPLAY_SIDE, round(400 * DISPLAY_SIDE / 17000))
+    assert state["heatmap"].shape == picture.shape[:2] and state["image"].shape == picture.shape
+
+
+def test_every_model_pass_shares_one_concurrency_limit(tiny_model):
+    from chest_model.demo import MODEL_PASSES, build_demo
+
+    demo = build_demo(tiny_model, "tiny")
+    passes = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") in ("predict_with_warning", "explain")]
+    assert len(passes) == 3 and {fn.concurrency_id for fn in passes} == {MODEL_PASSES}
+
+
+def test_launch_mistakes_are_one_error_line(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    app = [sys.executable, str(ROOT / "demo" / "app.py"), "--model", str(STARTER)]
+    size = subprocess.run([*app, "--max-file-size", "lots"], capture_output=True, text=True, timeout=120)
+    assert size.returncode == 2 and "is not a file size" in size.stderr and "Traceback" not in size.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = subprocess.run([*app, "--port", str(port)], capture_output=True, text=True, timeout=180)
+    assert busy.returncode == 2 and "Traceback" not in busy.stderr
+    assert busy.stderr.strip().splitlines()[-1].startswith(f"error: cannot serve on 127.0.0.1:{port}")

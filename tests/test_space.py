@@ -141,3 +141,13 @@ def test_an_output_below_a_file_is_one_clear_error(saved_model, tmp_path, capsys
     (tmp_path / "afile").write_text("x")
     assert main(["space", "--model", str(saved_model), "--output", str(tmp_path / "afile" / "sub")]) == 2
     assert "afile is a file, so no folder can be made below it" in capsys.readouterr().err
+
+
+def test_a_space_whose_model_cannot_be_loaded_stops_with_one_error_line(saved_model, tmp_path):
+    out = tmp_path / "space"
+    assert main(["space", "--model", str(saved_model), "--output", str(out)]) == 0
+    (out / "model" / "model.safetensors").write_bytes(b"not weights")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "app.py"], cwd=out, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: ") and "corrupt safetensors file" in result.stderr
