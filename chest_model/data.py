@@ -82,15 +82,28 @@ def split_data_spec(spec: str) -> tuple[str | None, str]:
 
 
 def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
-    """``[NAME=]PATH`` arguments -> unique (name, path) pairs."""
+    """``[NAME=]PATH`` arguments -> unique (name, path) pairs, each folder given once."""
     pairs = []
     for spec in specs:
+        if spec.startswith("="):
+            raise DatasetError(f"{spec!r}: empty NAME before '='; write NAME=PATH, or the PATH alone")
         name, path = split_data_spec(spec)
+        if not path:  # Path("") would be the working folder
+            raise DatasetError(f"{spec!r}: no PATH after '='; write NAME=PATH")
+        if name in (".", ".."):  # names become file and folder names of the reports
+            raise DatasetError(f"{spec!r}: {name!r} cannot name a data set; choose a word")
         pairs.append((name or source_name(path), Path(path)))
     names = [name for name, _ in pairs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DatasetError(f"two data folders share the source name(s) {duplicates}; give each folder its own NAME with NAME=PATH")
+    # The same images under two names would count twice (and leak between training and validation).
+    real = [(name, Path(os.path.realpath(path))) for name, path in pairs]
+    for i, (name, folder) in enumerate(real):
+        for other, inner in real[i + 1:]:
+            if folder == inner or folder in inner.parents or inner in folder.parents:
+                raise DatasetError(f"data sets {name!r} ({pairs[i][1]}) and {other!r} share files: one folder is "
+                                   "the other or lies inside it; give each folder once")
     return pairs
 
 
@@ -134,6 +147,8 @@ def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool
     root = Path(root)
     problems: list[str] = []
     folder = ImageFolder(root, list(class_names), source_names=[name or source_name(root)])
+    if root.exists() and not root.is_dir():
+        return folder, [f"{root}: is a file, not a data folder (a data folder holds one folder per class)"]
     if not root.is_dir():
         return folder, [f"{root}: data folder does not exist"]
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -141,8 +156,12 @@ def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool
     if extra:
         problems.append(
             f"{root}: class folder(s) {extra} do not match the model's classes {list(class_names)} "
-            "(rename them, or pass --class-names to train another set)"
+            "(rename them to those names; a model of other classes is trained with train.py --class-names)"
         )
+    loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
+    if loose:
+        logger.warning("%s: %d image(s) lie directly in the data folder, outside every class folder, and are left out",
+                       root, len(loose))
     if partial and not any(n in class_names for n in present):
         problems.append(f"{root}: none of the class folders {list(class_names)} is here")
     for label, class_name in enumerate(class_names):
@@ -204,7 +223,22 @@ def stratified_split(labels: list[int], fraction: float, seed: int, sources: lis
         strata = list(labels)
     indices = np.arange(n)
     train_idx, val_idx = train_test_split(indices, test_size=size, stratify=strata, random_state=seed)
-    return sorted(train_idx.tolist()), sorted(val_idx.tolist())
+    train_idx, val_idx = _every_class_in_both(labels, train_idx.tolist(), val_idx.tolist(), seed)
+    return sorted(train_idx), sorted(val_idx)
+
+
+def _every_class_in_both(labels: list[int], train: list[int], val: list[int], seed: int) -> tuple[list[int], list[int]]:
+    """Stratified rounding can leave a small class out of one part (2 images, a 20% split); an image
+    of that class is moved over (seeded), so validation measures, and training learns, every class."""
+    rng = np.random.default_rng(seed)
+    for label in sorted(set(labels)):
+        for give, take in ((train, val), (val, train)):
+            if not any(labels[i] == label for i in take):
+                candidates = [i for i in give if labels[i] == label]
+                moved = candidates[int(rng.integers(len(candidates)))]
+                give.remove(moved)
+                take.append(moved)
+    return train, val
 
 
 def _strata(labels: list[int], sources: list[int] | None) -> list:

@@ -9,12 +9,14 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from . import checkpoints as ckpt
-from .atomic import recover_interrupted
+from .atomic import file_above, recover_interrupted
 from .hub import MODEL_FILES, MODEL_RECORDS
 from .train_config import TrainingConfig
 
 logger = logging.getLogger("chest_model.training")
 
+# What only a training run writes in its folder (at its end; checkpoints and the model during it).
+RUN_RECORDS = ("train_config.json", "history.json")
 TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
 
 
@@ -36,6 +38,10 @@ def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
 
 def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | None:
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        return f"{output_dir}: is a file; --output-dir names a folder for the run"
+    if (blocking := file_above(output_dir)) is not None:
+        return f"{output_dir}: {blocking} is a file, so no --output-dir can be made below it"
     recover_interrupted(output_dir)  # a save killed mid-swap set the folder aside
     checkpoints_dir = output_dir / "checkpoints"
     if args.resume_from_checkpoint and args.overwrite_output_dir:
@@ -48,12 +54,32 @@ def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | No
     if args.resume_from_checkpoint:
         return resume_problem(args, num_processes)
     earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)]
-    earlier += [name for name in ("config.json", "model.safetensors") if (output_dir / name).is_file()]
-    if earlier and not args.overwrite_output_dir:
+    earlier += [name for name in (*RUN_RECORDS, "model.safetensors") if (output_dir / name).is_file()]
+    if _holds_our_config(output_dir):
+        earlier.append("config.json")
+    if not earlier or earlier == ["model.safetensors"]:
+        # Files a run writes, in a folder no run (and no model of ours) wrote: someone else's, which
+        # neither a run nor --overwrite-output-dir may replace.
+        theirs = [name for name in (*MODEL_FILES, *MODEL_RECORDS) if (output_dir / name).exists()]
+        if theirs:
+            return (f"{output_dir}: holds {', '.join(theirs)}, which are not a chest X-ray model's or a training "
+                    "run's; a run would replace them: choose another --output-dir")
+        return None
+    if not args.overwrite_output_dir:
         return (f"{output_dir}: holds an earlier run ({', '.join(earlier)}). Continue it with "
                 "--resume-from-checkpoint latest, pass --overwrite-output-dir to start over (its checkpoints, "
                 "model and records are deleted), or choose another --output-dir")
     return None
+
+
+def _holds_our_config(folder: Path) -> bool:
+    from .config import ChestXrayConfig, ConfigError
+
+    try:
+        ChestXrayConfig.load(folder / "config.json")
+    except ConfigError:
+        return False
+    return True
 
 
 def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
@@ -70,6 +96,10 @@ def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
             return None
         state = ckpt.verify_checkpoint(path, checksums=False)
         ckpt.check_same_recipe(path, state.get("recipe"), {**args.recipe(), "num_processes": num_processes})
+        started = int(state.get("epoch", 0)) + (1 if state.get("step_in_epoch") else 0)
+        if args.epochs < started:  # the weights already went further than the run would end
+            return (f"{path}: has trained {started} epoch(s) (the last one {'in part' if state.get('step_in_epoch') else 'whole'}); "
+                    f"resume with --epochs {started} or more")
     except ckpt.CheckpointError as err:
         return str(err)
     return None

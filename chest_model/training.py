@@ -35,17 +35,41 @@ from . import checkpoints as ckpt
 from .atomic import atomic_write_text
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
-from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
-                   parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
+from .data import (
+    BalancedSampler,
+    CachedImageDataset,
+    DatasetError,
+    build_train_augmentation,
+    decode_folder,
+    parse_data_dirs,
+    relative_name,
+    scan_image_folder,
+    scan_sources,
+    stratified_split,
+)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
-from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
+from .engine import (
+    Predictions,
+    grouped_metrics,
+    metrics_from_logits,
+    predict_logits,
+    train_one_epoch,
+    unlearned_groups,
+)
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
+from .preprocess import ImageLoadError
 from .run_folder import TRACKER_PROJECT, prepare_output_dir
-from .runtime import GracefulStop, Interrupted, available_cores, preimport, tune_allocator
+from .runtime import (
+    GracefulStop,
+    Interrupted,
+    available_cores,
+    preimport,
+    tune_allocator,
+)
 from .train_config import TrainingConfig, parse_config
 
 logger = logging.getLogger("chest_model.training")
@@ -201,8 +225,11 @@ def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str
             name = sources[0][0] if split == "val" and len(sources) == 1 else None
             folders[split], more = scan_image_folder(path, class_names, name=name)
             problems += more
+    folders["held_out"] = [(f"--test-dir {args.test_dir}", folders["test"])] if "test" in folders else []
     for name, path in _named(args.external_dir):  # checked now, not after the training
-        problems += scan_image_folder(path, class_names, partial=True, name=name)[1]
+        external, more = scan_image_folder(path, class_names, partial=True, name=name)
+        problems += more
+        folders["held_out"].append((f"--external-dir {name}", external))
     if problems:
         raise DatasetError("cannot train, the data has problems:\n  - " + "\n  - ".join(problems))
     return folders
@@ -225,12 +252,31 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
         raise DatasetError(f"cannot train, {len(bad)} file(s) cannot be read (use --skip-bad-files to leave them out):\n  - " + "\n  - ".join(bad))
     for message in bad:
         logger.warning("skipped: %s", message)
+    for name, split in splits.items():  # the files left out may have been a whole class's
+        empty = [c for i, c in enumerate(folders[name].class_names) if i not in split.labels]
+        if empty:
+            raise DatasetError(f"cannot train: no readable {name} image of class(es) {empty} is left "
+                               f"({len(bad)} unreadable file(s) left out)")
+    for flag, folder in folders.get("held_out", []):
+        check_some_readable(flag, folder, preprocessor)
     logger.info("decoded %d images in %.1f s", sum(len(s.labels) for s in splits.values()), time.perf_counter() - start)
     if "val" not in splits:
         pool = splits["train"]
         train_idx, val_idx = stratified_split(pool.labels, args.val_split, args.seed, sources=pool.sources)
         splits["train"], splits["val"] = pool.take(train_idx), pool.take(val_idx)
     return TrainingData(splits["train"], splits["val"], bad)
+
+
+def check_some_readable(flag: str, folder, preprocessor) -> None:
+    """A held-out set is evaluated after training; one with no readable file is found now, not then."""
+    for path in folder.paths:
+        try:
+            preprocessor.load(path)
+            return
+        except ImageLoadError:
+            continue
+    raise DatasetError(f"{flag}: none of the {len(folder.paths)} image files in {folder.root} can be read, so it "
+                       "could not be evaluated after training; fix or remove it")
 
 
 def build_model(args: TrainingConfig, config: ChestXrayConfig):
@@ -638,7 +684,9 @@ def evaluate_held_out(run: Run, model) -> tuple[dict[str, Any] | None, dict[str,
 def save_outputs(run: Run, model, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None,
                  external: dict[str, Any]) -> None:
     """The run's records, its figure, the model with its card, and the upload."""
-    from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
+    from .reports import (
+        plot_training_curves,  # matplotlib: imported late, on preimport's thread during epoch 1
+    )
 
     args, record, output_dir = run.args, run.record, run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,40 @@ def test_folders_are_searched_without_hidden_folders_and_through_symlinked_ones(
     assert not any(".thumbs" in n for n in names) and len(names) == 2, names
     folder, problems = scan_image_folder(root, ["Normal", "Covid", "Viral Pneumonia"])
     assert not problems and len(folder.paths) == 4
+
+
+@pytest.mark.parametrize("spec, message", [("=data", "empty NAME"), ("adults=", "no PATH"), ("..=data", "cannot name a data set")])
+def test_malformed_data_dir_arguments_are_refused_saying_why(spec, message):
+    with pytest.raises(DatasetError, match=message):
+        parse_data_dirs([spec])
+
+
+def test_one_folder_given_twice_or_inside_another_is_refused(two_roots):
+    kids, adults = two_roots
+    with pytest.raises(DatasetError, match="share files"):
+        parse_data_dirs([f"a={kids}", f"b={kids}/../train"])
+    with pytest.raises(DatasetError, match="share files"):
+        parse_data_dirs([f"all={kids.parent}", f"kids={kids}"])
+    assert [name for name, _ in parse_data_dirs([f"kids={kids}", f"adults={adults}"])] == ["kids", "adults"]
+
+
+def test_a_file_given_as_a_data_folder_is_named_as_a_file(tmp_path):
+    (tmp_path / "data.zip").write_bytes(b"PK")
+    _, problems = scan_image_folder(tmp_path / "data.zip", CLASS_NAMES)
+    assert problems == [f"{tmp_path / 'data.zip'}: is a file, not a data folder (a data folder holds one folder per class)"]
+
+
+def test_images_outside_the_class_folders_are_reported(two_roots, caplog):
+    kids, _ = two_roots
+    write_image(kids / "stray.png", synthetic_xray(40, 40))
+    folder, problems = scan_image_folder(kids, CLASS_NAMES)
+    assert not problems and all(p.name != "stray.png" for p in folder.paths)
+    assert "1 image(s) lie directly in the data folder" in caplog.text
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_split_gives_every_class_to_both_parts_even_a_class_of_two(seed):
+    labels = [0] * 30 + [1] * 30 + [2] * 2
+    train, val = stratified_split(labels, 0.1, seed)
+    assert {labels[i] for i in val} == {0, 1, 2} and {labels[i] for i in train} == {0, 1, 2}
+    assert sorted(train + val) == list(range(len(labels)))

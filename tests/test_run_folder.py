@@ -14,6 +14,9 @@ def test_an_empty_or_missing_folder_is_fine(tmp_path):
 
 
 def test_an_earlier_model_is_refused_naming_both_ways_on(tmp_path):
+    from chest_model import ChestXrayConfig
+
+    ChestXrayConfig(image_size=32).save(tmp_path / "config.json")  # a run's best epoch so far, saved
     (tmp_path / "model.safetensors").write_bytes(b"weights")
     problem = output_dir_problem(config(tmp_path))
     assert "model.safetensors" in problem and "--resume-from-checkpoint latest" in problem
@@ -49,3 +52,21 @@ def test_clearing_removes_the_earlier_run_and_nothing_else(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's own file")
     clear_earlier_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_files_of_someone_elses_making_are_never_offered_for_deletion(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')  # another library's model
+    (tmp_path / "README.md").write_text("their card")
+    (tmp_path / "model.safetensors").write_bytes(b"their weights")
+    for extra in ((), ("--overwrite-output-dir",)):
+        problem = output_dir_problem(config(tmp_path, *extra))
+        assert "not a chest X-ray model's or a training run's" in problem and "--overwrite-output-dir" not in problem
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("unrelated files alone are fine")
+    assert output_dir_problem(config(tmp_path / "other")) is None
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "run").write_text("a file")
+    assert "is a file" in output_dir_problem(config(tmp_path / "run"))
+    assert "is a file, so no --output-dir" in output_dir_problem(config(tmp_path / "run" / "below"))

@@ -228,3 +228,43 @@ def test_framing_augmentation_trains_with_the_models_contrast_normalisation(tmp_
     record = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert set(calls) == {"standardize"}
     assert len(calls) == sum(record["data_counts"]["train"].values())  # each training draw of the epoch, no validation image
+
+
+def test_a_resume_with_fewer_epochs_than_trained_is_refused_before_decoding(tmp_path, clean_accelerate, capsys, caplog):
+    # Else the loop has nothing to do, and the last epoch's weights would be saved as the best one's.
+    caplog.set_level(logging.INFO, logger="chest_model.training")
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1"]
+    assert main([*common, "--epochs", "2"]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    caplog.clear()
+    capsys.readouterr()
+    assert main([*common, "--epochs", "1", "--resume-from-checkpoint", "latest"]) == 2
+    assert "has trained 2 epoch(s) (the last one whole); resume with --epochs 2 or more" in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.getMessage().startswith("decoded")]
+    assert (out / "model.safetensors").read_bytes() == weights
+
+
+def test_unreadable_files_that_were_a_whole_class_stop_the_run_naming_it(tmp_path, clean_accelerate, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    for path in (data / "Viral Pneumonia").iterdir():
+        path.write_bytes(b"not an image")
+    status = main(["--data-dir", str(data), "--output-dir", str(tmp_path / "run"), "--image-size", "32", "--weights", "none",
+                   "--epochs", "1", "--skip-bad-files"])
+    assert status == 2
+    assert "no readable train image of class(es) ['Viral Pneumonia'] is left (4 unreadable file(s) left out)" in capsys.readouterr().err
+
+
+def test_a_held_out_set_with_no_readable_file_is_refused_before_training(tmp_path, clean_accelerate, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="chest_model.training")
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    broken = tmp_path / "adults" / "Normal"
+    broken.mkdir(parents=True)
+    (broken / "a.png").write_bytes(b"not an image")
+    status = main(["--data-dir", str(data), "--output-dir", str(tmp_path / "run"), "--image-size", "32", "--weights", "none",
+                   "--epochs", "1", "--external-dir", f"adults={broken.parent}"])
+    assert status == 2
+    assert "--external-dir adults: none of the 1 image files" in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.getMessage().startswith("epoch")]
