@@ -227,13 +227,33 @@ def file_above(path: Path) -> Path | None:
 
 
 def check_writable_file(path: str | Path) -> Path:
-    """``path`` as a file to write: not a folder, and not below a file. Checked before long work."""
+    """``path`` as a file to write: not a folder, not below a file, in a folder that can be written
+    (or made). Checked before long work."""
     path = Path(path)
     if path.is_dir():
         raise NotAFolderError(f"{path}: is a folder; give a file name to write")
     if (blocking := file_above(path)) is not None:
         raise NotAFolderError(f"{path}: {blocking} is a file, so no file can be written below it")
+    _check_can_write_in(path.parent, path)
     return path
+
+
+def check_writable_folder(path: str | Path) -> Path:
+    """``path`` as a folder to write files into (made if missing): not a file, not below one, writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotAFolderError(f"{path}: is a file, not a folder; choose a folder to write to")
+    if (blocking := file_above(path)) is not None:
+        raise NotAFolderError(f"{path}: {blocking} is a file, so no folder can be made below it")
+    _check_can_write_in(path, path)
+    return path
+
+
+def _check_can_write_in(folder: Path, named: Path) -> None:
+    """The nearest existing folder of ``folder``'s (itself, or the one it would be made in) is writable."""
+    existing = next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise FolderWriteError(f"{named}: cannot be written: {existing} is read-only")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -246,6 +266,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         fsync_directory(path.parent)
+    except OSError as err:  # a full disk, a read-only place: one line naming the file
+        raise FolderWriteError(f"{path}: cannot be written ({err.strerror or err})") from None
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import relative_message
 from .preprocess import ImageLoadError, header_size, sniff_format
 
 FORMATS = ("JPEG", "PNG", "DICOM", "other")
@@ -52,7 +53,7 @@ def file_metadata(path: str | Path) -> list[float]:
     return [float(height), float(width), width / height, size / (height * width), *onehot]
 
 
-def metadata_baseline(train_paths, train_labels, eval_paths, eval_labels, *, seed: int = 0) -> dict:
+def metadata_baseline(train_paths, train_labels, eval_paths, eval_labels, *, seed: int = 0, root=None) -> dict:
     """Fit a random forest on training-file metadata; score it on the evaluation files.
 
     Unreadable training files are left out and listed in ``unreadable_train_files`` (one bad file
@@ -66,7 +67,7 @@ def metadata_baseline(train_paths, train_labels, eval_paths, eval_labels, *, see
         try:
             rows.append(file_metadata(path))
         except ImageLoadError as err:
-            unreadable.append(str(err))
+            unreadable.append(relative_message(str(err), path, root) if root is not None else str(err))
             continue
         kept_labels.append(label)
     result = {

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "report names NAME/CLASS/FILE (NAME defaults to the folder's name, or its parent's for "
                                "train/ and the like). Repeat it for a model trained on several sources")
     evaluate.add_argument("--output-dir", default=None, help="where to write metrics.json and figures (without it, the report is only printed)")
-    evaluate.add_argument("--bootstrap", type=whole_number(0), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    evaluate.add_argument("--bootstrap", type=whole_number(1), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
     evaluate.add_argument("--framing-check", action="store_true",
                           help="also classify every image cropped around its centre (tighter, portrait, landscape) and report, "
                                "per class, what it is called then: a model that learned how its sources frame the chest "
@@ -92,11 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from .atomic import atomic_write_text, check_writable_folder
     from .data import DatasetError, parse_data_dirs, scan_image_folder
-    from .evaluation import evaluate_external, evaluate_model, external_summary, folder_files, hash_training_files, summary
+    from .evaluation import (
+        evaluate_external,
+        evaluate_model,
+        external_summary,
+        folder_files,
+        hash_training_files,
+        remove_stale_evaluation,
+        summary,
+    )
+    from .hub import weights_fingerprint
 
-    model = _load_model(args)
+    if args.output_dir:  # where the results go is checked before any work, not after the last set
+        check_writable_folder(args.output_dir)
     sets = parse_data_dirs(args.data_dir)
+    model = _load_model(args)
+    # Every set is checked before the first is evaluated, so a mistake in the last costs nothing.
+    problems = [p for name, path in sets for p in scan_image_folder(path, model.class_names, partial=True, name=name)[1]]
+    if problems:
+        raise DatasetError("cannot evaluate:\n  - " + "\n  - ".join(problems))
     train_dir, training_images = None, None
     if args.train_dir:
         train_sources = parse_data_dirs(args.train_dir)
@@ -118,15 +134,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
         else:
             results[name] = evaluate_external(model, path, name=name, training_images=training_images,
                                               framing=args.framing_check, tone=args.tone_check)
+            if out is not None and len(sets) > 1:  # every set of several has its own folder
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / "metrics.json", json.dumps(results[name], indent=2))
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
         print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:
-        from .atomic import atomic_write_text
-
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        document = results[sets[0][0]] if len(sets) == 1 else {"sets": results}
-        atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(document, indent=2))
-        print(f"wrote {Path(args.output_dir) / 'metrics.json'}")
+        output = Path(args.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        remove_stale_evaluation(output, [name for name, _ in sets])
+        document = results[sets[0][0]] if len(sets) == 1 else {"model_fingerprint": weights_fingerprint(model), "sets": results}
+        atomic_write_text(output / "metrics.json", json.dumps(document, indent=2))
+        print(f"wrote {output / 'metrics.json'}")
     return 0
 
 
@@ -175,14 +194,14 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .atomic import check_writable_file, writable_target
+    from .atomic import check_writable_file, check_writable_folder
     from .batch_predict import csv_columns, predict_inputs, predict_to_csv
 
     # Where the results go is checked before any work, not after the last file.
     if args.csv:
         check_writable_file(args.csv)
     if args.gradcam_dir:
-        writable_target(args.gradcam_dir)
+        check_writable_folder(args.gradcam_dir)
     model = _load_model(args)
     if args.csv:
         csv_columns(model.class_names)
@@ -240,6 +259,13 @@ def _read_metrics(path: str) -> dict:
     metrics = read_json(path)
     if not isinstance(metrics, dict):
         raise ConfigError(f"{path}: expected a JSON object from `chest-model evaluate`, got {type(metrics).__name__}")
+    if isinstance(metrics.get("sets"), dict):
+        names = ", ".join(f"{name}/metrics.json" for name in metrics["sets"])
+        raise ConfigError(f"{path}: holds several evaluated sets; a card reports one test split: pass its own file "
+                          f"beside this one ({names})")
+    if "predicted_share" in metrics:
+        raise ConfigError(f"{path}: holds a set with only some classes (shares predicted as each class); a card "
+                          "reports a test split with every class")
     return metrics
 
 

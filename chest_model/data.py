@@ -73,6 +73,11 @@ def relative_name(path: str | Path, root: str | Path) -> str:
     return Path(path).name
 
 
+def relative_message(message: str, path: str | Path, root: str | Path) -> str:
+    """A message that starts with ``path``, starting with its name relative to ``root`` instead."""
+    return relative_name(path, root) + message[len(str(path)):] if message.startswith(str(path)) else message
+
+
 def split_data_spec(spec: str) -> tuple[str | None, str]:
     """``NAME=PATH`` -> (NAME, PATH); a bare PATH (which may itself hold "=") -> (None, PATH)."""
     name, sep, path = spec.partition("=")

@@ -6,6 +6,7 @@ model's score stand two numbers that tell how much of it a shortcut could explai
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 
 from .atomic import atomic_write_text
 from .audit import mask_center, metadata_baseline, verdict
-from .data import DatasetError, relative_name, scan_image_folder, source_name
+from .data import DatasetError, relative_message, relative_name, scan_image_folder, source_name
 from .duplicates import hash_matrix as cached_hashes, image_hash, train_test_copies
 from .framing import framing_check, framing_lines, tone_check
 from .hub import weights_fingerprint
@@ -82,8 +83,13 @@ def evaluate_model(
     train_dir = Path(train_dir) if train_dir else default_train_dir(Path(data_dir))
     if train_dir is not None:
         train_folder, train_problems = scan_image_folder(train_dir, class_names)
-        if not train_problems:
-            baseline = metadata_baseline(train_folder.paths, train_folder.labels, paths, labels, seed=seed)
+        if train_problems:  # the report says why the baseline is missing, not "no --train-dir"
+            audit["metadata_baseline_unavailable"] = "; ".join(relative_message(p, train_dir, train_dir.parent)
+                                                               for p in train_problems)
+            logger.warning("metadata baseline left out: the training folder has problems: %s", "; ".join(train_problems))
+        else:
+            baseline = metadata_baseline(train_folder.paths, train_folder.labels, paths, labels, seed=seed,
+                                         root=train_dir)
             audit.update(metadata_baseline_accuracy=baseline["accuracy"], metadata_baseline_macro_f1=baseline["macro_f1"],
                          metadata_features=baseline["features"], metadata_train_source=train_folder.source_names[0],
                          metadata_n_train=baseline["n_train"], unreadable_train_files=baseline["unreadable_train_files"])
@@ -183,8 +189,8 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
     uncertain = np.array([bool(r) for r in reasons])
     present = [c for c in range(len(class_names)) if (labels == c).any()]
 
-    def shares(mask: np.ndarray) -> dict[str, float]:
-        return {cls: float((predicted[mask] == c).mean()) if mask.any() else 0.0 for c, cls in enumerate(class_names)}
+    def shares(mask: np.ndarray) -> dict[str, float | None]:  # None where no image is left to share out
+        return {cls: float((predicted[mask] == c).mean()) if mask.any() else None for c, cls in enumerate(class_names)}
 
     result = {
         "name": folder.source_names[0],
@@ -197,6 +203,7 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
         "predicted_share_when_not_uncertain": shares(~uncertain),
         "ood": ood_summary(reasons, model.config),
         "unreadable_files": errors,
+        "model_fingerprint": weights_fingerprint(model),
     }
     copies = copies_audit(model, images, labels, [relative_name(p, data_dir) for p in paths], training_images, probs)
     if copies is not None:
@@ -243,6 +250,8 @@ def _decode(model: ChestXrayClassifier, folder) -> tuple[list[np.ndarray], np.nd
     """Every file decoded once (unreadable ones listed, not fatal): images, labels, paths, errors."""
     with ThreadPoolExecutor(max_workers=4) as pool:
         decoded = list(pool.map(_try_load(model), folder.paths))
+    # Named within their set (CLASS/FILE), as every file in metrics.json: the file may be shared.
+    decoded = [relative_message(d, path, folder.root) if isinstance(d, str) else d for d, path in zip(decoded, folder.paths)]
     errors = [d for d in decoded if isinstance(d, str)]
     keep = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
     if errors and not keep:
@@ -267,6 +276,31 @@ def _try_load(model, then=None):
 @torch.inference_mode()
 def _probabilities(model: ChestXrayClassifier, images: list[np.ndarray], batch_size: int) -> np.ndarray:
     return model.predict_proba(images, batch_size=batch_size).numpy().astype(np.float64)
+
+
+FIGURES = ("confusion_matrix.png", "reliability.png", "misclassified.png")
+
+
+def remove_stale_evaluation(output: Path, names: list[str]) -> None:
+    """What an earlier evaluation into ``output`` wrote that this one does not overwrite: its figures
+    of one set (now there are several) or the folders of sets not evaluated now. Found from the earlier
+    metrics.json, so nothing else in the folder (a model beside its results) is touched."""
+    try:
+        earlier = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(earlier, dict):
+        return
+    stale = []
+    if "sets" in earlier and isinstance(earlier["sets"], dict):
+        stale += [output / name for name in earlier["sets"] if name not in names or len(names) == 1]
+    elif "confusion_matrix" in earlier and len(names) > 1:
+        stale += [output / name for name in FIGURES]
+    for path in stale:
+        if path.is_dir() and (path / "metrics.json").is_file():
+            shutil.rmtree(path)
+        elif path.is_file() and path.name in FIGURES:
+            path.unlink()
 
 
 def write_outputs(metrics, images, probs, labels, order, class_names, out: Path) -> None:
@@ -300,7 +334,8 @@ def summary(metrics: dict[str, Any]) -> str:
     meta = audit["metadata_baseline_accuracy"]
     lines += [
         "shortcut audit:",
-        f"  metadata-only classifier  {meta:.3f}" if meta is not None else "  metadata-only classifier  n/a (no --train-dir)",
+        f"  metadata-only classifier  {meta:.3f}" if meta is not None else
+        f"  metadata-only classifier  n/a ({audit.get('metadata_baseline_unavailable') or 'no --train-dir'})",
         f"  model, lungs hidden       {audit['center_masked_accuracy']:.3f}",
         f"  model, only lungs kept    {audit['center_only_accuracy']:.3f}",
         f"  majority class            {audit['majority_class_accuracy']:.3f}",

@@ -11,6 +11,7 @@ The folder is written atomically: a failed build leaves a previous one as it was
 """
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from importlib import metadata
@@ -21,6 +22,8 @@ from .card import DISTRIBUTION, LICENSE, repository_url
 from .demo import NOTICE, example_files  # the page's own words and examples
 from .errors import ChestModelError
 from .hub import CARD_NAME, MODEL_FILES, ModelLoadError, looks_like_path
+
+logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT_EXAMPLES = PACKAGE_DIR.parent / "examples"  # present in a source checkout, not in an installed wheel
@@ -72,6 +75,9 @@ def build_space(model: str, output: str | Path, *, revision: str | None = None, 
     output = Path(output).expanduser().absolute()
     local = Path(model).expanduser()
     repo_id = None if local.is_dir() else _hub_repo_id(model)
+    if repo_id is not None and local.parent != Path(".") and local.parent.is_dir():
+        logger.warning("%s: no such local folder (though %s is one), so the Space will download the Hub repo %s; "
+                       "check the path if you meant a folder", model, local.parent, repo_id)
     config = _check_model(local) if repo_id is None else None
     examples_dir, examples_note = _examples(examples)
     sources = [PACKAGE_DIR] + ([local.resolve()] if repo_id is None else []) + ([examples_dir.resolve()] if examples_dir else [])
@@ -79,7 +85,9 @@ def build_space(model: str, output: str | Path, *, revision: str | None = None, 
     gradio_version = _installed("gradio", "the demo extra: pip install 'chest-xray-classifier[demo]'")
     requirements = _requirements()
 
-    with atomic_directory(output, keep_existing=False) as tmp:
+    # A rebuilt Space keeps its dot-entries (a clone's .git, .gitattributes); everything else is written anew.
+    replaced = [entry.name for entry in output.iterdir() if not entry.name.startswith(".")] if output.is_dir() else []
+    with atomic_directory(output, drop=replaced) as tmp:
         shutil.copytree(PACKAGE_DIR, tmp / "chest_model", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "app.py").write_text(_app_source(repo_id or "model", revision, repo_id or local.resolve().name), encoding="utf-8")
         (tmp / "requirements.txt").write_text(requirements, encoding="utf-8")

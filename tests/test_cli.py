@@ -279,7 +279,8 @@ def test_predict_to_csv_with_a_class_named_like_a_column_fails_before_predicting
 
 
 @pytest.mark.parametrize("argv", [["predict", "--model", "m", "--batch-size", "0", "x.png"],
-                                  ["evaluate", "--model", "m", "--data-dir", "d", "--bootstrap", "-1"]])
+                                  ["evaluate", "--model", "m", "--data-dir", "d", "--bootstrap", "-1"],
+                                  ["evaluate", "--model", "m", "--data-dir", "d", "--bootstrap", "0"]])
 def test_counts_that_cannot_work_are_argparse_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -290,3 +291,60 @@ def test_a_device_that_is_not_here_is_refused_before_the_model_loads(tmp_path):
     missing = f"cuda:{torch.cuda.device_count()}"
     result = run("predict", "--model", str(tmp_path / "no-model"), "--device", missing, "x.png")
     assert result.returncode == 2 and "no such CUDA GPU here" in result.stderr and "no-model" not in result.stderr
+
+
+def test_evaluate_checks_its_output_and_every_set_before_the_first_pass(saved_model, tmp_path, capsys):
+    from helpers import make_class_folders
+
+    good = make_class_folders(tmp_path / "good", per_class=2, size=40, seed=1)
+    (tmp_path / "taken").write_text("a file")
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"a={good}", "--output-dir", str(tmp_path / "taken")]) == 2
+    assert f"{tmp_path / 'taken'}: is a file" in only_error_line(capsys.readouterr().err)
+    misnamed = make_class_folders(tmp_path / "bad", per_class=2, size=40, seed=2)
+    (misnamed / "Normal").rename(misnamed / "normal")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"a={good}", "--data-dir", f"b={misnamed}",
+                 "--output-dir", str(out), "--bootstrap", "10"]) == 2
+    assert "class folder(s) ['normal']" in capsys.readouterr().err
+    assert not out.exists(), "nothing is evaluated or written before every set is checked"
+
+
+def test_evaluate_gives_every_set_its_folder_and_clears_only_what_an_earlier_evaluation_wrote(saved_model, tmp_path):
+    from helpers import make_class_folders
+
+    full = make_class_folders(tmp_path / "full", per_class=2, size=40, seed=1)
+    normals = make_class_folders(tmp_path / "adults", per_class=2, size=40, seed=3, class_names=["Normal"])
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"test={full}", "--output-dir", str(out),
+                 "--bootstrap", "10"]) == 0
+    (out / "notes.txt").write_text("the user's own file")
+    assert (out / "confusion_matrix.png").is_file()
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"test={full}", "--data-dir", f"adults={normals}",
+                 "--output-dir", str(out), "--bootstrap", "10"]) == 0
+    assert not (out / "confusion_matrix.png").exists()  # the single set's figures, not this evaluation's
+    assert sorted(p.name for p in out.iterdir()) == ["adults", "metrics.json", "notes.txt", "test"]
+    assert json.loads((out / "adults" / "metrics.json").read_text())["true_counts"] == {"Normal": 2}
+    document = json.loads((out / "metrics.json").read_text())
+    assert set(document) == {"model_fingerprint", "sets"} and set(document["sets"]) == {"test", "adults"}
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"adults={normals}", "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt"]
+
+
+def test_card_refuses_a_metrics_file_of_several_sets_or_of_a_partial_set_naming_what_to_pass(saved_model, tmp_path, capsys):
+    (tmp_path / "several.json").write_text(json.dumps({"model_fingerprint": "x", "sets": {"test": {}, "adults": {}}}))
+    assert main(["card", "--model", str(saved_model), "--metrics", str(tmp_path / "several.json")]) == 2
+    assert "pass its own file beside this one (test/metrics.json, adults/metrics.json)" in only_error_line(capsys.readouterr().err)
+    (tmp_path / "partial.json").write_text(json.dumps({"name": "adults", "predicted_share": {"Normal": 1.0}}))
+    assert main(["card", "--model", str(saved_model), "--metrics", str(tmp_path / "partial.json")]) == 2
+    assert "only some classes" in only_error_line(capsys.readouterr().err)
+
+
+def test_unreadable_files_are_named_within_their_set_not_by_local_path(saved_model, tmp_path):
+    from helpers import make_class_folders
+
+    data = make_class_folders(tmp_path / "set", per_class=2, size=40, seed=1)
+    (data / "Covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", str(data), "--output-dir", str(tmp_path / "out"),
+                 "--bootstrap", "10"]) == 0
+    (message,) = json.loads((tmp_path / "out" / "metrics.json").read_text())["unreadable_files"]
+    assert message.startswith("Covid/broken.png: ") and str(tmp_path) not in message

@@ -151,3 +151,15 @@ def test_a_space_whose_model_cannot_be_loaded_stops_with_one_error_line(saved_mo
     result = subprocess.run([sys.executable, "app.py"], cwd=out, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("error: ") and "corrupt safetensors file" in result.stderr
+
+
+def test_rebuilding_a_cloned_space_keeps_its_git_folder(saved_model, tmp_path):
+    out = tmp_path / "space"
+    assert main(["space", "--model", str(saved_model), "--output", str(out)]) == 0
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (out / "old-notes.md").write_text("replaced with the rest")
+    assert main(["space", "--model", str(saved_model), "--output", str(out)]) == 0
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n" and (out / ".gitattributes").is_file()
+    assert not (out / "old-notes.md").exists() and (out / "app.py").is_file()
