@@ -27,7 +27,7 @@ class NotAFolderError(ChestModelError, ValueError):
     """A path to write to that is the wrong kind (a file where a folder goes, or the reverse), or lies below a file."""
 
 
-class FolderWriteError(ChestModelError, OSError):
+class FolderWriteError(ChestModelError, OSError, RuntimeError):
     """A folder that cannot be replaced atomically where it is: read-only, a mount point, or in a read-only folder."""
 
 

@@ -37,7 +37,7 @@ def file_metadata(path: str | Path) -> list[float]:
         import pydicom
 
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)  # also files without the preamble
             height, width = int(ds.Rows), int(ds.Columns)
         except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken headers
             raise ImageLoadError(f"{path}: cannot read DICOM header ({err})") from None
@@ -79,11 +79,19 @@ def metadata_baseline(train_paths, train_labels, eval_paths, eval_labels, *, see
     }
     if not rows:
         return result
-    x_eval = np.array([file_metadata(p) for p in eval_paths])
+    x_eval, y_eval = [], []
+    for path, label in zip(eval_paths, eval_labels):  # files the model read; their headers almost always are too
+        try:
+            x_eval.append(file_metadata(path))
+            y_eval.append(label)
+        except ImageLoadError:
+            continue
+    if not x_eval:
+        return result
     forest = RandomForestClassifier(n_estimators=300, random_state=seed).fit(np.array(rows), kept_labels)
-    predictions = forest.predict(x_eval)
-    result.update(accuracy=float((predictions == np.asarray(eval_labels)).mean()),
-                  macro_f1=float(f1_score(eval_labels, predictions, average="macro")))
+    predictions = forest.predict(np.array(x_eval))
+    result.update(accuracy=float((predictions == np.asarray(y_eval)).mean()),
+                  macro_f1=float(f1_score(y_eval, predictions, average="macro")))
     return result
 
 

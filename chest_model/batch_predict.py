@@ -46,8 +46,9 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[t
     # A file named twice (in any spelling: relative, absolute, through ..), or also inside a named
     # folder, is predicted once, under the first name given.
     first_names: dict[str, Path] = {}
-    for path in files:
-        first_names.setdefault(os.path.realpath(path), path)
+    for path in files:  # folders resolved, the file's own name kept: two links to one blob stay two files
+        absolute = os.path.abspath(path)
+        first_names.setdefault(os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)), path)
     return list(first_names.values()), problems
 
 

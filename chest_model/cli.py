@@ -100,6 +100,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         external_summary,
         folder_files,
         hash_training_files,
+        remove_figures,
         remove_stale_evaluation,
         summary,
     )
@@ -134,9 +135,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         else:
             results[name] = evaluate_external(model, path, name=name, training_images=training_images,
                                               framing=args.framing_check, tone=args.tone_check)
-            if out is not None and len(sets) > 1:  # every set of several has its own folder
+            if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(out / "metrics.json", json.dumps(results[name], indent=2))
+                remove_figures(out)  # an earlier evaluation's, of this name or folder, as a full set
+                if len(sets) > 1:  # every set of several has its own folder
+                    atomic_write_text(out / "metrics.json", json.dumps(results[name], indent=2))
         print(f"== {name} ==" if len(sets) > 1 else "", end="\n" if len(sets) > 1 else "")
         print(summary(results[name]) if complete else external_summary(results[name]))
     if args.output_dir:

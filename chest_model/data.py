@@ -95,9 +95,10 @@ def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
         name, path = split_data_spec(spec)
         if not path:  # Path("") would be the working folder
             raise DatasetError(f"{spec!r}: no PATH after '='; write NAME=PATH")
-        if name in (".", ".."):  # names become file and folder names of the reports
-            raise DatasetError(f"{spec!r}: {name!r} cannot name a data set; choose a word")
-        pairs.append((name or source_name(path), Path(path)))
+        name = name or source_name(path)
+        if name in ("", ".", "..") or "/" in name or os.sep in name:  # names become the reports' folder names
+            raise DatasetError(f"{spec!r}: {name!r} cannot name a data set; give one with NAME=PATH (a word)")
+        pairs.append((name, Path(path)))
     names = [name for name, _ in pairs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

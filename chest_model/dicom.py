@@ -78,15 +78,21 @@ def _display(ds, pixels: np.ndarray, label: str, error: type[Exception]) -> np.n
     if pixels.ndim != 2:
         raise error(f"{label}: unexpected DICOM pixel array shape {pixels.shape}")
 
-    # Empty attributes are common in exported files: they count as absent.
+    # Empty attributes are common in exported files: they count as absent; one of the rescale pair
+    # empty takes the standard's value (slope 1, intercept 0), on every path below.
+    rescale = ("RescaleSlope", "RescaleIntercept")
+    if _present(ds, "ModalityLUTSequence") is None and any(_present(ds, name) is not None for name in rescale):
+        ds.RescaleSlope = _present(ds, "RescaleSlope") or 1
+        ds.RescaleIntercept = _present(ds, "RescaleIntercept") or 0
+    else:
+        for name in rescale:
+            if name in ds and _present(ds, name) is None:
+                delattr(ds, name)
     if _present(ds, "WindowCenter") is not None and _present(ds, "WindowWidth") is not None:
         image = _window(apply_modality_lut(pixels, ds).astype(np.float64), ds)
     elif _present(ds, "VOILUTSequence") is not None:
         image = _scale_to_uint8(apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64))
     elif any(_present(ds, name) is not None for name in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")):
-        if _present(ds, "ModalityLUTSequence") is None:  # one of the pair may be empty: the standard's 1 and 0
-            ds.RescaleSlope = _present(ds, "RescaleSlope") or 1
-            ds.RescaleIntercept = _present(ds, "RescaleIntercept") or 0
         image = _scale_to_uint8(apply_modality_lut(pixels, ds).astype(np.float64))
     else:
         # Raw detector values: scale by the stored bit depth, as for a 16-bit PNG.

@@ -6,6 +6,7 @@ model's score stand two numbers that tell how much of it a shortcut could explai
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -296,11 +297,20 @@ def remove_stale_evaluation(output: Path, names: list[str]) -> None:
         stale += [output / name for name in earlier["sets"] if name not in names or len(names) == 1]
     elif "confusion_matrix" in earlier and len(names) > 1:
         stale += [output / name for name in FIGURES]
+    inside = Path(os.path.realpath(output))
     for path in stale:
+        if path.name in ("", ".", "..") or Path(os.path.realpath(path)).parent != inside:
+            continue  # only entries of the output folder itself
         if path.is_dir() and (path / "metrics.json").is_file():
             shutil.rmtree(path)
         elif path.is_file() and path.name in FIGURES:
             path.unlink()
+
+
+def remove_figures(folder: Path) -> None:
+    """A set's figures from an earlier evaluation, where this one has none (a set with only some classes)."""
+    for name in FIGURES:
+        (folder / name).unlink(missing_ok=True)
 
 
 def write_outputs(metrics, images, probs, labels, order, class_names, out: Path) -> None:

@@ -135,8 +135,10 @@ def inference_device(requested: str = "auto") -> torch.device:
         device = torch.device(requested)
     except RuntimeError:
         raise DeviceError(f"unknown device {requested!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise DeviceError(f"device {requested!r}: cannot run the model (use auto, cpu, cuda, cuda:N or mps)")
+    if device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise DeviceError(f"device {requested!r}: no Intel GPU (XPU) here")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         raise DeviceError(f"device {requested!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible)")
     if device.type == "mps" and not torch.backends.mps.is_available():

@@ -9,7 +9,8 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from . import checkpoints as ckpt
-from .atomic import file_above, recover_interrupted
+from .atomic import check_writable_folder, writable_target
+from .errors import ChestModelError
 from .hub import MODEL_FILES, MODEL_RECORDS
 from .train_config import TrainingConfig
 
@@ -22,13 +23,12 @@ TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-di
 
 def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
     """Before any work: the output folder holds this run only. An earlier run there (checkpoints or a
-    saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir;
-    a checkpoint is resumed in its own run's folder, where that run's best weights are."""
+    saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir
+    (by :func:`clear_for_overwrite`, once the data has passed its checks); a checkpoint is resumed in
+    its own run's folder, where that run's best weights are."""
     problem = None
     if accelerator.is_main_process:  # one rank decides, all act on it
         problem = output_dir_problem(args, accelerator.num_processes)
-        if problem is None and args.overwrite_output_dir:
-            clear_earlier_run(Path(args.output_dir))
     box = [problem]
     if accelerator.num_processes > 1:
         broadcast_object_list(box, from_process=0)
@@ -36,13 +36,24 @@ def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
         raise ckpt.CheckpointError(box[0])
 
 
+def clear_for_overwrite(args: TrainingConfig, accelerator) -> None:
+    """--overwrite-output-dir: the earlier run goes only now, when the new one's data has been read,
+    so a mistake in the new command leaves the old run as it was."""
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        clear_earlier_run(Path(args.output_dir))
+    accelerator.wait_for_everyone()
+
+
 def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | None:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         return f"{output_dir}: is a file; --output-dir names a folder for the run"
-    if (blocking := file_above(output_dir)) is not None:
-        return f"{output_dir}: {blocking} is a file, so no --output-dir can be made below it"
-    recover_interrupted(output_dir)  # a save killed mid-swap set the folder aside
+    try:  # a file above it, a read-only folder or parent, a mount point: found now, not at the first save
+        writable_target(output_dir)
+        if not output_dir.exists():
+            check_writable_folder(output_dir)
+    except ChestModelError as err:
+        return f"--output-dir {err}"
     checkpoints_dir = output_dir / "checkpoints"
     if args.resume_from_checkpoint and args.overwrite_output_dir:
         return "--resume-from-checkpoint continues a run and --overwrite-output-dir starts over: give one of them"

@@ -75,6 +75,8 @@ def build_space(model: str, output: str | Path, *, revision: str | None = None, 
     output = Path(output).expanduser().absolute()
     local = Path(model).expanduser()
     repo_id = None if local.is_dir() else _hub_repo_id(model)
+    if repo_id is None and revision is not None:
+        raise SpaceError(f"{model}: is a local folder, which has no revisions; --revision chooses a version of a Hub repo")
     if repo_id is not None and local.parent != Path(".") and local.parent.is_dir():
         logger.warning("%s: no such local folder (though %s is one), so the Space will download the Hub repo %s; "
                        "check the path if you meant a folder", model, local.parent, repo_id)
@@ -148,7 +150,8 @@ def _check_output(output: Path, sources: list[Path]) -> None:
         raise SpaceError(f"{output}: is a file; choose a new or empty folder")
     if (blocking := file_above(output)) is not None:
         raise SpaceError(f"{output}: {blocking} is a file, so no folder can be made below it")
-    if output.is_dir() and any(output.iterdir()):
+    # A fresh clone of a new Space (its .git, .gitattributes and template README) counts as empty.
+    if output.is_dir() and any(entry.name != CARD_NAME and not entry.name.startswith(".") for entry in output.iterdir()):
         app = output / "app.py"
         if not (app.is_file() and MARKER in app.read_text(encoding="utf-8", errors="replace")):
             raise SpaceError(f"{output}: exists and is not a Space built by `chest-model space`; "

@@ -62,7 +62,7 @@ from .feature_ood import BUFFER_PREFIX
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .preprocess import ImageLoadError
-from .run_folder import TRACKER_PROJECT, prepare_output_dir
+from .run_folder import TRACKER_PROJECT, clear_for_overwrite, prepare_output_dir
 from .runtime import (
     GracefulStop,
     Interrupted,
@@ -117,6 +117,7 @@ def train(args: TrainingConfig, command: str) -> int:
     folders = scan_data(args, sources, class_names)
     model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
     data = decode_data(args, folders, model.preprocessor)
+    clear_for_overwrite(args, accelerator)
     run = prepare_run(args, accelerator, model, data, command)
     best_val = run_epochs(run)
     model, best_val = chosen_model(run, best_val)

@@ -103,3 +103,18 @@ def test_a_header_past_pils_bomb_limit_is_still_measured(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(ImageLoadError, match="notes.txt: cannot read image header"):
         file_metadata(tmp_path / "notes.txt")
+
+
+def test_the_metadata_of_a_dicom_file_without_its_preamble_is_read(tmp_path):
+    import io
+
+    import pydicom
+
+    from chest_model.audit import file_metadata
+    from corpus import dicom_bytes
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((40, 60), np.uint16))))
+    ds.preamble = None
+    del ds.file_meta
+    pydicom.dcmwrite(tmp_path / "IMG0001", ds, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    assert file_metadata(tmp_path / "IMG0001")[:3] == [40.0, 60.0, 1.5]

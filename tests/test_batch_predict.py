@@ -119,3 +119,11 @@ def test_gradcam_overlays_stay_inside_their_folder_when_inputs_climb_with_dotdot
         p.relative_to(scans["root"].parent) for p in scans["root"].parent.rglob("*.JPG.png"))
     assert written == [Path("cams/a/x.png.png"), Path("cams/b/x.JPG.png")]
     assert out.is_dir()
+
+
+def test_two_links_to_one_file_are_two_files(scans, tmp_path):
+    # A Hub snapshot links identical files to one blob: each name is still its own input.
+    (tmp_path / "first.png").symlink_to(scans["first"])
+    (tmp_path / "second.png").symlink_to(scans["first"])
+    files, _ = find_images([tmp_path / "first.png", tmp_path / "second.png"])
+    assert files == [tmp_path / "first.png", tmp_path / "second.png"]

@@ -348,3 +348,17 @@ def test_unreadable_files_are_named_within_their_set_not_by_local_path(saved_mod
                  "--bootstrap", "10"]) == 0
     (message,) = json.loads((tmp_path / "out" / "metrics.json").read_text())["unreadable_files"]
     assert message.startswith("Covid/broken.png: ") and str(tmp_path) not in message
+
+
+def test_a_stale_evaluation_never_reaches_outside_its_folder(tmp_path):
+    from chest_model.evaluation import remove_stale_evaluation
+
+    out = tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    (tmp_path / "parent" / "metrics.json").write_text("{}")  # a neighbour that looks like a set's folder
+    (out / "metrics.json").write_text(json.dumps({"sets": {"..": {}, "": {}, ".": {}, "gone": {}}}))
+    (out / "gone").mkdir()
+    (out / "gone" / "metrics.json").write_text("{}")
+    remove_stale_evaluation(out, ["new"])
+    assert (tmp_path / "parent" / "metrics.json").is_file() and (out / "metrics.json").is_file()
+    assert not (out / "gone").exists()

@@ -253,3 +253,9 @@ def test_the_split_gives_every_class_to_both_parts_even_a_class_of_two(seed):
     train, val = stratified_split(labels, 0.1, seed)
     assert {labels[i] for i in val} == {0, 1, 2} and {labels[i] for i in train} == {0, 1, 2}
     assert sorted(train + val) == list(range(len(labels)))
+
+
+def test_a_data_set_named_after_a_folder_that_cannot_name_one_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path / ".")
+    with pytest.raises(DatasetError, match="cannot name a data set"):
+        parse_data_dirs([".."])

@@ -112,3 +112,8 @@ def test_a_palette_colour_file_shows_its_palette_not_its_indices():
     ds.save_as(buffer, enforce_file_format=True)
     image = load_image(buffer.getvalue())[:, :, 0].astype(float)
     assert np.corrcoef(image.ravel(), indices.ravel())[0, 1] < -0.99
+
+
+def test_an_empty_rescale_pair_beside_a_window_is_absent():
+    windowed = dicom_bytes(RAMP, window=(2000.0, 1001.0))
+    np.testing.assert_array_equal(load_image(_with(windowed, RescaleSlope="", RescaleIntercept="")), load_image(windowed))

@@ -69,4 +69,4 @@ def test_files_of_someone_elses_making_are_never_offered_for_deletion(tmp_path):
 def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "run").write_text("a file")
     assert "is a file" in output_dir_problem(config(tmp_path / "run"))
-    assert "is a file, so no --output-dir" in output_dir_problem(config(tmp_path / "run" / "below"))
+    assert "is a file, so no folder can be made below it" in output_dir_problem(config(tmp_path / "run" / "below"))

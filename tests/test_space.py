@@ -163,3 +163,14 @@ def test_rebuilding_a_cloned_space_keeps_its_git_folder(saved_model, tmp_path):
     assert main(["space", "--model", str(saved_model), "--output", str(out)]) == 0
     assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n" and (out / ".gitattributes").is_file()
     assert not (out / "old-notes.md").exists() and (out / "app.py").is_file()
+
+
+def test_a_fresh_clone_of_a_new_space_is_built_into_and_a_revision_needs_a_hub_repo(saved_model, tmp_path):
+    clone = tmp_path / "clone"
+    (clone / ".git").mkdir(parents=True)
+    (clone / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (clone / "README.md").write_text("---\ntitle: template\n---\n")
+    assert main(["space", "--model", str(saved_model), "--output", str(clone)]) == 0
+    assert (clone / "app.py").is_file() and (clone / ".git").is_dir()
+    with pytest.raises(SpaceError, match="local folder, which has no revisions"):
+        build_space(str(saved_model), tmp_path / "other", revision="v1")

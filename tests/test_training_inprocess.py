@@ -268,3 +268,17 @@ def test_a_held_out_set_with_no_readable_file_is_refused_before_training(tmp_pat
     assert status == 2
     assert "--external-dir adults: none of the 1 image files" in capsys.readouterr().err
     assert not [r for r in caplog.records if r.getMessage().startswith("epoch")]
+
+
+def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--output-dir", str(out), "--image-size", "32", "--batch-size", "4", "--weights", "none", "--epochs", "1"]
+    assert main(["--data-dir", str(data), *common]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    broken = tmp_path / "held-out" / "Normal"
+    broken.mkdir(parents=True)
+    (broken / "a.png").write_bytes(b"not an image")
+    assert main(["--data-dir", str(data), *common, "--overwrite-output-dir", "--external-dir", f"x={broken.parent}"]) == 2
+    assert "none of the 1 image files" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "history.json").is_file()
