@@ -93,6 +93,9 @@ def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
         if spec.startswith("="):
             raise DatasetError(f"{spec!r}: empty NAME before '='; write NAME=PATH, or the PATH alone")
         name, path = split_data_spec(spec)
+        if name is None and "=" in spec and not Path(spec).exists():
+            raise DatasetError(f"{spec!r}: no such folder; as NAME=PATH, a NAME cannot contain '/' (it names the "
+                               "set's report folder)")
         if not path:  # Path("") would be the working folder
             raise DatasetError(f"{spec!r}: no PATH after '='; write NAME=PATH")
         name = name or source_name(path)

@@ -218,7 +218,8 @@ def test_folders_are_searched_without_hidden_folders_and_through_symlinked_ones(
     assert not problems and len(folder.paths) == 4
 
 
-@pytest.mark.parametrize("spec, message", [("=data", "empty NAME"), ("adults=", "no PATH"), ("..=data", "cannot name a data set")])
+@pytest.mark.parametrize("spec, message", [("=data", "empty NAME"), ("adults=", "no PATH"), ("..=data", "cannot name a data set"),
+                                           ("nih/cxr8=data", "a NAME cannot contain '/'")])
 def test_malformed_data_dir_arguments_are_refused_saying_why(spec, message):
     with pytest.raises(DatasetError, match=message):
         parse_data_dirs([spec])
