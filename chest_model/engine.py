@@ -44,6 +44,7 @@ def train_one_epoch(
     on_step=None,
     skip_batches: int = 0,
     start_step: int = 0,
+    carried: dict[str, float] | None = None,
     seed: int | None = None,
     memory_format: torch.memory_format = torch.channels_last,
 ) -> dict[str, float]:
@@ -53,6 +54,9 @@ def train_one_epoch(
     rank). Training is then a pure function of the seed, so a run resumed mid-epoch matches an
     uninterrupted one bit for bit, however many RNG draws the data loader makes when it restarts.
     ``logit_offset`` (the log class prior of the draws) is added to the logits in the loss only.
+    ``on_step(step, sums)`` is called after every step; ``sums()`` (a collective: every process calls
+    it) gives the epoch's totals so far, which a mid-epoch checkpoint keeps and a resume passes back
+    as ``carried``, so the epoch's loss, accuracy and time cover all of its batches.
     """
     model.train()
     device = accelerator.device
@@ -65,6 +69,13 @@ def train_one_epoch(
     progress = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=None if accelerator.is_local_main_process else True,
                     initial=skip_batches, total=skip_batches + len(loader))
     step = start_step
+    base = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "seconds": 0.0, **(carried or {})}
+
+    def sums() -> dict[str, float]:
+        totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]), reduction="sum").tolist()
+        return {"loss_sum": base["loss_sum"] + totals[0], "correct": base["correct"] + totals[1],
+                "seen": base["seen"] + totals[2], "seconds": base["seconds"] + time.perf_counter() - start}
+
     # Time spent waiting for the loader: the step ends in a host sync (loss.item()), so on a GPU too
     # this is the data pipeline's share of the epoch, not queued work.
     data_seconds, ready = 0.0, time.perf_counter()
@@ -94,18 +105,18 @@ def train_one_epoch(
             accelerator.log({"train/loss": loss_value, "train/lr": optimizer.param_groups[0]["lr"]},
                             step=epoch * (skip_batches + len(loader)) + step)
         if on_step is not None:
-            on_step(step)
+            on_step(step, sums)
         ready = time.perf_counter()
-    elapsed = time.perf_counter() - start
-    totals = accelerator.reduce(torch.stack([loss_sum, correct.double(), seen.double()]), reduction="sum")
-    loss_total, correct_total, n = totals.tolist()
+    data_share = data_seconds / max(time.perf_counter() - start, 1e-9)  # this process's, since it started
+    total = sums()
+    loss_total, correct_total, n, elapsed = total["loss_sum"], total["correct"], total["seen"], total["seconds"]
     return {
         "loss": loss_total / max(n, 1),
         "accuracy": correct_total / max(n, 1),
         "n": int(n),
         "seconds": elapsed,
         "images_per_s": n / elapsed if elapsed > 0 else 0.0,
-        "data_wait_share": data_seconds / elapsed if elapsed > 0 else 0.0,  # this process's
+        "data_wait_share": data_share,
     }
 
 

@@ -491,8 +491,10 @@ def resume(run: Run) -> None:
     logger.info("resumed from %s (epoch %d, batch %d)", path, run.state["epoch"] + 1, run.state["step_in_epoch"])
 
 
-def checkpoint(run: Run, epoch: int, step_in_epoch: int) -> None:
-    run.state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * len(run.train_loader) + step_in_epoch)
+def checkpoint(run: Run, epoch: int, step_in_epoch: int, epoch_so_far: dict[str, float] | None = None) -> None:
+    """``epoch_so_far``: a mid-epoch checkpoint's running totals of that epoch (see engine.train_one_epoch)."""
+    run.state.update(epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * len(run.train_loader) + step_in_epoch,
+                     epoch_so_far=epoch_so_far if step_in_epoch else None)
     ckpt.save_checkpoint(run.accelerator, run.output_dir / "checkpoints", run.state["global_step"],
                          {**run.state, SCHEDULER_STATE: run.scheduler.state_dict()}, keep=run.args.checkpoints_total_limit,
                          tensors=None if run.ema is None else {EMA_STATE: run.ema.state_dict()})
@@ -538,19 +540,21 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     every = None if args.checkpointing_steps in ("epoch", "none") else int(args.checkpointing_steps)
 
-    def on_step(step: int) -> None:
+    def on_step(step: int, sums) -> None:
         if run.ema is not None and accelerator.sync_gradients:  # before any checkpoint of this step
             run.ema.update_parameters(accelerator.unwrap_model(run.model))
         signum = stop.requested(accelerator)
         if signum:
             logger.warning("%s received: saving a checkpoint at epoch %d, batch %d, then stopping", signal.Signals(signum).name, epoch + 1, step)
-            checkpoint(run, epoch, step)
+            checkpoint(run, epoch, step, epoch_so_far=sums())
             raise Interrupted(signum)
         if every and (epoch * len(run.train_loader) + step) % every == 0 and step < len(run.train_loader):
-            checkpoint(run, epoch, step)
+            checkpoint(run, epoch, step, epoch_so_far=sums())
 
+    carried = run.state.get("epoch_so_far") if skip else None  # the batches trained before the resume
     stats = train_one_epoch(accelerator, run.model, loader, run.optimizer, run.scheduler, run.preprocessor, epoch=epoch,
-                            class_weights=run.class_weights, logit_offset=run.logit_offset, on_step=on_step, skip_batches=skip, start_step=skip, seed=args.seed,
+                            class_weights=run.class_weights, logit_offset=run.logit_offset, on_step=on_step, skip_batches=skip, start_step=skip,
+                            carried=carried, seed=args.seed,
                             memory_format=run.memory_format)
     share_average_statistics(run)
     val_pass = predict_logits(accelerator, run.model if run.ema is None else run.ema.module, run.val_loader, run.preprocessor,

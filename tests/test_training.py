@@ -124,6 +124,10 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_identical_weights(data, tmp
     last = sorted((reference / "checkpoints").glob("step_*"))[-1].name
     assert _same(_weights(reference / "checkpoints" / last / "model.safetensors"), _weights(out / "checkpoints" / last / "model.safetensors"))
     assert json.loads((reference / "history.json").read_text())[-1]["val_loss"] == json.loads((out / "history.json").read_text())[-1]["val_loss"]
+    # The epoch the kill cut in two is recorded whole: its loss and accuracy cover the batches before the resume too.
+    for whole, resumed in zip(json.loads((reference / "history.json").read_text()), json.loads((out / "history.json").read_text())):
+        assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-9)
+        assert resumed["train_accuracy"] == whole["train_accuracy"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(data, tmp_path):
