@@ -40,8 +40,9 @@ def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int 
 
     handle = model.cam_layer.register_forward_hook(this_thread_only(keep))
     try:
-        with eval_mode(model), torch.enable_grad():
-            logits = model(pixel_values)
+        # Gradients are needed even where the caller runs under torch.inference_mode().
+        with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+            logits = model(pixel_values.clone())
             index = int(logits[0].argmax()) if target is None else int(target)
             activation = captured["activation"]
             (grads,) = torch.autograd.grad(logits[0, index], activation)
@@ -63,7 +64,7 @@ def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class:
         raise TargetClassError(f"target_class {target_class!r} is not one of the model's classes {model.class_names}")
     image = model.preprocessor.load(source, name=name)
     device = next(model.parameters()).device
-    pixel_values = model.preprocessor(image).unsqueeze(0).to(device)
+    pixel_values = model.preprocessor(image).unsqueeze(0).to(device, next(model.parameters()).dtype)
     target = None if target_class is None else model.class_names.index(target_class)
     cam, logits, index = gradcam(model, pixel_values, target)
     probabilities = calibrated_probabilities(logits, model.config.temperature)[0].tolist()
@@ -77,7 +78,18 @@ def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class:
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, opacity: float = 0.45) -> np.ndarray:
-    """The heat map in the JET colour map blended over the X-ray (RGB uint8)."""
-    colours = cv2.applyColorMap(np.rint(heatmap * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    """The heat map in the JET colour map blended over the X-ray (RGB uint8 image, heat map in [0, 1]
+    of the same height and width; values outside are clipped)."""
+    image, heatmap = np.asarray(image), np.asarray(heatmap, dtype=np.float32)
+    if image.dtype != np.uint8:
+        raise ValueError(f"overlay needs a uint8 image (as explain_image returns), got {image.dtype}")
+    if image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if heatmap.shape != image.shape[:2]:
+        raise ValueError(f"heat map shape {heatmap.shape} does not match the image's {image.shape[:2]}")
+    if not np.isfinite(opacity):
+        raise ValueError(f"opacity must be a number in [0, 1], got {opacity!r}")
+    levels = np.rint(np.clip(np.nan_to_num(heatmap), 0, 1) * 255).astype(np.uint8)
+    colours = cv2.applyColorMap(levels, cv2.COLORMAP_JET)[:, :, ::-1]
     opacity = float(np.clip(opacity, 0, 1))
-    return cv2.addWeighted(image, 1 - opacity, colours, opacity, 0)
+    return cv2.addWeighted(np.ascontiguousarray(image), 1 - opacity, colours, opacity, 0)

@@ -225,6 +225,11 @@ def load_model(
     except ConfigError as err:
         raise ModelLoadError(str(err)) from None
 
+    fitted = config.feature_threshold > 0 or config.min_confidence > 0 or config.temperature != 1
+    changed = sorted(k for k in ("image_size", "mean", "std", "contrast") if k in config_overrides)
+    if fitted and changed:
+        logger.warning("%s: overriding %s changes what the model sees; its temperature and uncertainty thresholds "
+                       "were fitted on the inputs as saved, and may no longer hold", name_or_path, ", ".join(changed))
     model = cls(config)
     try:
         state = load_file(str(weights), device=str(device))

@@ -2,21 +2,29 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+import threading
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import feature_ood
+from .backbones import (
+    FEATURE_CHANNELS,
+    build_features,
+    imagenet_features_state_dict,
+    imagenet_weights_name,
+)
 from .card import LIBRARY_NAME, LICENSE, PIPELINE_TAG, TAGS
-from .backbones import FEATURE_CHANNELS, build_features, imagenet_features_state_dict, imagenet_weights_name
 from .config import ChestXrayConfig
 from .precision import PrecisionError, choose_precision
-from .preprocess import ImageSource, Preprocessor
+from .preprocess import ImageLoadError, ImageSource, Preprocessor
 
 logger = logging.getLogger(__name__)
 
@@ -159,15 +167,25 @@ class ChestXrayClassifier(
         (far from the training X-rays in feature space, colour, blank or document-like images, or
         less confident than 98% of validation X-rays, and without a majority class).
         """
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
+        items, single = as_items(images)
+        check_batch_size(batch_size)
+        autocast_context(torch.device("cpu"), precision, check_only=True)
         results = []
         for start in range(0, len(items), batch_size):  # one batch of full-size images held at a time
-            decoded = [self.preprocessor.load(x) for x in items[start : start + batch_size]]
+            decoded = [self._load_item(x, i, len(items), single) for i, x in enumerate(items[start : start + batch_size], start)]
             inference = self.infer(decoded, batch_size=batch_size, precision=precision)
             results += [Prediction(dict(zip(self.class_names, map(float, row))), reasons)
                         for row, reasons in zip(inference.probabilities.tolist(), inference.reasons(decoded, self.config))]
         return results[0] if single else results
+
+    def _load_item(self, source: ImageSource, index: int, count: int, single: bool):
+        """Decode one input; in a list, an error says which item it is (bytes and arrays have no name)."""
+        if single:
+            return self.preprocessor.load(source)
+        try:
+            return self.preprocessor.load(source)
+        except ImageLoadError as err:
+            raise ImageLoadError(f"item {index} of {count}: {err}") from None
 
     def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):
         """:meth:`predict` as plain records: ``{"label", "probabilities", "uncertain", "reasons"}``."""
@@ -183,15 +201,18 @@ class ChestXrayClassifier(
 
     def infer(self, images: Iterable[ImageSource], *, batch_size: int = 16, precision: str = "fp32") -> Inference:
         """Calibrated probabilities and feature-space scores, from one forward pass per batch."""
-        items = list(images)
-        device = next(self.parameters()).device
+        items, _ = as_items(images)
+        check_batch_size(batch_size)
+        autocast_context(torch.device("cpu"), precision, check_only=True)
+        parameter = next(self.parameters())
+        device, dtype = parameter.device, parameter.dtype  # a model cast to bf16 or fp64 gets inputs to match
         preprocessor = self.preprocessor  # one for the whole call, as the config stands now
         rows, distances = [], []
         with eval_mode(self), torch.inference_mode():
             for start in range(0, len(items), batch_size):
                 batch = torch.stack([preprocessor(preprocessor.load(x)) for x in items[start : start + batch_size]])
                 with feature_ood.capture_block_stats(self.features) as captured:
-                    rows.append(self.probabilities(batch.to(device), precision=precision).float().cpu())
+                    rows.append(self.probabilities(batch.to(device, dtype), precision=precision).float().cpu())
                 score = self.feature_scores(captured)
                 if score is not None:
                     distances.append(score.cpu())
@@ -275,24 +296,57 @@ class Prediction(dict):
     def to_record(self) -> dict[str, Any]:
         return {"label": self.label, "probabilities": dict(self), "uncertain": self.uncertain, "reasons": self.reasons}
 
+    def __repr__(self) -> str:  # printed, an uncertain result must not look confident
+        return f"Prediction(label={self.label!r}, {dict.__repr__(self)}" + (f", reasons={self.reasons!r})" if self.reasons else ")")
+
+
+def as_items(images) -> tuple[list, bool]:
+    """One image (a path, bytes, a numpy array, a PIL image) as a list of one, and ``single``; any
+    other iterable (a list, a tuple, a generator) as its items. A numpy array is always one image:
+    pass a list of arrays for several."""
+    single = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or (
+        type(images).__module__.startswith("PIL.") and hasattr(images, "mode")) or hasattr(images, "read")
+    return ([images] if single else list(images)), single
+
+
+def check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+
+
+_MODES_LOCK = threading.Lock()
+
 
 class eval_mode:
-    """Context manager: eval mode inside, the previous train/eval mode restored afterwards."""
+    """Context manager: eval mode inside; afterwards every submodule's own mode as it was (a model
+    fine-tuned with frozen BatchNorm keeps it frozen). Nested or concurrent uses (threads predicting
+    at once) share one switch: the first entry saves the modes, the last exit restores them, so no
+    thread's pass runs in train mode because another one finished."""
 
     def __init__(self, module: nn.Module):
         self.module = module
 
     def __enter__(self) -> nn.Module:
-        self.was_training = self.module.training
-        self.module.eval()
+        with _MODES_LOCK:
+            depth = self.module.__dict__.get("_eval_mode_depth", 0)
+            if depth == 0:
+                self.module.__dict__["_eval_mode_saved"] = [(m, m.training) for m in self.module.modules()]
+                self.module.eval()
+            self.module.__dict__["_eval_mode_depth"] = depth + 1
         return self.module
 
     def __exit__(self, *exc: Any) -> None:
-        self.module.train(self.was_training)
+        with _MODES_LOCK:
+            self.module.__dict__["_eval_mode_depth"] -= 1
+            if self.module.__dict__["_eval_mode_depth"] == 0:
+                for module, training in self.module.__dict__.pop("_eval_mode_saved"):
+                    module.training = training
 
 
-def autocast_context(device: torch.device, precision: str):
+def autocast_context(device: torch.device, precision: str, *, check_only: bool = False):
     if precision not in ("fp32", "bf16", "auto"):
         raise PrecisionError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    if check_only:
+        return None
     use_bf16 = choose_precision(device, precision).precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -80,3 +80,24 @@ def test_cam_layer_is_the_last_relu_before_the_final_pool(backbone):
 def test_an_unknown_target_class_is_named_in_the_error(tiny_model):
     with pytest.raises(ValueError, match="'Pneumothorax' is not one of the model's classes"):
         explain_image(tiny_model, synthetic_xray(64, 64), target_class="Pneumothorax")
+
+
+def test_explain_works_inside_inference_mode_and_on_a_cast_model(tiny_model):
+    image = synthetic_xray(40, 40)
+    expected = explain_image(tiny_model, image)
+    with torch.inference_mode():
+        inside = explain_image(tiny_model, image)
+    np.testing.assert_allclose(inside.heatmap, expected.heatmap, atol=1e-6)
+    assert explain_image(tiny_model.to(torch.float64), image).target_class == expected.target_class
+
+
+def test_overlay_refuses_what_it_would_draw_wrong():
+    image = np.full((20, 30, 3), 128, np.uint8)
+    hot = overlay(image, np.full((20, 30), 1.5, np.float32), opacity=1.0)  # above 1: the hottest colour, not wrapped round
+    assert hot[0, 0, 0] > 100 and hot[0, 0, 2] < 50
+    with pytest.raises(ValueError, match="opacity"):
+        overlay(image, np.zeros((20, 30), np.float32), opacity=float("nan"))
+    with pytest.raises(ValueError, match=r"heat map shape \(10, 10\) does not match the image's \(20, 30\)"):
+        overlay(image, np.zeros((10, 10), np.float32))
+    with pytest.raises(ValueError, match="uint8 image"):
+        overlay(image.astype(np.uint16), np.zeros((20, 30), np.float32))

@@ -115,3 +115,79 @@ def test_the_preprocessor_follows_the_config_the_model_holds(tiny_model):
     tiny_model.config = dataclasses.replace(tiny_model.config, image_size=48, mean=[0.5] * 3)  # a new config object
     assert tiny_model.preprocessor(image).shape == (3, 48, 48)
     assert tiny_model.preprocessor.mean.flatten().tolist() == [127.5] * 3
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return ChestXrayClassifier(image_size=32, hidden_size=16, backbone="vgg19_bn")
+
+
+def test_predict_restores_every_submodules_own_mode():
+    model = _bn_model().train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in frozen:
+        bn.eval()  # fine-tuning with frozen BatchNorm statistics
+    model.predict(synthetic_xray(40, 40))
+    assert model.training and not any(bn.training for bn in frozen) and model.head.training
+
+
+def test_threads_predicting_at_once_on_a_training_model_all_run_in_eval_mode():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _bn_model()
+    image = synthetic_xray(40, 40, seed=2)
+    expected = model.eval().predict(image)
+    model.train()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: model.predict(image), range(12)))
+    for result in results:  # no pass ran with dropout on or batch statistics because another one finished
+        assert result == pytest.approx(expected, abs=1e-5)
+    assert model.training
+
+
+def test_a_model_cast_to_another_dtype_still_predicts(tiny_model):
+    image = synthetic_xray(40, 40)
+    expected = tiny_model.predict(image)
+    for dtype in (torch.bfloat16, torch.float64):
+        assert tiny_model.to(dtype).predict(image) == pytest.approx(expected, abs=0.03)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5, True])
+def test_a_batch_size_that_cannot_work_is_refused(tiny_model, batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1"):
+        tiny_model.predict([synthetic_xray(40, 40)], batch_size=batch_size)
+    with pytest.raises(ValueError, match="batch_size"):
+        tiny_model.predict_proba([synthetic_xray(40, 40)], batch_size=batch_size)
+
+
+def test_one_image_or_many_means_the_same_in_every_method(tiny_model, tmp_path):
+    import cv2
+
+    path = tmp_path / "film.png"
+    cv2.imwrite(str(path), synthetic_xray(40, 40))
+    assert tiny_model.predict_proba(str(path)).shape == (1, 3)  # a path is one image, not its characters
+    assert tiny_model.predict_proba(synthetic_xray(40, 40)).shape == (1, 3)  # an array is one image
+    many = tiny_model.predict(x for x in [path, path])  # any iterable of images is many
+    assert isinstance(many, list) and len(many) == 2
+
+
+def test_a_bad_item_in_a_list_is_named_by_its_place(tiny_model):
+    from chest_model import ImageLoadError
+
+    items = [synthetic_xray(40, 40)] * 3 + [b"not an image"]
+    with pytest.raises(ImageLoadError, match=r"^item 3 of 4: <12 bytes>: not an image"):
+        tiny_model.predict(items, batch_size=2)
+
+
+def test_a_printed_uncertain_prediction_says_so():
+    from chest_model.model import Prediction
+
+    assert repr(Prediction({"Normal": 0.9, "Covid": 0.1}, ["colour image"])).startswith("Prediction(label='uncertain'")
+
+
+def test_overriding_the_input_of_a_calibrated_model_warns(tiny_model, tmp_path, caplog):
+
+    tiny_model.config.temperature = 1.5
+    tiny_model.save_pretrained(tmp_path / "m")
+    ChestXrayClassifier.from_pretrained(tmp_path / "m", image_size=64)
+    assert "overriding image_size changes what the model sees" in caplog.text
