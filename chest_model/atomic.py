@@ -68,8 +68,7 @@ def atomic_directory(target: str | Path, *, keep_existing: bool = True, drop: It
         tmp = sibling(target, "tmp")
         tmp.mkdir()
     except OSError as err:
-        raise FolderWriteError(f"{target}: cannot be written ({err.strerror or err}): it is replaced as a whole, "
-                               f"through a new folder made beside it, so {target.parent} must be writable") from None
+        raise _needs_writable_parent(target, err.strerror or str(err)) from None
     if target.is_dir():
         _copy_permissions(target, tmp)
     dropped = set(drop)
@@ -100,8 +99,15 @@ def writable_target(target: str | Path) -> Path:
                                "save into a folder inside it")
     if target.is_dir() and not os.access(target, os.W_OK):
         raise FolderWriteError(f"{target}: is read-only; make it writable or choose another folder")
+    if not _can_write_in(target.parent):
+        raise _needs_writable_parent(target, "Permission denied")
     recover_interrupted(target)
     return target
+
+
+def _needs_writable_parent(target: Path, why: str) -> FolderWriteError:
+    return FolderWriteError(f"{target}: cannot be written ({why}): it is replaced as a whole, through a new "
+                            f"folder made beside it, so {target.parent} must be writable")
 
 
 def _copy_permissions(old: Path, new: Path) -> None:
@@ -250,10 +256,18 @@ def check_writable_folder(path: str | Path) -> Path:
 
 
 def _check_can_write_in(folder: Path, named: Path) -> None:
-    """The nearest existing folder of ``folder``'s (itself, or the one it would be made in) is writable."""
-    existing = next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK):
-        raise FolderWriteError(f"{named}: cannot be written: {existing} is read-only")
+    if not _can_write_in(folder):
+        raise FolderWriteError(f"{named}: cannot be written: {_nearest_existing(folder)} is read-only")
+
+
+def _can_write_in(folder: Path) -> bool:
+    """Whether ``folder`` can be written, or made: its nearest existing folder (itself or above) is writable."""
+    existing = _nearest_existing(folder)
+    return existing is None or os.access(existing, os.W_OK)
+
+
+def _nearest_existing(folder: Path) -> Path | None:
+    return next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from . import checkpoints as ckpt
-from .atomic import check_writable_folder, writable_target
+from .atomic import writable_target
 from .errors import ChestModelError
 from .hub import MODEL_FILES, MODEL_RECORDS
 from .train_config import TrainingConfig
@@ -46,12 +46,8 @@ def clear_for_overwrite(args: TrainingConfig, accelerator) -> None:
 
 def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | None:
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        return f"{output_dir}: is a file; --output-dir names a folder for the run"
-    try:  # a file above it, a read-only folder or parent, a mount point: found now, not at the first save
+    try:  # a file, a file above it, a read-only folder or parent, a mount point: found now, not at the first save
         writable_target(output_dir)
-        if not output_dir.exists():
-            check_writable_folder(output_dir)
     except ChestModelError as err:
         return f"--output-dir {err}"
     checkpoints_dir = output_dir / "checkpoints"
