@@ -94,16 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_evaluate(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text, check_writable_folder
     from .data import DatasetError, parse_data_dirs, scan_image_folder
-    from .evaluation import (
-        evaluate_external,
-        evaluate_model,
-        external_summary,
-        folder_files,
-        hash_training_files,
-        remove_figures,
-        remove_stale_evaluation,
-        summary,
-    )
+    from .evaluation import (evaluate_external, evaluate_model, external_summary, folder_files, hash_training_files,
+                             remove_figures, remove_stale_evaluation, summary)
     from .hub import weights_fingerprint
 
     if args.output_dir:  # where the results go is checked before any work, not after the last set

@@ -408,10 +408,18 @@ def file_size_argument(text: str) -> str:
     return text.replace(" ", "").lower()
 
 
-def serve(app, *, host: str, port: int, examples_dir: Path | None, max_file_size: str) -> None:
-    """Launch the server; a port in use or a host that cannot be bound is one ``error:`` line and status 2."""
+def serve(create, *, host: str, port: int, examples_dir: Path | None, max_file_size: str) -> None:
+    """Build the demo with ``create()`` and launch it. A model that cannot be found or loaded, a port in
+    use or a host that cannot be bound: one ``error:`` line and status 2."""
     import sys
 
+    from .errors import ChestModelError
+
+    try:
+        app = create()
+    except ChestModelError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     try:
         app.launch(server_name=host, server_port=port, **launch_options(examples_dir, max_file_size))
     except OSError as err:

@@ -92,7 +92,7 @@ def _display(ds, pixels: np.ndarray, label: str, error: type[Exception]) -> np.n
         image = _window(apply_modality_lut(pixels, ds).astype(np.float64), ds)
     elif _present(ds, "VOILUTSequence") is not None:
         image = _scale_to_uint8(apply_voi_lut(apply_modality_lut(pixels, ds), ds).astype(np.float64))
-    elif any(_present(ds, name) is not None for name in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence")):
+    elif any(_present(ds, name) is not None for name in (*rescale, "ModalityLUTSequence")):
         image = _scale_to_uint8(apply_modality_lut(pixels, ds).astype(np.float64))
     else:
         # Raw detector values: scale by the stored bit depth, as for a 16-bit PNG.

@@ -6,9 +6,9 @@ model's score stand two numbers that tell how much of it a shortcut could explai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path

@@ -63,8 +63,8 @@ def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class:
     if target_class is not None and target_class not in model.class_names:  # before decoding anything
         raise TargetClassError(f"target_class {target_class!r} is not one of the model's classes {model.class_names}")
     image = model.preprocessor.load(source, name=name)
-    device = next(model.parameters()).device
-    pixel_values = model.preprocessor(image).unsqueeze(0).to(device, next(model.parameters()).dtype)
+    parameter = next(model.parameters())  # its device and dtype: a model cast to bf16 gets inputs to match
+    pixel_values = model.preprocessor(image).unsqueeze(0).to(parameter.device, parameter.dtype)
     target = None if target_class is None else model.class_names.index(target_class)
     cam, logits, index = gradcam(model, pixel_values, target)
     probabilities = calibrated_probabilities(logits, model.config.temperature)[0].tolist()

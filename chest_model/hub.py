@@ -205,12 +205,12 @@ def load_model(
     if unknown:  # before any download: a mistyped argument is not the model's fault
         raise TypeError(f"from_pretrained() got unexpected keyword argument(s) {unknown}; it takes "
                         f"{', '.join(DOWNLOAD_OPTIONS)}, map_location, and ChestXrayConfig fields to override")
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"map_location must be a device name or torch.device, got {map_location!r}")
     try:
-        device = inference_device(str(map_location)) if isinstance(map_location, (str, torch.device)) else None
+        device = inference_device(str(map_location))
     except DeviceError as err:
         raise ModelLoadError(f"map_location: {err}") from None
-    if device is None:
-        raise TypeError(f"map_location must be a device name or torch.device, got {map_location!r}")
     folder = resolve_model_folder(name_or_path, **download)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():

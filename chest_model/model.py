@@ -15,16 +15,11 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from . import feature_ood
-from .backbones import (
-    FEATURE_CHANNELS,
-    build_features,
-    imagenet_features_state_dict,
-    imagenet_weights_name,
-)
 from .card import LIBRARY_NAME, LICENSE, PIPELINE_TAG, TAGS
+from .backbones import FEATURE_CHANNELS, build_features, imagenet_features_state_dict, imagenet_weights_name
 from .config import ChestXrayConfig
 from .precision import PrecisionError, choose_precision
-from .preprocess import ImageLoadError, ImageSource, Preprocessor
+from .preprocess import ImageLoadError, ImageSource, Preprocessor, is_pil_image
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +164,7 @@ class ChestXrayClassifier(
         """
         items, single = as_items(images)
         check_batch_size(batch_size)
-        autocast_context(torch.device("cpu"), precision, check_only=True)
+        check_precision(precision)
         results = []
         for start in range(0, len(items), batch_size):  # one batch of full-size images held at a time
             decoded = [self._load_item(x, i, len(items), single) for i, x in enumerate(items[start : start + batch_size], start)]
@@ -203,7 +198,7 @@ class ChestXrayClassifier(
         """Calibrated probabilities and feature-space scores, from one forward pass per batch."""
         items, _ = as_items(images)
         check_batch_size(batch_size)
-        autocast_context(torch.device("cpu"), precision, check_only=True)
+        check_precision(precision)
         parameter = next(self.parameters())
         device, dtype = parameter.device, parameter.dtype  # a model cast to bf16 or fp64 gets inputs to match
         preprocessor = self.preprocessor  # one for the whole call, as the config stands now
@@ -304,8 +299,8 @@ def as_items(images) -> tuple[list, bool]:
     """One image (a path, bytes, a numpy array, a PIL image) as a list of one, and ``single``; any
     other iterable (a list, a tuple, a generator) as its items. A numpy array is always one image:
     pass a list of arrays for several."""
-    single = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or (
-        type(images).__module__.startswith("PIL.") and hasattr(images, "mode")) or hasattr(images, "read")
+    single = (isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or is_pil_image(images)
+              or hasattr(images, "read"))
     return ([images] if single else list(images)), single
 
 
@@ -343,10 +338,12 @@ class eval_mode:
                     module.training = training
 
 
-def autocast_context(device: torch.device, precision: str, *, check_only: bool = False):
+def check_precision(precision: Any) -> None:
     if precision not in ("fp32", "bf16", "auto"):
         raise PrecisionError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
-    if check_only:
-        return None
+
+
+def autocast_context(device: torch.device, precision: str):
+    check_precision(precision)
     use_bf16 = choose_precision(device, precision).precision == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -60,7 +60,7 @@ def load_image(source: ImageSource, *, name: str | None = None, min_size: int | 
     label = name or _describe(source)
     if isinstance(source, np.ndarray):
         return _finish(_array_to_rgb(source, label), label)
-    if _is_pil_image(source):
+    if is_pil_image(source):
         try:
             return _finish(_pil_to_rgb(source, label), label)
         except (OSError, ValueError) as err:  # a lazily opened file that is truncated, or already closed
@@ -78,12 +78,12 @@ def _describe(source: Any) -> str:
         return f"<{len(source)} bytes>"
     if isinstance(source, np.ndarray):
         return f"<array {source.shape} {source.dtype}>"
-    if _is_pil_image(source):
+    if is_pil_image(source):
         return f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
     return str(getattr(source, "name", None) or f"<{type(source).__name__}>")
 
 
-def _is_pil_image(obj: Any) -> bool:
+def is_pil_image(obj: Any) -> bool:
     module = type(obj).__module__ or ""
     return module.startswith("PIL.") and hasattr(obj, "mode") and hasattr(obj, "size")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the vendored chest_model/ beside this file, before any installed copy
 
-from chest_model import ChestModelError, ChestXrayClassifier  # noqa: E402
+from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, file_size_argument, serve  # noqa: E402
 from chest_model.precision import inference_device  # noqa: E402
 
@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-file-size", type=file_size_argument, default=DEFAULT_MAX_FILE_SIZE,
                         help="largest accepted upload, e.g. 50mb")
     args = parser.parse_args(argv)
-    try:
-        app = create()
-    except ChestModelError as err:  # a model that cannot be found or loaded: say why, in one line
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    serve(app, host=args.host, port=args.port, examples_dir=EXAMPLES, max_file_size=args.max_file_size)
+    serve(create, host=args.host, port=args.port, examples_dir=EXAMPLES, max_file_size=args.max_file_size)
 
 
 if __name__ == "__main__":

@@ -35,27 +35,10 @@ from . import checkpoints as ckpt
 from .atomic import atomic_write_text
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
-from .data import (
-    BalancedSampler,
-    CachedImageDataset,
-    DatasetError,
-    build_train_augmentation,
-    decode_folder,
-    parse_data_dirs,
-    relative_name,
-    scan_image_folder,
-    scan_sources,
-    stratified_split,
-)
+from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
+                   parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
-from .engine import (
-    Predictions,
-    grouped_metrics,
-    metrics_from_logits,
-    predict_logits,
-    train_one_epoch,
-    unlearned_groups,
-)
+from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
@@ -63,13 +46,7 @@ from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .preprocess import ImageLoadError
 from .run_folder import TRACKER_PROJECT, clear_for_overwrite, prepare_output_dir
-from .runtime import (
-    GracefulStop,
-    Interrupted,
-    available_cores,
-    preimport,
-    tune_allocator,
-)
+from .runtime import GracefulStop, Interrupted, available_cores, preimport, tune_allocator
 from .train_config import TrainingConfig, parse_config
 
 logger = logging.getLogger("chest_model.training")
@@ -689,9 +666,7 @@ def evaluate_held_out(run: Run, model) -> tuple[dict[str, Any] | None, dict[str,
 def save_outputs(run: Run, model, val_metrics: dict[str, Any], test_metrics: dict[str, Any] | None,
                  external: dict[str, Any]) -> None:
     """The run's records, its figure, the model with its card, and the upload."""
-    from .reports import (
-        plot_training_curves,  # matplotlib: imported late, on preimport's thread during epoch 1
-    )
+    from .reports import plot_training_curves  # matplotlib: imported late, on preimport's thread during epoch 1
 
     args, record, output_dir = run.args, run.record, run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # a plain checkout holds chest_model/ next to demo/
 
-from chest_model import ChestModelError, ChestXrayClassifier  # noqa: E402
+from chest_model import ChestXrayClassifier  # noqa: E402
 from chest_model.demo import DEFAULT_MAX_FILE_SIZE, build_demo, configure_queue, file_size_argument, serve  # noqa: E402
 from chest_model.precision import DEVICE_HELP, device_argument, inference_device  # noqa: E402
 
@@ -40,12 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-file-size", type=file_size_argument, default=DEFAULT_MAX_FILE_SIZE,
                         help="largest accepted upload, e.g. 50mb")
     args = parser.parse_args(argv)
-    try:
-        app = create(args.model, args.revision, args.device)
-    except ChestModelError as err:  # a model that cannot be found or loaded: say why, in one line
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    serve(app, host=args.host, port=args.port, examples_dir=EXAMPLES, max_file_size=args.max_file_size)
+    serve(lambda: create(args.model, args.revision, args.device), host=args.host, port=args.port, examples_dir=EXAMPLES, max_file_size=args.max_file_size)
 
 
 if __name__ == "__main__":
