@@ -30,7 +30,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *, max_iter: int
     """Temperature scaling (Guo et al., 2017): the T > 0 that minimises NLL of ``logits / T``."""
     if len(labels) == 0:
         return 1.0
-    log_t = torch.zeros(1, requires_grad=True)  # T = exp(log_t) stays positive
+    # The fit is tiny: run it on the CPU in fp32, whatever device and precision the logits come from.
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
+    log_t = torch.zeros((), requires_grad=True)  # T = exp(log_t) stays positive
     optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
@@ -79,7 +81,7 @@ def fit_feature_threshold(model: ChestXrayClassifier, val_summaries: list[torch.
                           val_labels=None) -> dict[str, Any]:
     """Set the gate's threshold from the validation X-rays' block summaries (statistics already fitted);
     also how to fit it again on a saved model with a newer rule, without its training images."""
-    val_scores = model.feature_scores(val_summaries)
+    val_scores = model.feature_scores(val_summaries).cpu()
     threshold = feature_ood.fit_threshold(val_scores.numpy(), fpr)
     rate = feature_ood.bounded_rate(len(val_scores), fpr)  # the rate asked, unless too few images bound it
     model.config.feature_threshold = threshold

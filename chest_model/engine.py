@@ -170,6 +170,7 @@ def predict_logits(accelerator, model: torch.nn.Module, loader, preprocessor: Pr
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], *, temperature: float = 1.0) -> dict[str, Any]:
+    logits, labels = logits.detach().float().cpu(), labels.detach().cpu()
     probabilities = calibrated_probabilities(logits, temperature).numpy()
     metrics = classification_metrics(labels.numpy(), probabilities, class_names)
     metrics["loss"] = float(F.nll_loss(calibrated_log_probabilities(logits, temperature), labels).item()) if len(labels) else math.nan

@@ -42,7 +42,8 @@ def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int 
     try:
         # Gradients are needed even where the caller runs under torch.inference_mode().
         with eval_mode(model), torch.inference_mode(False), torch.enable_grad():
-            logits = model(pixel_values.clone())
+            # An input that requires grad keeps the graph alive on a model whose weights are frozen.
+            logits = model(pixel_values.clone().requires_grad_(True))
             index = int(logits[0].argmax()) if target is None else int(target)
             activation = captured["activation"]
             (grads,) = torch.autograd.grad(logits[0, index], activation)

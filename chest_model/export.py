@@ -7,6 +7,8 @@ The graph takes ``pixel_values`` (float32, N x 3 x S x S, any N) already normali
 """
 from __future__ import annotations
 
+import copy
+
 import json
 from pathlib import Path
 
@@ -57,8 +59,12 @@ def export_onnx(model, output: str | Path) -> Path:
     output = check_writable_file(output)  # before the export, which takes seconds
     onnx = _require_onnx()
     size = model.config.image_size
-    device = next(model.parameters()).device
-    example = torch.zeros(2, 3, size, size, device=device)  # batch 2: the batch axis must not be traced as 1
+    weights = next(model.parameters())
+    if weights.dtype != torch.float32 or weights.device.type != "cpu":
+        # The graph takes fp32 on every runtime: trace an fp32 copy on the CPU, whatever this model is
+        # cast to or placed on (the model itself is left as it is).
+        model = copy.deepcopy(model).to("cpu", torch.float32)
+    example = torch.zeros(2, 3, size, size)  # batch 2: the batch axis must not be traced as 1
     try:
         with eval_mode(model):
             program = torch.onnx.export(

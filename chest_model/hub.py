@@ -232,7 +232,9 @@ def load_model(
                        "were fitted on the inputs as saved, and may no longer hold", name_or_path, ", ".join(changed))
     model = cls(config)
     try:
-        state = load_file(str(weights), device=str(device))
+        # Read onto the CPU and move the model once: reading onto a GPU and then copying into a CPU
+        # model would hold the weights twice there and cross the bus twice.
+        state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(f"{weights}: corrupt safetensors file ({err})") from None
     expected = model.state_dict()

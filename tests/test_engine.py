@@ -52,6 +52,9 @@ def test_metrics_from_logits_loss_is_the_tempered_cross_entropy():
         assert metrics["accuracy"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     # At the temperature the labels were drawn at, the loss is lower than uncalibrated.
     assert metrics_from_logits(logits, labels, CLASSES, temperature=2.0)["loss"] < metrics_from_logits(logits, labels, CLASSES)["loss"]
+    # Logits straight from a forward pass (a graph attached) give the same figures.
+    attached = logits.clone().requires_grad_(True)
+    assert metrics_from_logits(attached, labels, CLASSES)["loss"] == pytest.approx(metrics_from_logits(logits, labels, CLASSES)["loss"])
 
 
 def test_grouped_metrics_give_every_source_and_class_the_same_say():

@@ -101,3 +101,14 @@ def test_overlay_refuses_what_it_would_draw_wrong():
         overlay(image, np.zeros((10, 10), np.float32))
     with pytest.raises(ValueError, match="uint8 image"):
         overlay(image.astype(np.uint16), np.zeros((20, 30), np.float32))
+
+
+def test_explain_works_on_a_model_whose_weights_are_frozen(tiny_model):
+    image = synthetic_xray(40, 40)
+    expected = explain_image(tiny_model, image)
+    tiny_model.requires_grad_(False)  # as a server often does
+    try:
+        frozen = explain_image(tiny_model, image)
+    finally:
+        tiny_model.requires_grad_(True)
+    np.testing.assert_allclose(frozen.heatmap, expected.heatmap, atol=1e-6)

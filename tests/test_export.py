@@ -148,3 +148,17 @@ def test_an_output_that_is_a_folder_or_below_a_file_is_refused_before_exporting(
         export.export_onnx(tiny_model, tmp_path)
     with pytest.raises(ChestModelError, match="afile is a file, so no file can be written below it"):
         export.export_onnx(tiny_model, tmp_path / "afile" / "m.onnx")
+
+
+def test_a_model_cast_to_bf16_exports_an_fp32_graph_and_stays_cast(tmp_path):
+    from chest_model.export import export_onnx
+
+    reference = random_model()
+    cast = random_model().to(torch.bfloat16)
+    path = export_onnx(cast, tmp_path / "m.onnx")
+    assert next(cast.parameters()).dtype == torch.bfloat16  # the model itself is left as it was
+    inputs = torch.randn(2, 3, 32, 32)
+    (logits,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": inputs.numpy()})
+    with torch.no_grad():  # the graph holds the bf16 weights, computed in fp32
+        expected = reference.to(torch.bfloat16).float()(inputs).numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=1e-3)
