@@ -55,12 +55,21 @@ def load_image(source: ImageSource, *, name: str | None = None, min_size: int | 
 
     ``min_size``: when set, JPEGs are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) as
     long as both sides stay at least ``min_size`` pixels. A 224-px model loses nothing and a 10 MP
-    file decodes several times faster. Other formats decode at full size.
+    file decodes several times faster. Other formats decode at full size. A PIL image opened from a file and not
+    yet loaded is decoded from that file, as its path is; an array or a loaded PIL image is used as given.
     """
     label = name or _describe(source)
     if isinstance(source, np.ndarray):
         return _finish(_array_to_rgb(source, label), label)
     if is_pil_image(source):
+        unread = _unread_file_of(source)
+        if unread is not None:
+            # Still exactly its file: decode the file as its path would be (JPEG at the reduced scale
+            # training used, 16-bit colour PNG scaled, TIFF orientation), so both give one answer.
+            try:
+                return _finish(_decode_bytes(_read_bytes(unread, label), label, min_size), label)
+            except ImageLoadError:
+                pass  # a file only PIL can read: converted below, as any PIL image is
         try:
             return _finish(_pil_to_rgb(source, label), label)
         except (OSError, ValueError) as err:  # a lazily opened file that is truncated, or already closed
@@ -86,6 +95,19 @@ def _describe(source: Any) -> str:
 def is_pil_image(obj: Any) -> bool:
     module = type(obj).__module__ or ""
     return module.startswith("PIL.") and hasattr(obj, "mode") and hasattr(obj, "size")
+
+
+def _unread_file_of(image: Any) -> str | None:
+    """The file a PIL image was opened from, while the image is still that file as stored: opened
+    lazily and not yet loaded, drafted or moved to another frame (anything done to its pixels loads it)."""
+    filename = getattr(image, "filename", None) or getattr(getattr(image, "fp", None), "name", None)  # opened from a path or a file
+    if not isinstance(filename, str) or not filename or not getattr(image, "tile", None):
+        return None
+    if getattr(image, "fp", None) is None:  # closed: PIL itself would refuse it
+        return None
+    if getattr(image, "decoderconfig", None) or image.tell() != 0 or not os.path.isfile(filename):
+        return None
+    return filename
 
 
 def _read_bytes(source: Any, label: str) -> bytes:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from chest_model import ChestXrayConfig, ImageLoadError, Preprocessor, load_image
 from chest_model.preprocess import MAX_PIXELS
-from helpers import DATASET, EXAMPLES, requires_dataset, synthetic_xray
+from helpers import DATASET, EXAMPLES, requires_dataset, synthetic_xray, write_image
 from corpus import bad_cases, base_xray, valid_cases
 
 VALID = valid_cases()
@@ -293,3 +293,26 @@ def test_what_cannot_be_read_is_an_image_load_error_naming_it(tmp_path):
         load_image(tmp_path / ("x" * 300 + ".png"))
     with pytest.raises(ImageLoadError, match="empty path"):
         load_image("")
+
+
+def test_a_pil_image_opened_from_a_file_is_read_as_that_file(tmp_path):
+    """Lazily opened, it is still its file: the same pixels as the path (a JPEG at the reduced scale
+    training used, a 16-bit colour PNG scaled to its bit depth), and the caller's image is left as it was."""
+    rng = np.random.default_rng(0)
+    big = cv2.GaussianBlur(rng.integers(0, 256, (1100, 900), dtype=np.uint8), (0, 0), 3)
+    jpeg = write_image(tmp_path / "big.jpg", big)
+    twelve_bit = (rng.integers(0, 4096, (80, 70, 3))).astype(np.uint16)  # 12-bit data in a 16-bit colour PNG
+    png = tmp_path / "rgb16.png"
+    assert cv2.imwrite(str(png), twelve_bit)
+    for path in (jpeg, png):
+        expected = load_image(path, min_size=128)
+        image = Image.open(path)
+        size = image.size
+        np.testing.assert_array_equal(load_image(image, min_size=128), expected)
+        with open(path, "rb") as handle:
+            np.testing.assert_array_equal(load_image(Image.open(handle), min_size=128), expected)
+        assert image.size == size and np.asarray(image).shape[:2] == size[::-1]  # still loads in full
+    # Once loaded (or changed), a PIL image is its pixels, used in full like an array.
+    loaded = Image.open(jpeg)
+    loaded.load()
+    np.testing.assert_array_equal(load_image(loaded, min_size=128), load_image(np.asarray(loaded)))
