@@ -91,7 +91,8 @@ def train_one_epoch(
             _check_finite(accelerator, loss, epoch, step)
             accelerator.backward(loss)
             optimizer.step()
-            if accelerator.sync_gradients and scheduler is not None:
+            # fp16's loss scaler skips a step whose gradients overflowed: the schedule waits for it.
+            if accelerator.sync_gradients and scheduler is not None and not getattr(optimizer, "step_was_skipped", False):
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -115,6 +115,19 @@ class ChestXrayClassifier(
             self.register_buffer(f"{feature_ood.BUFFER_PREFIX}precision_{b}", tensor(None if precisions is None else precisions[b], (d, d)))
         self.register_buffer(f"{feature_ood.BUFFER_PREFIX}scale", tensor(scales, (len(dims),)))
 
+    def _apply(self, fn, recurse=True):
+        # The gate's statistics stay fp32 when the model is cast (.half(), .to(torch.bfloat16)): its
+        # precision-matrix entries reach ~6e4, the edge of fp16, and bf16 would move every distance.
+        # They still follow the model to another device.
+        prefix = feature_ood.BUFFER_PREFIX
+        kept = {name: t for name, t in self._buffers.items() if name.startswith(prefix) and t is not None}
+        result = super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return result
+
     def set_feature_statistics(self, means, precisions, scales, *, threshold: float, fpr: float) -> None:
         """Store fitted training statistics and the validation threshold (see feature_ood.py)."""
         self._register_feature_buffers(means, precisions, scales)

@@ -172,7 +172,9 @@ def _requirements() -> str:
     return "\n".join([
         "# What the Space needs to serve the model (the package's inference requirements).",
         "# gradio itself is installed by the Space, at README.md's sdk_version.",
-        f"--extra-index-url {CPU_TORCH_INDEX}",  # CPU-only torch: the Space has no GPU to use CUDA wheels on
+        # CPU-only torch (a few hundred MB, not several GB): a free Space has no GPU to use CUDA wheels on.
+        "# On GPU hardware, delete the next line so that pip installs a CUDA build of torch.",
+        f"--extra-index-url {CPU_TORCH_INDEX}",
         *base,
     ]) + "\n"
 

@@ -27,7 +27,8 @@ EXAMPLES = HERE / "examples"
 
 def create():
     reference = str(HERE / MODEL) if (HERE / MODEL).is_dir() else MODEL
-    # A Space on GPU hardware predicts on the GPU; $CHEST_DEVICE=cpu keeps it on the CPU.
+    # On the GPU where torch has one (requirements.txt installs CPU-only torch: see its comment there);
+    # $CHEST_DEVICE=cpu keeps it on the CPU.
     model = ChestXrayClassifier.from_pretrained(reference, revision=REVISION,
                                                 map_location=inference_device(os.environ.get("CHEST_DEVICE", "auto")))
     return configure_queue(build_demo(model, MODEL_NAME, revision=REVISION, examples_dir=EXAMPLES))

@@ -128,3 +128,23 @@ def test_an_epoch_reports_the_share_of_its_time_spent_waiting_for_data(tiny_mode
     # Three batches: 1.5 s of waiting in the slow loader, and none to speak of in the other.
     assert 1.5 <= shares[0.5] < 1.5 + 0.25 and shares[0.0] < 0.1
     tiny_model.eval()
+
+
+class _OverflowingOptimizer(torch.optim.SGD):
+    """What accelerate's fp16 loss scaler reports after gradients overflowed: the step was skipped."""
+    step_was_skipped = True
+
+    def step(self, closure=None):
+        return None
+
+
+def test_the_schedule_waits_for_a_step_that_fp16s_loss_scaler_skipped(tiny_model):
+    images = torch.from_numpy(np.stack([np.stack([synthetic_xray(32, 32, seed=i, kind=i % 3)] * 3) for i in range(4)]))
+    labels = torch.tensor([i % 3 for i in range(4)])
+    for optimizer_type, steps in ((_OverflowingOptimizer, 0), (torch.optim.SGD, 2)):
+        optimizer = optimizer_type(tiny_model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        train_one_epoch(Accelerator(cpu=True), tiny_model, _SlowLoader(images, labels, 0.0), optimizer, scheduler,
+                        tiny_model.preprocessor, epoch=0)
+        assert scheduler.last_epoch == steps
+    tiny_model.eval()

@@ -183,3 +183,19 @@ def test_the_rate_stored_with_a_gate_fitted_on_too_few_images_is_the_one_they_bo
 def test_a_rate_outside_zero_and_one_is_refused(fpr):
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         feature_ood.fit_threshold([0.3, 0.9, 0.5], fpr)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_casting_the_model_keeps_the_gate_statistics_fp32(gated_model, dtype):
+    model, _ = gated_model
+    cast = ChestXrayClassifier(model.config).eval()
+    cast._register_feature_buffers()
+    cast.load_state_dict(model.state_dict())
+    cast.to(dtype)
+    statistics = {k: v for k, v in cast.state_dict().items() if k.startswith(feature_ood.BUFFER_PREFIX)}
+    assert statistics and all(v.dtype == torch.float32 for v in statistics.values())
+    assert next(cast.parameters()).dtype == dtype
+    for name, value in statistics.items():
+        torch.testing.assert_close(value, model.state_dict()[name], rtol=0, atol=0)
+    summaries = [torch.from_numpy(x) for x in block_summaries(model, cached(8, 500, kind=None))]
+    torch.testing.assert_close(cast.feature_scores(summaries), model.feature_scores(summaries), rtol=0, atol=0)
