@@ -39,6 +39,7 @@ class TrainingConfig:
     grad_accum: int
     select_metric: str  # auto | macro_f1 | group_recall
     ema_decay: float  # 0: off
+    sync_bn: bool  # several GPUs: BatchNorm over the global batch
     # model
     image_size: int
     backbone: str
@@ -185,6 +186,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="keep an exponential moving average of the weights (and BatchNorm statistics), updated every "
                           "optimizer step with this decay, and validate, choose and save it instead of the raw weights; "
                           "0 turns it off. 0.995 averages over about 200 steps")
+    opt.add_argument("--sync-bn", action="store_true",
+                     help="with several GPUs, BatchNorm (--backbone vgg19_bn) normalises over the whole batch instead of "
+                          "each process's share of it (torch's SyncBatchNorm; needs CUDA)")
     mdl = p.add_argument_group("model")
     mdl.add_argument("--image-size", type=whole_number(32, " (VGG halves it five times)"), default=224, help="input side in pixels (images are resized to a square)")
     mdl.add_argument("--backbone", choices=["vgg19", "vgg19_bn"], default="vgg19", help="torchvision VGG19, without or with BatchNorm")

@@ -138,7 +138,16 @@ def make_accelerator(args: TrainingConfig):
                       "than fp32. Leave the precision unset (or pass --mixed-precision no) for the fast choice.")
     if accelerator.device.type == "cuda":
         warnings.warn("On GPU, VGG's adaptive-pool backward is nondeterministic: runs with the same seed can differ slightly.")
+    if args.sync_bn and accelerator.num_processes > 1 and accelerator.device.type != "cuda":
+        raise SettingsError(f"--sync-bn needs CUDA GPUs (torch's SyncBatchNorm); these {accelerator.num_processes} "
+                            f"processes run on {accelerator.device.type}. Leave --sync-bn out there.")
+    if args.sync_bn and args.backbone != "vgg19_bn":
+        warnings.warn(f"--sync-bn: --backbone {args.backbone} has no BatchNorm to synchronise; it changes nothing.")
     return accelerator
+
+
+class SettingsError(ChestModelError):
+    """Settings that cannot run together on this machine; the message says which."""
 
 
 def memory_format_of(accelerator) -> torch.memory_format:
@@ -315,6 +324,8 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
 
     preprocessor = model.preprocessor
     memory_format = memory_format_of(accelerator)
+    if args.sync_bn and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same tensors, so it saves as plain BatchNorm
     model = model.to(memory_format=memory_format)
     ema = weight_average(model, args.ema_decay, accelerator.device)
     raw_optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -383,6 +394,10 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
         "memory_format": "channels_last" if memory_format is torch.channels_last else "contiguous",
         "cpu_threads_per_process": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else None,
+        # fp32 on an Ampere or newer GPU runs its convolutions (and, where enabled, matmuls) in TF32.
+        "tf32": ({"convolutions": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+                 if accelerator.device.type == "cuda" else None),
         "epochs": args.epochs,
         "selection_metric": select,
         "hyperparameters": {
@@ -391,7 +406,7 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
             "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
             "warmup_epochs": args.warmup_epochs, "class_weights": args.class_weights, "grad_accum": args.grad_accum,
             "dropout": args.dropout, "augment": args.augment, "sampling": args.sampling, "seed": args.seed, "optimizer": "SGD",
-            "ema_decay": args.ema_decay,
+            "ema_decay": args.ema_decay, "sync_bn": args.sync_bn,
         },
         "skipped_files": data.skipped,
         "versions": {"python": platform.python_version(), "torch": torch.__version__},

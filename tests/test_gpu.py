@@ -61,6 +61,7 @@ def test_training_on_the_gpu_runs_there_and_saves_a_model_that_loads_anywhere(tm
                  "--weights", "none", "--epochs", "2", "--num-workers", "2", "--checkpointing-steps", "epoch"]) == 0
     record = json.loads((out / "train_config.json").read_text())
     assert record["device"].startswith("cuda")
+    assert record["gpu"] == torch.cuda.get_device_name(0) and set(record["tf32"]) == {"convolutions", "matmul"}
     expected = choose_precision("cuda").precision  # bf16 on tensor-core GPUs
     assert record["mixed_precision"] == {"bf16": "bf16", "fp32": "no"}[expected]
     on_cpu = ChestXrayClassifier.from_pretrained(out)

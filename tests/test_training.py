@@ -94,6 +94,17 @@ def test_two_processes_on_cpu_count_every_validation_sample_once(data, tmp_path)
     assert "on 9 images" in card  # validation: exactly the 9 files, no padding duplicates
 
 
+def test_sync_bn_over_cpu_processes_is_refused_before_any_work(data, tmp_path):
+    out = tmp_path / "run"
+    result = train("--data-dir", str(data / "train"), "--output-dir", str(out), "--epochs", "1", "--backbone", "vgg19_bn",
+                   "--sync-bn", *TINY, check=False,
+                   launcher=[ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"])
+    assert result.returncode != 0
+    assert "error: --sync-bn needs CUDA GPUs (torch's SyncBatchNorm); these 2 processes run on cpu" in result.stderr
+    assert not out.exists()
+
+
 def _weights(path):
     return load_file(str(path))
 
