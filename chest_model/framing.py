@@ -61,7 +61,8 @@ def framing_check(model, images: Sequence[ImageSource], groups: Sequence[str], *
     class, flagged uncertain, and whose top class differs from the film as given.
 
     ``images`` are files (decoded here, large enough that the tightest crop still covers the model's
-    input, so no framing is softer than another) or decoded arrays; ``groups`` names each one's group.
+    input, so no crop is softer than another; the film as given is decoded as the model reads it) or
+    decoded arrays; ``groups`` names each one's group.
     """
     tightest = min(min(keep_width, keep_height) for _, keep_width, keep_height in FRAMINGS)
     variants = [(name, lambda image, w=keep_width, h=keep_height: centre_crop(image, w, h, min_side=MIN_SIDE))
@@ -81,12 +82,16 @@ def _variant_check(model, images, groups, variants: Sequence[tuple[str, Callable
                    key: str, min_size: int, batch_size: int, precision: str) -> dict[str, Any]:
     if len(images) != len(groups):
         raise ValueError(f"{len(images)} images but {len(groups)} group names")
-    images = [load_image(image, min_size=min_size) for image in images]
+    own_size = model.config.image_size
+    decoded = [load_image(image, min_size=min_size) for image in images]
+    # The film as given is what the model itself reads: decoded at its own size, which for a JPEG is
+    # a smaller decode than the crops need (the two differ by up to a few hundredths in probability).
+    as_read = decoded if min_size == own_size else [load_image(image, min_size=own_size) for image in images]
     class_names = model.class_names
     groups = np.asarray(groups, dtype=object)
     top, uncertain = {}, {}
-    for name, change in variants:
-        changed = [change(image) for image in images]
+    for i, (name, change) in enumerate(variants):
+        changed = as_read if i == 0 else [change(image) for image in decoded]
         inference = model.infer(changed, batch_size=batch_size, precision=precision)
         top[name] = inference.probabilities.argmax(dim=1).numpy()
         uncertain[name] = np.array([bool(r) for r in inference.reasons(changed, model.config)], dtype=bool)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from chest_model.framing import FRAMINGS, TONES, centre_crop, framing_check, framing_lines, tone_check, tone_curve
-from helpers import synthetic_xray
+from chest_model import load_image
+from helpers import synthetic_xray, write_image
 
 
 def test_centre_crop_keeps_the_centre_of_a_non_square_film():
@@ -74,3 +75,15 @@ def test_tone_check_reports_each_group_and_curve_with_the_models_own_answer_as_g
         assert cells["as given"]["called"][name] == pytest.approx(float((top[2:] == c).mean()))
     lines = framing_lines(check, tiny_model.class_names)
     assert lines[0].startswith("tone check") and len(lines) == 2 + 2 * (1 + len(TONES))
+
+
+def test_the_film_as_given_is_read_as_the_model_reads_it(tiny_model, tmp_path, monkeypatch):
+    # The crops need a larger JPEG decode than the model's own (1/4 scale here, not 1/8); "as given" must not.
+    path = write_image(tmp_path / "film.jpg", synthetic_xray(300, 360, seed=1))
+    seen = []
+    infer = tiny_model.infer
+    monkeypatch.setattr(tiny_model, "infer", lambda images, **kw: (seen.append(images), infer(images, **kw))[1])
+    framing_check(tiny_model, [str(path)], ["g"])
+    own = load_image(path, min_size=tiny_model.config.image_size)
+    np.testing.assert_array_equal(seen[0][0], own)
+    assert seen[1][0].shape[0] > own.shape[0]  # the crops come from the larger decode
