@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from .errors import ChestModelError
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step_(\d{8})$")
 
 
@@ -97,6 +99,13 @@ def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> Path | None:
     """``latest`` -> newest complete checkpoint (None if there is none yet); otherwise the given path."""
     if spec == "latest":
         found = list_checkpoints(checkpoints_dir)
+        newest = int(_NAME.match(found[-1].name).group(1)) if found else -1
+        incomplete = sorted(p.name for p in Path(checkpoints_dir).glob("step_*")
+                            if _NAME.match(p.name) and int(_NAME.match(p.name).group(1)) > newest and p not in found)
+        if incomplete:
+            logger.warning("%s: %s %s no manifest (an interrupted save, or damaged): passed over for %s",
+                           checkpoints_dir, ", ".join(incomplete), "has" if len(incomplete) == 1 else "have",
+                           found[-1].name if found else "a fresh start")
         return found[-1] if found else None
     path = Path(spec)
     if not path.is_dir():

@@ -42,10 +42,12 @@ class ModelLoadError(ChestModelError, ValueError):
 
 
 def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card_context: dict | None = None,
-                      weights_dtype: torch.dtype | None = None) -> Path:
+                      weights_dtype: torch.dtype | None = None, records: dict[str, Any] | None = None) -> Path:
     """Write config.json, model.safetensors and the model card, atomically.
 
-    ``weights_dtype=torch.float16`` halves the file; loading casts back to float32.
+    ``weights_dtype=torch.float16`` halves the file; loading casts back to float32. ``records`` (file
+    name -> text, or a function that writes the file at the path it is given) go into the same swap,
+    so a run's records never describe other weights than the ones beside them.
     """
     from .card import render_card
 
@@ -78,6 +80,11 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
                     _copy_tree(source / name, tmp / name)
         if not (tmp / CARD_NAME).exists():
             (tmp / CARD_NAME).write_text(render_card(model.config, card_context), encoding="utf-8")
+        for name, content in (records or {}).items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                (tmp / name).write_text(content, encoding="utf-8")
     if stale:
         logger.warning("%s held another model; its records (%s) described that model and were removed",
                        directory, ", ".join(stale))

@@ -55,6 +55,9 @@ def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | No
         return "--resume-from-checkpoint continues a run and --overwrite-output-dir starts over: give one of them"
     if args.resume_from_checkpoint not in (None, "latest"):
         path = Path(args.resume_from_checkpoint)
+        if path.is_dir() and path.resolve() in (output_dir.resolve(), checkpoints_dir.resolve()):
+            return (f"{path}: not a checkpoint folder; name one of {checkpoints_dir}/step_NNNNNNNN, "
+                    "or pass --resume-from-checkpoint latest")
         if path.is_dir() and path.resolve().parent != checkpoints_dir.resolve():
             return (f"{path}: resume a checkpoint in its own run's folder (--output-dir {path.parent.parent}): "
                     "that folder holds the run's best weights so far")
@@ -100,6 +103,11 @@ def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
             if (output_dir / "history.json").is_file():
                 return (f"{output_dir}: holds a finished run but no checkpoint to continue from (was it trained with "
                         "--checkpointing-steps none?). Pass --overwrite-output-dir to start over, or choose another --output-dir")
+            earlier = [name for name in (*RUN_RECORDS, "model.safetensors") if (output_dir / name).is_file()]
+            if earlier or _holds_our_config(output_dir):
+                # 'latest' would start from scratch over it, with whatever settings this command gives
+                return (f"{output_dir}: holds an earlier run ({', '.join(earlier or ['config.json'])}) but no checkpoint "
+                        "to continue from. Pass --overwrite-output-dir instead to start over, or choose another --output-dir")
             return None
         state = ckpt.verify_checkpoint(path, checksums=False)
         ckpt.check_same_recipe(path, state.get("recipe"), {**args.recipe(), "num_processes": num_processes})

@@ -33,7 +33,12 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if self.signum:  # the first signal names the stop (Ctrl-C reaches a launched run as SIGINT, then SIGTERM)
+            return
         self.signum = signum
+        # Said at once: the checkpoint comes at the end of the batch, which can take a while.
+        print(f"{signal.Signals(signum).name} received: stopping at the end of the batch in progress, "
+              "after saving a checkpoint", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

@@ -8,6 +8,7 @@ data -> model -> loop -> choose -> calibrate -> save.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_l
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
+from .hub import save_model_folder
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .preprocess import ImageLoadError
@@ -351,6 +353,7 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
                                         "recipe": {**args.recipe(), "num_processes": accelerator.num_processes},
+                                        "data": data_fingerprint(data),
                                         "commands": [command]}, select,
               memory_format, logit_offset, ema)
     resume(run)
@@ -413,6 +416,27 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
     }
 
 
+def data_fingerprint(data: TrainingData) -> dict[str, Any]:
+    """Which files each split holds (absolute path and size), as a digest: a resume on other files
+    would redraw the validation split and move images already trained on into it."""
+    def digest(split: Split) -> dict[str, Any]:
+        entries = sorted(f"{os.path.abspath(p)}\t{os.path.getsize(p)}" for p in split.paths)
+        return {"n": len(entries), "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
+    return {"train": digest(data.train), "val": digest(data.val)}
+
+
+def check_same_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    if saved is None or saved == now:  # a checkpoint from before files were recorded passes
+        return
+    changes = [f"{split} {saved[split]['n']} images, now {now[split]['n']}" if saved[split]["n"] != now[split]["n"]
+               else f"{split}: the same number of images, but not the same files or sizes"
+               for split in ("train", "val") if saved.get(split) != now.get(split)]
+    raise ckpt.CheckpointError(
+        f"{path}: the data folders no longer hold the files this checkpoint trained on ({'; '.join(changes)}). "
+        "Resuming would redraw the validation split and move images already trained on into it. Put the files "
+        "back as they were, or start a new run in another --output-dir")
+
+
 def rebuild_split(record: dict, preprocessor) -> tuple[TrainingData, list[tuple[str, Path]]]:
     """A run's training and validation split, rebuilt from its recorded command as this module builds it
     (same folders, seed, fraction and stratification), checked against the counts it recorded."""
@@ -464,7 +488,9 @@ def resume(run: Run) -> None:
         return
     state = ckpt.verify_checkpoint(path)
     ckpt.check_same_recipe(path, state.get("recipe"), run.state["recipe"])
+    check_same_data(path, state.get("data"), run.state["data"])
     state.setdefault("recipe", run.state["recipe"])  # a checkpoint from before settings were recorded
+    state.setdefault("data", run.state["data"])
     # The run's record names the command that started it, and each that resumed it.
     state["commands"] = [*state.get("commands", []), run.record["command"]]
     run.record["command"], run.record["resumed_with"] = state["commands"][0], state["commands"][1:]
@@ -509,6 +535,14 @@ def run_epochs(run: Run) -> Predictions | None:
                 run.accelerator.wait_for_everyone()
             if run.args.checkpointing_steps != "none":
                 checkpoint(run, epoch + 1, 0)
+        # A signal during the last epoch's validation or checkpoint stops here, before the final work.
+        signum = stop.requested(run.accelerator)
+        if signum:
+            if run.args.checkpointing_steps == "none":
+                checkpoint(run, run.args.epochs, 0)
+            logger.warning("%s received after the last epoch: its checkpoint is saved; stopping before the final "
+                           "evaluation (resume with --resume-from-checkpoint latest to finish)", signal.Signals(signum).name)
+            raise Interrupted(signum)
     if run.state["best"] is None:
         raise RuntimeError("no epoch was trained (is --epochs 0, or was the run already complete?)")
     # After a short run the thread may still be inside matplotlib.pyplot, which then sits half-built in
@@ -535,6 +569,8 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     def on_step(step: int, sums) -> None:
         if run.ema is not None and accelerator.sync_gradients:  # before any checkpoint of this step
             run.ema.update_parameters(accelerator.unwrap_model(run.model))
+        if not accelerator.sync_gradients:
+            return  # mid-accumulation: the summed gradients are in no checkpoint, so save at the boundary
         signum = stop.requested(accelerator)
         if signum:
             logger.warning("%s received: saving a checkpoint at epoch %d, batch %d, then stopping", signal.Signals(signum).name, epoch + 1, step)
@@ -685,13 +721,17 @@ def save_outputs(run: Run, model, val_metrics: dict[str, Any], test_metrics: dic
 
     args, record, output_dir = run.args, run.record, run.output_dir
     output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output_dir / "history.json", json.dumps(run.state["history"], indent=2))
-    atomic_write_text(output_dir / "val_metrics.json", json.dumps(val_metrics, indent=2))
-    atomic_write_text(output_dir / "train_config.json", json.dumps(record, indent=2))
-    plot_training_curves(run.state["history"], output_dir / "training_curves.png")
     card = {"training": record, "val_metrics": val_metrics, "test_metrics": test_metrics, "external_metrics": external or None,
             "repo_id": args.push_to_hub}
-    model.save_pretrained(output_dir, card_context=card)
+    # The records go into the model's own atomic swap: a run stopped while saving keeps the earlier
+    # model with the earlier records, never this run's records beside an earlier epoch's weights.
+    history = run.state["history"]
+    save_model_folder(model, output_dir, card_context=card, records={
+        "history.json": json.dumps(history, indent=2),
+        "val_metrics.json": json.dumps(val_metrics, indent=2),
+        "train_config.json": json.dumps(record, indent=2),
+        "training_curves.png": lambda path: plot_training_curves(history, path),
+    })
     logger.info("saved the best model (epoch %d) to %s", record["best_epoch"], output_dir)
     if args.push_to_hub:
         url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)

@@ -1,5 +1,6 @@
 """Training checkpoints: saved whole or not at all, found by 'latest', verified before a resume, pruned to N."""
 import json
+import logging
 
 import pytest
 import torch
@@ -65,12 +66,15 @@ def test_only_the_newest_n_are_kept_and_a_step_can_be_saved_again(tmp_path, acce
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000004"]
 
 
-def test_incomplete_and_temporary_folders_are_not_checkpoints(tmp_path, accelerator):
+def test_incomplete_and_temporary_folders_are_not_checkpoints(tmp_path, accelerator, caplog):
     root = tmp_path / "checkpoints"
     save_checkpoint(accelerator, root, 1, {"global_step": 1})
     (root / ".tmp-step_00000002-abcdef").mkdir()  # a save interrupted before its rename
     (root / "step_00000003").mkdir()  # no manifest
     assert list_checkpoints(root) == [root / "step_00000001"]
+    with caplog.at_level(logging.WARNING, logger="chest_model.checkpoints"):
+        assert resolve_checkpoint("latest", root) == root / "step_00000001"
+    assert "step_00000003 has no manifest" in caplog.text and "passed over for step_00000001" in caplog.text
     with pytest.raises(CheckpointError, match="incomplete checkpoint"):
         verify_checkpoint(root / "step_00000003")
     with pytest.raises(CheckpointError, match="no such checkpoint folder"):

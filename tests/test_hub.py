@@ -488,3 +488,27 @@ def test_a_hub_repo_with_only_pickled_weights_says_to_convert_them(tmp_path, mon
     monkeypatch.setattr(huggingface_hub, "HfApi", RepoWithPickles)
     with pytest.raises(ModelLoadError, match="me/old-model: no model.safetensors. It has pytorch_model.bin, which are never loaded"):
         ChestXrayClassifier.from_pretrained("me/old-model")
+
+
+def test_records_saved_with_the_model_are_swapped_in_with_it_or_not_at_all(tmp_path, tiny_model):
+    from safetensors.torch import load_file
+
+    from chest_model.hub import save_model_folder
+
+    folder = tmp_path / "run"
+    save_model_folder(tiny_model, folder, card_context={}, records={"history.json": "[1]"})
+    assert (folder / "history.json").read_text() == "[1]"
+    before = load_file(str(folder / "model.safetensors"))
+
+    def full_disk(path):
+        raise OSError(28, "No space left on device")
+
+    changed = ChestXrayClassifier(tiny_model.config)
+    with pytest.raises(OSError, match="No space left"):
+        save_model_folder(changed, folder, card_context={},
+                          records={"history.json": "[1, 2]", "training_curves.png": full_disk})
+    # The earlier model and its own records, together; nothing of the failed save.
+    assert (folder / "history.json").read_text() == "[1]" and not (folder / "training_curves.png").exists()
+    after = load_file(str(folder / "model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -70,3 +70,21 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
     (tmp_path / "run").write_text("a file")
     assert "is a file" in output_dir_problem(config(tmp_path / "run"))
     assert "is a file, so no folder can be made below it" in output_dir_problem(config(tmp_path / "run" / "below"))
+
+
+def test_latest_over_an_unfinished_run_without_checkpoints_is_refused(tmp_path):
+    from chest_model import ChestXrayConfig
+
+    # A run stopped before its first checkpoint, after saving its best epoch so far: 'latest' would
+    # start from scratch over it, with whatever settings the new command gives.
+    ChestXrayConfig(image_size=32).save(tmp_path / "config.json")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    problem = output_dir_problem(config(tmp_path, "--resume-from-checkpoint", "latest"))
+    assert "holds an earlier run (model.safetensors) but no checkpoint" in problem and "--overwrite-output-dir" in problem
+
+
+def test_the_run_folder_or_its_checkpoints_folder_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for wrong in (tmp_path, tmp_path / "checkpoints"):
+        problem = output_dir_problem(config(tmp_path, "--resume-from-checkpoint", str(wrong)))
+        assert problem.startswith(f"{wrong}: not a checkpoint folder") and "step_NNNNNNNN" in problem

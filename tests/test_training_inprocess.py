@@ -14,7 +14,7 @@ import torch
 from chest_model import ChestXrayClassifier
 from chest_model.data import DatasetError
 from chest_model.training import main, rebuild_split
-from helpers import CLASS_NAMES, make_class_folders, synthetic_xray
+from helpers import CLASS_NAMES, make_class_folders, synthetic_xray, write_image
 
 
 def test_main_trains_one_epoch_and_saves_a_loadable_model(tmp_path, clean_accelerate):
@@ -282,3 +282,58 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake
     assert main(["--data-dir", str(data), *common, "--overwrite-output-dir", "--external-dir", f"x={broken.parent}"]) == 2
     assert "none of the 1 image files" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == weights and (out / "history.json").is_file()
+
+
+def test_a_resume_on_other_files_is_refused_before_they_leak_into_validation(tmp_path, clean_accelerate, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=5, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1"]
+    assert main([*common, "--epochs", "1"]) == 0
+    added = write_image(data / "Normal" / "added.png", synthetic_xray(40, 40, seed=99))
+    capsys.readouterr()
+    assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert "no longer hold the files this checkpoint trained on" in err and "redraw the validation split" in err
+    added.unlink()  # the files as they were: the run goes on
+    assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 0
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
+
+
+def test_a_signal_after_the_last_epoch_stops_before_the_final_work_and_a_resume_finishes(tmp_path, clean_accelerate, monkeypatch):
+    import os
+    import signal
+
+    from chest_model import training
+
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1", "--epochs", "1"]
+    checkpoint = training.checkpoint
+
+    def checkpoint_then_signal(run, epoch, step_in_epoch, epoch_so_far=None):
+        checkpoint(run, epoch, step_in_epoch, epoch_so_far)
+        if epoch == run.args.epochs:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the last epoch's checkpoint is written
+
+    monkeypatch.setattr(training, "checkpoint", checkpoint_then_signal)
+    assert main(common) == 128 + signal.SIGTERM
+    assert not (out / "history.json").exists() and not (out / "model.safetensors").exists()  # no final work
+    monkeypatch.setattr(training, "checkpoint", checkpoint)
+    assert main([*common, "--resume-from-checkpoint", "latest"]) == 0
+    assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1]
+    assert ChestXrayClassifier.from_pretrained(out).config.feature_threshold > 0
+
+
+def test_with_grad_accum_checkpoints_fall_on_accumulation_boundaries(tmp_path, clean_accelerate):
+    from chest_model.checkpoints import verify_checkpoint
+
+    data = make_class_folders(tmp_path / "data", per_class=5, size=40, seed=6)
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "2",
+                 "--weights", "none", "--cpu-threads", "1", "--epochs", "1", "--grad-accum", "2",
+                 "--checkpointing-steps", "1", "--checkpoints-total-limit", "0"]) == 0
+    steps = [verify_checkpoint(p, checksums=False)["step_in_epoch"] for p in (out / "checkpoints").glob("step_*")]
+    mid_epoch = [s for s in steps if s]
+    assert len(mid_epoch) >= 2 and all(s % 2 == 0 for s in mid_epoch)  # never between two accumulated batches
