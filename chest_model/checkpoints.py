@@ -64,15 +64,35 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
             files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2))
             replace_directory(tmp, final)
-    except BaseException:
+    except BaseException as err:
         if accelerator.is_main_process:  # no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
+        if _is_write_failure(err):
+            kept = list_checkpoints(checkpoints_dir)
+            raise CheckpointError(
+                f"{final}: the checkpoint could not be written ({_write_failure(err)}); nothing half-written is left"
+                + (f", and {kept[-1].name} is intact" if kept else "")
+                + ". A checkpoint needs room for the model, its optimizer state and the newest kept one beside it") from None
         raise
     if accelerator.is_main_process:
         for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    # A full disk or a quota shows as OSError from Python, SafetensorError from safetensors, and a bare
+    # RuntimeError from torch.save's C++ writer ("unexpected pos", "iostream error").
+    from safetensors import SafetensorError
+
+    return isinstance(err, (OSError, SafetensorError)) or (isinstance(err, RuntimeError) and any(
+        marker in str(err) for marker in ("No space left", "iostream error", "unexpected pos", "PytorchStreamWriter")))
+
+
+def _write_failure(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return "no space left on the device" if "No space left" in str(err) or getattr(err, "errno", None) == 28 else text
 
 
 def accelerator_broadcast_str(accelerator, text: str) -> str:

@@ -7,6 +7,7 @@ validated; saving is atomic; and the card on the Hub is ours.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_directory, recover_interrupted, writable_target
+from .atomic import FolderWriteError, atomic_directory, recover_interrupted, writable_target
 from .config import ChestXrayConfig, ConfigError
 from .errors import ChestModelError
 from .feature_ood import BUFFER_PREFIX
@@ -70,7 +71,7 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
                        directory, weights_dtype, source)
         source = None
     stale = [] if card_context is not None else _stale_records(directory, model.config, state)
-    with atomic_directory(directory, drop=stale) as tmp:
+    with _write_failures_named(directory), atomic_directory(directory, drop=stale) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _chmod_like_new_file(tmp / WEIGHTS_NAME)
         model.config.save(tmp / CONFIG_NAME)
@@ -89,6 +90,20 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
         logger.warning("%s held another model; its records (%s) described that model and were removed",
                        directory, ", ".join(stale))
     return directory
+
+
+@contextlib.contextmanager
+def _write_failures_named(directory: Path):
+    """A full disk (or quota) while the folder is written: one line naming the folder, which the atomic
+    swap has left as it was."""
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        if isinstance(err, ChestModelError):
+            raise
+        full = getattr(err, "errno", None) == 28 or "No space left" in str(err)
+        raise FolderWriteError(f"{directory}: could not write the model folder ({'no space left on the device' if full else err}); "
+                               "the folder is as it was before this save") from None
 
 
 # What a model folder may hold about the model in it, besides the card: training records, evaluations.

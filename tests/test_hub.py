@@ -504,7 +504,8 @@ def test_records_saved_with_the_model_are_swapped_in_with_it_or_not_at_all(tmp_p
         raise OSError(28, "No space left on device")
 
     changed = ChestXrayClassifier(tiny_model.config)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(hub.FolderWriteError, match=f"{folder}: could not write the model folder .no space left on the device.; "
+                                                   "the folder is as it was"):
         save_model_folder(changed, folder, card_context={},
                           records={"history.json": "[1, 2]", "training_curves.png": full_disk})
     # The earlier model and its own records, together; nothing of the failed save.
