@@ -69,10 +69,12 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
             shutil.rmtree(tmp, ignore_errors=True)
         if _is_write_failure(err):
             kept = list_checkpoints(checkpoints_dir)
+            reason = _write_failure(err)
             raise CheckpointError(
-                f"{final}: the checkpoint could not be written ({_write_failure(err)}); nothing half-written is left"
+                f"{final}: the checkpoint could not be written ({reason}); nothing half-written is left"
                 + (f", and {kept[-1].name} is intact" if kept else "")
-                + ". A checkpoint needs room for the model, its optimizer state and the newest kept one beside it") from None
+                + (". A checkpoint needs room for the model, its optimizer state and the newest kept one beside it"
+                   if reason == NO_SPACE else "")) from err
         raise
     if accelerator.is_main_process:
         for old in list_checkpoints(checkpoints_dir)[:-keep] if keep > 0 else []:
@@ -90,9 +92,15 @@ def _is_write_failure(err: BaseException) -> bool:
         marker in str(err) for marker in ("No space left", "iostream error", "unexpected pos", "PytorchStreamWriter")))
 
 
+NO_SPACE = "no space left on the device"
+
+
 def _write_failure(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return "no space left on the device" if "No space left" in str(err) or getattr(err, "errno", None) == 28 else text
+    full = "No space left" in str(err) or getattr(err, "errno", None) in (28, 122)  # ENOSPC, EDQUOT
+    # torch.save's writer reports a full disk only as a short write
+    full = full or isinstance(err, RuntimeError) and any(m in str(err) for m in ("iostream error", "unexpected pos"))
+    return NO_SPACE if full else text
 
 
 def accelerator_broadcast_str(accelerator, text: str) -> str:
@@ -115,14 +123,15 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> Path | None:
-    """``latest`` -> newest complete checkpoint (None if there is none yet); otherwise the given path."""
+def resolve_checkpoint(spec: str, checkpoints_dir: Path, *, quiet: bool = False) -> Path | None:
+    """``latest`` -> newest complete checkpoint (None if there is none yet); otherwise the given path.
+    ``quiet``: a look ahead (before the resume itself), which leaves the warnings to the resume."""
     if spec == "latest":
         found = list_checkpoints(checkpoints_dir)
         newest = int(_NAME.match(found[-1].name).group(1)) if found else -1
         incomplete = sorted(p.name for p in Path(checkpoints_dir).glob("step_*")
                             if _NAME.match(p.name) and int(_NAME.match(p.name).group(1)) > newest and p not in found)
-        if incomplete:
+        if incomplete and not quiet:
             logger.warning("%s: %s %s no manifest (an interrupted save, or damaged): passed over for %s",
                            checkpoints_dir, ", ".join(incomplete), "has" if len(incomplete) == 1 else "have",
                            found[-1].name if found else "a fresh start")

@@ -7,14 +7,13 @@ The graph takes ``pixel_values`` (float32, N x 3 x S x S, any N) already normali
 """
 from __future__ import annotations
 
-import copy
-
 import json
 from pathlib import Path
 
 import torch
 
 from .errors import ChestModelError
+from .feature_ood import BUFFER_PREFIX
 from .preprocess import CLAHE_CLIP, CLAHE_TILES, STANDARD_MEAN, STANDARD_STD
 
 INPUT_NAME = "pixel_values"
@@ -62,8 +61,13 @@ def export_onnx(model, output: str | Path) -> Path:
     weights = next(model.parameters())
     if weights.dtype != torch.float32 or weights.device.type != "cpu":
         # The graph takes fp32 on every runtime: trace an fp32 copy on the CPU, whatever this model is
-        # cast to or placed on (the model itself is left as it is).
-        model = copy.deepcopy(model).to("cpu", torch.float32)
+        # cast to or placed on (the model itself is left as it is; no second copy on its GPU).
+        state = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in model.state_dict().items()}
+        fp32_model = type(model)(model.config)
+        if hasattr(model, f"{BUFFER_PREFIX}scale"):
+            fp32_model._register_feature_buffers()
+        fp32_model.load_state_dict(state)
+        model = fp32_model.eval()
     example = torch.zeros(2, 3, size, size)  # batch 2: the batch axis must not be traced as 1
     try:
         with eval_mode(model):

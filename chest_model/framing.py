@@ -83,10 +83,14 @@ def _variant_check(model, images, groups, variants: Sequence[tuple[str, Callable
     if len(images) != len(groups):
         raise ValueError(f"{len(images)} images but {len(groups)} group names")
     own_size = model.config.image_size
+    images = [image.read() if hasattr(image, "read") else image for image in images]  # a stream is read once
     decoded = [load_image(image, min_size=min_size) for image in images]
-    # The film as given is what the model itself reads: decoded at its own size, which for a JPEG is
-    # a smaller decode than the crops need (the two differ by up to a few hundredths in probability).
-    as_read = decoded if min_size == own_size else [load_image(image, min_size=own_size) for image in images]
+    # The film as given is what the model itself reads: decoded at its own size, which for a JPEG can
+    # be a smaller decode than the crops need (the two differ by up to a few hundredths in probability).
+    as_read = decoded
+    if min_size != own_size:
+        as_read = [again if again.shape != first.shape or not np.array_equal(again, first) else first
+                   for again, first in ((load_image(image, min_size=own_size), first) for image, first in zip(images, decoded))]
     class_names = model.class_names
     groups = np.asarray(groups, dtype=object)
     top, uncertain = {}, {}
@@ -96,13 +100,18 @@ def _variant_check(model, images, groups, variants: Sequence[tuple[str, Callable
         top[name] = inference.probabilities.argmax(dim=1).numpy()
         uncertain[name] = np.array([bool(r) for r in inference.reasons(changed, model.config)], dtype=bool)
     as_given = top[variants[0][0]]
+    # A crop's answer is compared with the whole film at the crop's own decode, so that a change of
+    # decode scale is not counted as a change of framing.
+    baseline = as_given
+    if any(a is not d for a, d in zip(as_read, decoded)):
+        baseline = model.infer(decoded, batch_size=batch_size, precision=precision).probabilities.argmax(dim=1).numpy()
     result: dict[str, Any] = {key: [name for name, _ in variants], "groups": {}}
     for group in dict.fromkeys(groups.tolist()):  # in order of first appearance
         mask = groups == group
         result["groups"][group] = {"n": int(mask.sum()), key: {
             name: {"called": {cls: float((top[name][mask] == c).mean()) for c, cls in enumerate(class_names)},
                    "uncertain": float(uncertain[name][mask].mean()),
-                   "changed": float((top[name][mask] != as_given[mask]).mean())}
+                   "changed": float((top[name][mask] != (as_given if name == variants[0][0] else baseline)[mask]).mean())}
             for name, _ in variants}}
     return result
 

@@ -43,12 +43,14 @@ class ModelLoadError(ChestModelError, ValueError):
 
 
 def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card_context: dict | None = None,
-                      weights_dtype: torch.dtype | None = None, records: dict[str, Any] | None = None) -> Path:
+                      weights_dtype: torch.dtype | None = None, records: dict[str, Any] | None = None,
+                      drop_records: bool = False) -> Path:
     """Write config.json, model.safetensors and the model card, atomically.
 
     ``weights_dtype=torch.float16`` halves the file; loading casts back to float32. ``records`` (file
     name -> text, or a function that writes the file at the path it is given) go into the same swap,
-    so a run's records never describe other weights than the ones beside them.
+    so a run's records never describe other weights than the ones beside them; ``drop_records``
+    removes the records already there (a run's best epoch so far, saved over an earlier finish).
     """
     from .card import render_card
 
@@ -70,7 +72,10 @@ def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card
                        "the weights as they were) are not carried over; a fresh card is written",
                        directory, weights_dtype, source)
         source = None
-    stale = [] if card_context is not None else _stale_records(directory, model.config, state)
+    if drop_records:
+        stale = [name for name in MODEL_RECORDS if (directory / name).exists() and name not in (records or {})]
+    else:
+        stale = [] if card_context is not None else _stale_records(directory, model.config, state)
     with _write_failures_named(directory), atomic_directory(directory, drop=stale) as tmp:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _chmod_like_new_file(tmp / WEIGHTS_NAME)

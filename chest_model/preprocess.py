@@ -62,12 +62,12 @@ def load_image(source: ImageSource, *, name: str | None = None, min_size: int | 
     if isinstance(source, np.ndarray):
         return _finish(_array_to_rgb(source, label), label)
     if is_pil_image(source):
-        unread = _unread_file_of(source)
+        unread = _unread_bytes_of(source)
         if unread is not None:
             # Still exactly its file: decode the file as its path would be (JPEG at the reduced scale
             # training used, 16-bit colour PNG scaled, TIFF orientation), so both give one answer.
             try:
-                return _finish(_decode_bytes(_read_bytes(unread, label), label, min_size), label)
+                return _finish(_decode_bytes(unread, label, min_size), label)
             except ImageLoadError:
                 pass  # a file only PIL can read: converted below, as any PIL image is
         try:
@@ -97,17 +97,23 @@ def is_pil_image(obj: Any) -> bool:
     return module.startswith("PIL.") and hasattr(obj, "mode") and hasattr(obj, "size")
 
 
-def _unread_file_of(image: Any) -> str | None:
-    """The file a PIL image was opened from, while the image is still that file as stored: opened
-    lazily and not yet loaded, drafted or moved to another frame (anything done to its pixels loads it)."""
-    filename = getattr(image, "filename", None) or getattr(getattr(image, "fp", None), "name", None)  # opened from a path or a file
-    if not isinstance(filename, str) or not filename or not getattr(image, "tile", None):
+def _unread_bytes_of(image: Any) -> bytes | None:
+    """The bytes of the file a PIL image was opened from, while the image is still that file as
+    stored: opened lazily and not yet loaded, drafted or moved to another frame (anything done to its
+    pixels loads it). Read through the image's own open file, which is what PIL itself would decode."""
+    handle = getattr(image, "fp", None)
+    if handle is None or not getattr(image, "tile", None) or getattr(image, "decoderconfig", None) or image.tell() != 0:
+        return None  # closed, loaded, drafted or on another frame: its pixels are what it is now
+    try:
+        position = handle.tell()
+        try:
+            handle.seek(0)  # PIL reads an image from the start of the file it is given
+            data = handle.read()
+        finally:
+            handle.seek(position)
+    except (OSError, ValueError, AttributeError):
         return None
-    if getattr(image, "fp", None) is None:  # closed: PIL itself would refuse it
-        return None
-    if getattr(image, "decoderconfig", None) or image.tell() != 0 or not os.path.isfile(filename):
-        return None
-    return filename
+    return data if isinstance(data, bytes) and data else None
 
 
 def _read_bytes(source: Any, label: str) -> bytes:

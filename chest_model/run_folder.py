@@ -98,7 +98,7 @@ def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
     Checksums are verified when it is loaded."""
     output_dir = Path(args.output_dir)
     try:
-        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir / "checkpoints")
+        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, output_dir / "checkpoints", quiet=True)
         if path is None:
             if (output_dir / "history.json").is_file():
                 return (f"{output_dir}: holds a finished run but no checkpoint to continue from (was it trained with "

@@ -37,8 +37,8 @@ class GracefulStop:
             return
         self.signum = signum
         # Said at once: the checkpoint comes at the end of the batch, which can take a while.
-        print(f"{signal.Signals(signum).name} received: stopping at the end of the batch in progress, "
-              "after saving a checkpoint", file=sys.stderr, flush=True)
+        print(f"{signal.Signals(signum).name} received: stopping at the next step boundary, after saving a checkpoint",
+              file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

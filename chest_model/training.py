@@ -94,6 +94,7 @@ def train(args: TrainingConfig, command: str) -> int:
                              contrast=args.contrast)
     sources = parse_data_dirs(args.data_dir)
     folders = scan_data(args, sources, class_names)
+    check_resume_data(args, folders)
     model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
     data = decode_data(args, folders, model.preprocessor)
     clear_for_overwrite(args, accelerator)
@@ -148,7 +149,7 @@ def make_accelerator(args: TrainingConfig):
     return accelerator
 
 
-class SettingsError(ChestModelError):
+class SettingsError(ChestModelError, ValueError):
     """Settings that cannot run together on this machine; the message says which."""
 
 
@@ -201,6 +202,7 @@ class TrainingData:
     train: Split
     val: Split
     skipped: list[str] = field(default_factory=list)
+    files: dict[str, Any] = field(default_factory=dict)  # data_fingerprint of the folders scanned
 
 
 def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str, Any]:
@@ -253,7 +255,7 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
         pool = splits["train"]
         train_idx, val_idx = stratified_split(pool.labels, args.val_split, args.seed, sources=pool.sources)
         splits["train"], splits["val"] = pool.take(train_idx), pool.take(val_idx)
-    return TrainingData(splits["train"], splits["val"], bad)
+    return TrainingData(splits["train"], splits["val"], bad, data_fingerprint(folders))
 
 
 def check_some_readable(flag: str, folder, preprocessor) -> None:
@@ -353,7 +355,7 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
                                         "recipe": {**args.recipe(), "num_processes": accelerator.num_processes},
-                                        "data": data_fingerprint(data),
+                                        "data": data.files,
                                         "commands": [command]}, select,
               memory_format, logit_offset, ema)
     resume(run)
@@ -416,25 +418,41 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
     }
 
 
-def data_fingerprint(data: TrainingData) -> dict[str, Any]:
-    """Which files each split holds (absolute path and size), as a digest: a resume on other files
-    would redraw the validation split and move images already trained on into it."""
-    def digest(split: Split) -> dict[str, Any]:
-        entries = sorted(f"{os.path.abspath(p)}\t{os.path.getsize(p)}" for p in split.paths)
+def data_fingerprint(folders: dict[str, Any]) -> dict[str, Any]:
+    """Which files the training folders (and --val-dir) hold, by absolute path and size, as a digest."""
+    def digest(folder) -> dict[str, Any]:
+        entries = sorted(f"{os.path.abspath(p)}\t{os.path.getsize(p)}" for p in folder.paths)
         return {"n": len(entries), "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
-    return {"train": digest(data.train), "val": digest(data.val)}
+    return {split: digest(folders[split]) for split in ("train", "val") if split in folders}
 
 
 def check_same_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resume trains on the files its checkpoint did: other files would change what an epoch is and,
+    without --val-dir, redraw the validation split with images already trained on in it."""
     if saved is None or saved == now:  # a checkpoint from before files were recorded passes
         return
-    changes = [f"{split} {saved[split]['n']} images, now {now[split]['n']}" if saved[split]["n"] != now[split]["n"]
-               else f"{split}: the same number of images, but not the same files or sizes"
-               for split in ("train", "val") if saved.get(split) != now.get(split)]
+    flags = {"train": "--data-dir", "val": "--val-dir"}
+    changes = []
+    for split in sorted(set(saved) | set(now)):
+        before, after = saved.get(split, {"n": 0}), now.get(split, {"n": 0})
+        if before != after:
+            changes.append(f"{flags[split]}: {before['n']} files, now {after['n']}" if before["n"] != after["n"]
+                           else f"{flags[split]}: as many files, but not the same ones, or not the same sizes")
+    redraw = "" if "val" in now else (", and other files would redraw the validation split with images "
+                                      "already trained on in it")
     raise ckpt.CheckpointError(
         f"{path}: the data folders no longer hold the files this checkpoint trained on ({'; '.join(changes)}). "
-        "Resuming would redraw the validation split and move images already trained on into it. Put the files "
-        "back as they were, or start a new run in another --output-dir")
+        f"A resume must train on the same files{redraw}. Put the files back as they were, or start a new run in "
+        "another --output-dir")
+
+
+def check_resume_data(args: TrainingConfig, folders: dict[str, Any]) -> None:
+    """The files checked against the checkpoint to resume, before any decoding."""
+    if not args.resume_from_checkpoint:
+        return
+    path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints", quiet=True)
+    if path is not None:
+        check_same_data(path, ckpt.verify_checkpoint(path, checksums=False).get("data"), data_fingerprint(folders))
 
 
 def rebuild_split(record: dict, preprocessor) -> tuple[TrainingData, list[tuple[str, Path]]]:
@@ -482,7 +500,7 @@ def resume(run: Run) -> None:
     if not run.args.resume_from_checkpoint:
         return
     checkpoints_dir = run.output_dir / "checkpoints"
-    path = ckpt.resolve_checkpoint(run.args.resume_from_checkpoint, checkpoints_dir)
+    path = ckpt.resolve_checkpoint(run.args.resume_from_checkpoint, checkpoints_dir, quiet=not run.accelerator.is_main_process)
     if path is None:
         logger.info("no checkpoint in %s yet; starting from scratch", checkpoints_dir)
         return
@@ -530,8 +548,9 @@ def run_epochs(run: Run) -> Predictions | None:
                                      "val_loss": row["val_loss"]}
                 best_val = val_pass  # reused for calibration and the feature gate: no extra pass
                 if run.accelerator.is_main_process and epoch + 1 < run.args.epochs:  # the final save writes the last epoch
-                    run.evaluated_model.save_pretrained(
-                        run.output_dir, card_context={"training": {**run.record, "best_epoch": epoch + 1}})
+                    # The records of an earlier finish (a run extended with more epochs) describe other weights.
+                    save_model_folder(run.evaluated_model, run.output_dir, drop_records=True,
+                                      card_context={"training": {**run.record, "best_epoch": epoch + 1}})
                 run.accelerator.wait_for_everyone()
             if run.args.checkpointing_steps != "none":
                 checkpoint(run, epoch + 1, 0)
@@ -565,6 +584,7 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
     skip = run.state["step_in_epoch"] if epoch == run.state["epoch"] else 0
     loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
     every = None if args.checkpointing_steps in ("epoch", "none") else int(args.checkpointing_steps)
+    last_boundary = [epoch * len(run.train_loader) + skip]  # batches trained before this epoch's first step here
 
     def on_step(step: int, sums) -> None:
         if run.ema is not None and accelerator.sync_gradients:  # before any checkpoint of this step
@@ -576,7 +596,10 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
             logger.warning("%s received: saving a checkpoint at epoch %d, batch %d, then stopping", signal.Signals(signum).name, epoch + 1, step)
             checkpoint(run, epoch, step, epoch_so_far=sums())
             raise Interrupted(signum)
-        if every and (epoch * len(run.train_loader) + step) % every == 0 and step < len(run.train_loader):
+        # Every N batches, at the first accumulation boundary at or after each multiple of N.
+        global_step, previous = epoch * len(run.train_loader) + step, last_boundary[0]
+        last_boundary[0] = global_step
+        if every and global_step // every > previous // every and step < len(run.train_loader):
             checkpoint(run, epoch, step, epoch_so_far=sums())
 
     carried = run.state.get("epoch_so_far") if skip else None  # the batches trained before the resume

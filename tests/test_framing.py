@@ -87,3 +87,10 @@ def test_the_film_as_given_is_read_as_the_model_reads_it(tiny_model, tmp_path, m
     own = load_image(path, min_size=tiny_model.config.image_size)
     np.testing.assert_array_equal(seen[0][0], own)
     assert seen[1][0].shape[0] > own.shape[0]  # the crops come from the larger decode
+
+
+def test_files_given_as_open_streams_are_read_once_and_checked_like_paths(tiny_model, tmp_path):
+    path = write_image(tmp_path / "film.jpg", synthetic_xray(300, 360, seed=1))
+    by_path = framing_check(tiny_model, [str(path)], ["g"])
+    with open(path, "rb") as stream:
+        assert framing_check(tiny_model, [stream], ["g"]) == by_path

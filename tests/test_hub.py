@@ -513,3 +513,14 @@ def test_records_saved_with_the_model_are_swapped_in_with_it_or_not_at_all(tmp_p
     after = load_file(str(folder / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_saving_its_best_epoch_so_far_drops_the_records_of_an_earlier_finish(tmp_path, tiny_model):
+    from chest_model.hub import save_model_folder
+
+    folder = tmp_path / "run"
+    save_model_folder(tiny_model, folder, card_context={}, records={"history.json": "[1]", "train_config.json": "{}"})
+    (folder / "eval").mkdir()
+    (folder / "notes.txt").write_text("mine")
+    save_model_folder(ChestXrayClassifier(tiny_model.config), folder, card_context={}, drop_records=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors", "notes.txt"]

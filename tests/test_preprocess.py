@@ -311,7 +311,14 @@ def test_a_pil_image_opened_from_a_file_is_read_as_that_file(tmp_path):
         np.testing.assert_array_equal(load_image(image, min_size=128), expected)
         with open(path, "rb") as handle:
             np.testing.assert_array_equal(load_image(Image.open(handle), min_size=128), expected)
+        np.testing.assert_array_equal(load_image(Image.open(io.BytesIO(path.read_bytes())), min_size=128), expected)
         assert image.size == size and np.asarray(image).shape[:2] == size[::-1]  # still loads in full
+    # Read through the image's own open file: a file replaced on disk since does not change it.
+    opened = Image.open(jpeg)
+    expected = load_image(jpeg, min_size=128)
+    replacement = write_image(tmp_path / "other.jpg", np.full((1100, 900), 30, np.uint8))
+    replacement.replace(jpeg)
+    np.testing.assert_array_equal(load_image(opened, min_size=128), expected)
     # Once loaded (or changed), a PIL image is its pixels, used in full like an array.
     loaded = Image.open(jpeg)
     loaded.load()

@@ -284,7 +284,8 @@ def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake
     assert (out / "model.safetensors").read_bytes() == weights and (out / "history.json").is_file()
 
 
-def test_a_resume_on_other_files_is_refused_before_they_leak_into_validation(tmp_path, clean_accelerate, capsys):
+def test_a_resume_on_other_files_is_refused_before_they_leak_into_validation(tmp_path, clean_accelerate, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="chest_model.training")
     data = make_class_folders(tmp_path / "data", per_class=5, size=40, seed=6)
     out = tmp_path / "run"
     common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
@@ -292,9 +293,12 @@ def test_a_resume_on_other_files_is_refused_before_they_leak_into_validation(tmp
     assert main([*common, "--epochs", "1"]) == 0
     added = write_image(data / "Normal" / "added.png", synthetic_xray(40, 40, seed=99))
     capsys.readouterr()
+    caplog.clear()
     assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 2
     err = capsys.readouterr().err
-    assert "no longer hold the files this checkpoint trained on" in err and "redraw the validation split" in err
+    assert "no longer hold the files this checkpoint trained on (--data-dir: 15 files, now 16)" in err
+    assert "redraw the validation split" in err
+    assert not [r for r in caplog.records if r.getMessage().startswith("decoded")]  # refused before decoding
     added.unlink()  # the files as they were: the run goes on
     assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 0
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
@@ -337,3 +341,13 @@ def test_with_grad_accum_checkpoints_fall_on_accumulation_boundaries(tmp_path, c
     steps = [verify_checkpoint(p, checksums=False)["step_in_epoch"] for p in (out / "checkpoints").glob("step_*")]
     mid_epoch = [s for s in steps if s]
     assert len(mid_epoch) >= 2 and all(s % 2 == 0 for s in mid_epoch)  # never between two accumulated batches
+    # Every 3 batches with boundaries every 2: at the first boundary after each multiple of 3, none skipped.
+    batches = -(-sum(json.loads((out / "train_config.json").read_text())["data_counts"]["train"].values()) // 2)
+    assert main(["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "2",
+                 "--weights", "none", "--cpu-threads", "1", "--epochs", "1", "--grad-accum", "2",
+                 "--checkpointing-steps", "3", "--checkpoints-total-limit", "0", "--overwrite-output-dir"]) == 0
+    steps = sorted(s for s in (verify_checkpoint(p, checksums=False)["step_in_epoch"]
+                               for p in (out / "checkpoints").glob("step_*")) if s)
+    expected = [b for b in range(4, batches, 6)]  # multiples of 3 (3, 9, ...) reached at even boundaries 4, 10, ...
+    expected += [b for b in range(6, batches, 6)]  # 6, 12, ... are boundaries themselves
+    assert steps == sorted(expected) and steps
