@@ -31,6 +31,24 @@ class FolderWriteError(ChestModelError, OSError, RuntimeError):
     """A folder that cannot be replaced atomically where it is: read-only, a mount point, or in a read-only folder."""
 
 
+NO_SPACE = "no space left on the device"
+
+
+def write_failure(err: BaseException) -> str | None:
+    """Why writing failed, for an error raised while files were written (None for any other error). A full
+    disk or quota shows as OSError, as safetensors' SafetensorError, or as torch.save's C++ writer's
+    bare RuntimeError about a short write."""
+    from safetensors import SafetensorError
+
+    text = str(err)
+    short_write = isinstance(err, RuntimeError) and any(m in text for m in ("iostream error", "unexpected pos"))
+    if not (isinstance(err, (OSError, SafetensorError)) or short_write or "PytorchStreamWriter" in text):
+        return None
+    if short_write or "No space left" in text or getattr(err, "errno", None) in (28, 122):  # ENOSPC, EDQUOT
+        return NO_SPACE
+    return text.strip().splitlines()[0] if text.strip() else type(err).__name__
+
+
 def fsync_directory(folder: Path) -> None:
     """Make a rename inside ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
     try:

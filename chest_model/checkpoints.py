@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import recover_folder, replace_directory, sibling
+from .atomic import NO_SPACE, recover_folder, replace_directory, sibling, write_failure
 from .errors import ChestModelError
 
 MANIFEST = "manifest.json"
@@ -67,9 +67,9 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
     except BaseException as err:
         if accelerator.is_main_process:  # no half-written folder is left behind
             shutil.rmtree(tmp, ignore_errors=True)
-        if _is_write_failure(err):
+        reason = write_failure(err)
+        if reason is not None:
             kept = list_checkpoints(checkpoints_dir)
-            reason = _write_failure(err)
             raise CheckpointError(
                 f"{final}: the checkpoint could not be written ({reason}); nothing half-written is left"
                 + (f", and {kept[-1].name} is intact" if kept else "")
@@ -81,26 +81,6 @@ def save_checkpoint(accelerator, checkpoints_dir: Path, global_step: int, traine
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _is_write_failure(err: BaseException) -> bool:
-    # A full disk or a quota shows as OSError from Python, SafetensorError from safetensors, and a bare
-    # RuntimeError from torch.save's C++ writer ("unexpected pos", "iostream error").
-    from safetensors import SafetensorError
-
-    return isinstance(err, (OSError, SafetensorError)) or (isinstance(err, RuntimeError) and any(
-        marker in str(err) for marker in ("No space left", "iostream error", "unexpected pos", "PytorchStreamWriter")))
-
-
-NO_SPACE = "no space left on the device"
-
-
-def _write_failure(err: BaseException) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    full = "No space left" in str(err) or getattr(err, "errno", None) in (28, 122)  # ENOSPC, EDQUOT
-    # torch.save's writer reports a full disk only as a short write
-    full = full or isinstance(err, RuntimeError) and any(m in str(err) for m in ("iostream error", "unexpected pos"))
-    return NO_SPACE if full else text
 
 
 def accelerator_broadcast_str(accelerator, text: str) -> str:
@@ -128,9 +108,9 @@ def resolve_checkpoint(spec: str, checkpoints_dir: Path, *, quiet: bool = False)
     ``quiet``: a look ahead (before the resume itself), which leaves the warnings to the resume."""
     if spec == "latest":
         found = list_checkpoints(checkpoints_dir)
-        newest = int(_NAME.match(found[-1].name).group(1)) if found else -1
-        incomplete = sorted(p.name for p in Path(checkpoints_dir).glob("step_*")
-                            if _NAME.match(p.name) and int(_NAME.match(p.name).group(1)) > newest and p not in found)
+        newest = found[-1].name if found else ""
+        # step_NNNNNNNN names sort as their numbers do
+        incomplete = sorted(p.name for p in Path(checkpoints_dir).glob("step_*") if _NAME.match(p.name) and p.name > newest)
         if incomplete and not quiet:
             logger.warning("%s: %s %s no manifest (an interrupted save, or damaged): passed over for %s",
                            checkpoints_dir, ", ".join(incomplete), "has" if len(incomplete) == 1 else "have",

@@ -89,8 +89,10 @@ def _variant_check(model, images, groups, variants: Sequence[tuple[str, Callable
     # be a smaller decode than the crops need (the two differ by up to a few hundredths in probability).
     as_read = decoded
     if min_size != own_size:
-        as_read = [again if again.shape != first.shape or not np.array_equal(again, first) else first
-                   for again, first in ((load_image(image, min_size=own_size), first) for image, first in zip(images, decoded))]
+        as_read = []
+        for image, first in zip(images, decoded):
+            again = load_image(image, min_size=own_size)
+            as_read.append(first if again.shape == first.shape and np.array_equal(again, first) else again)
     class_names = model.class_names
     groups = np.asarray(groups, dtype=object)
     top, uncertain = {}, {}

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import FolderWriteError, atomic_directory, recover_interrupted, writable_target
+from .atomic import FolderWriteError, atomic_directory, recover_interrupted, writable_target, write_failure
 from .config import ChestXrayConfig, ConfigError
 from .errors import ChestModelError
 from .feature_ood import BUFFER_PREFIX
@@ -106,8 +106,7 @@ def _write_failures_named(directory: Path):
     except (OSError, SafetensorError) as err:
         if isinstance(err, ChestModelError):
             raise
-        full = getattr(err, "errno", None) == 28 or "No space left" in str(err)
-        raise FolderWriteError(f"{directory}: could not write the model folder ({'no space left on the device' if full else err}); "
+        raise FolderWriteError(f"{directory}: could not write the model folder ({write_failure(err)}); "
                                "the folder is as it was before this save") from None
 
 

@@ -63,10 +63,7 @@ def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | No
                     "that folder holds the run's best weights so far")
     if args.resume_from_checkpoint:
         return resume_problem(args, num_processes)
-    earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)]
-    earlier += [name for name in (*RUN_RECORDS, "model.safetensors") if (output_dir / name).is_file()]
-    if _holds_our_config(output_dir):
-        earlier.append("config.json")
+    earlier = [p.name for p in ckpt.list_checkpoints(checkpoints_dir)] + _earlier_run_files(output_dir)
     if not earlier or earlier == ["model.safetensors"]:
         # Files a run writes, in a folder no run (and no model of ours) wrote: someone else's, which
         # neither a run nor --overwrite-output-dir may replace.
@@ -80,6 +77,12 @@ def output_dir_problem(args: TrainingConfig, num_processes: int = 1) -> str | No
                 "--resume-from-checkpoint latest, pass --overwrite-output-dir to start over (its checkpoints, "
                 "model and records are deleted), or choose another --output-dir")
     return None
+
+
+def _earlier_run_files(output_dir: Path) -> list[str]:
+    """The files by which a run (or a model of ours) is known to have been saved here."""
+    found = [name for name in (*RUN_RECORDS, "model.safetensors") if (output_dir / name).is_file()]
+    return found + ["config.json"] if _holds_our_config(output_dir) else found
 
 
 def _holds_our_config(folder: Path) -> bool:
@@ -103,10 +106,11 @@ def resume_problem(args: TrainingConfig, num_processes: int) -> str | None:
             if (output_dir / "history.json").is_file():
                 return (f"{output_dir}: holds a finished run but no checkpoint to continue from (was it trained with "
                         "--checkpointing-steps none?). Pass --overwrite-output-dir to start over, or choose another --output-dir")
-            earlier = [name for name in (*RUN_RECORDS, "model.safetensors") if (output_dir / name).is_file()]
-            if earlier or _holds_our_config(output_dir):
+            earlier = _earlier_run_files(output_dir)
+            if earlier:
                 # 'latest' would start from scratch over it, with whatever settings this command gives
-                return (f"{output_dir}: holds an earlier run ({', '.join(earlier or ['config.json'])}) but no checkpoint "
+                shown = [name for name in earlier if name != "config.json"] or earlier
+                return (f"{output_dir}: holds an earlier run ({', '.join(shown)}) but no checkpoint "
                         "to continue from. Pass --overwrite-output-dir instead to start over, or choose another --output-dir")
             return None
         state = ckpt.verify_checkpoint(path, checksums=False)

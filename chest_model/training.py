@@ -7,6 +7,7 @@ data -> model -> loop -> choose -> calibrate -> save.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -94,9 +95,10 @@ def train(args: TrainingConfig, command: str) -> int:
                              contrast=args.contrast)
     sources = parse_data_dirs(args.data_dir)
     folders = scan_data(args, sources, class_names)
-    check_resume_data(args, folders)
+    files = data_fingerprint(folders)
+    check_resume_data(args, files)  # before decoding
     model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
-    data = decode_data(args, folders, model.preprocessor)
+    data = dataclasses.replace(decode_data(args, folders, model.preprocessor), files=files)
     clear_for_overwrite(args, accelerator)
     run = prepare_run(args, accelerator, model, data, command)
     best_val = run_epochs(run)
@@ -255,7 +257,7 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
         pool = splits["train"]
         train_idx, val_idx = stratified_split(pool.labels, args.val_split, args.seed, sources=pool.sources)
         splits["train"], splits["val"] = pool.take(train_idx), pool.take(val_idx)
-    return TrainingData(splits["train"], splits["val"], bad, data_fingerprint(folders))
+    return TrainingData(splits["train"], splits["val"], bad)
 
 
 def check_some_readable(flag: str, folder, preprocessor) -> None:
@@ -446,13 +448,13 @@ def check_same_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any
         "another --output-dir")
 
 
-def check_resume_data(args: TrainingConfig, folders: dict[str, Any]) -> None:
-    """The files checked against the checkpoint to resume, before any decoding."""
+def check_resume_data(args: TrainingConfig, files: dict[str, Any]) -> None:
+    """The files (data_fingerprint) checked against the checkpoint to resume."""
     if not args.resume_from_checkpoint:
         return
     path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints", quiet=True)
     if path is not None:
-        check_same_data(path, ckpt.verify_checkpoint(path, checksums=False).get("data"), data_fingerprint(folders))
+        check_same_data(path, ckpt.verify_checkpoint(path, checksums=False).get("data"), files)
 
 
 def rebuild_split(record: dict, preprocessor) -> tuple[TrainingData, list[tuple[str, Path]]]:
@@ -505,8 +507,7 @@ def resume(run: Run) -> None:
         logger.info("no checkpoint in %s yet; starting from scratch", checkpoints_dir)
         return
     state = ckpt.verify_checkpoint(path)
-    ckpt.check_same_recipe(path, state.get("recipe"), run.state["recipe"])
-    check_same_data(path, state.get("data"), run.state["data"])
+    ckpt.check_same_recipe(path, state.get("recipe"), run.state["recipe"])  # the files were checked before decoding
     state.setdefault("recipe", run.state["recipe"])  # a checkpoint from before settings were recorded
     state.setdefault("data", run.state["data"])
     # The run's record names the command that started it, and each that resumed it.
