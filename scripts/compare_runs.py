@@ -16,7 +16,7 @@ def row(run: Path) -> str:
     record = json.loads((run / "train_config.json").read_text())
     val = json.loads((run / "val_metrics.json").read_text())
     hp = record["hyperparameters"]
-    recipe = f"{record.get('epochs')} epochs, {hp.get('image_size')} px, augment={hp.get('augment')}, sampling={hp.get('sampling')}, contrast={hp.get('contrast', hp.get('equalize', 'none'))}"
+    recipe = f"{record.get('epochs')} epochs, {hp.get('image_size')} px, lr {hp.get('lr')}, augment={hp.get('augment')}, sampling={hp.get('sampling')}, contrast={hp.get('contrast', hp.get('equalize', 'none'))}"
     if hp.get("ema_decay"):
         recipe += f", ema={hp['ema_decay']}"
     test_path, external_path = run / "eval" / "metrics.json", run / "eval" / "external.json"
