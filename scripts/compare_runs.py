@@ -7,8 +7,8 @@ the epoch), then the external sets and the test split, which chose nothing.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -35,13 +35,16 @@ def val_recalls(val: dict) -> str:
     return ", ".join(f"{name} {row['recall']:.2f}" for name, row in val.get("per_class", {}).items())
 
 
-def main(runs: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="training run folders (train.py --output-dir)")
+    runs = parser.parse_args(argv).runs
     print("| run | trained on | recipe | best epoch | validation group recall | validation recall per class | "
           "left-out source | test accuracy / Covid recall / flagged |")
     print("|---|---|---|---:|---:|---|---|---|")
     for run in runs:
-        print(row(Path(run)))
+        print(row(run))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
