@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tone-check", action="store_true",
                           help="also classify every image through a lighter and a darker tone (gamma) curve, as other "
                                "detectors render the same film, and report per class what it is called then (three more passes)")
+    evaluate.add_argument("--subgroups", action="append", default=[], metavar="CSV",
+                          help="a CSV describing the evaluated images: a 'file' column (the image's path, or its last parts, "
+                               "e.g. Normal/x.png) and attribute columns; with --subgroup-by, every set is also reported per "
+                               "group (repeat it for several CSVs)")
+    evaluate.add_argument("--subgroup-by", action="append", default=[], metavar="COLUMN",
+                          help="a --subgroups column to report by (view, sex, age ...; a numeric one with many values is cut "
+                               "into quartile bands); repeat it or separate columns with commas")
     evaluate.set_defaults(func=run_evaluate)
 
     ood = sub.add_parser("ood-check", help="share of non-X-ray images (photographs, documents, other modalities) reported as uncertain")
@@ -97,10 +104,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import (evaluate_external, evaluate_model, external_summary, folder_files, hash_training_files,
                              remove_figures, remove_stale_evaluation, summary)
     from .hub import weights_fingerprint
+    from .subgroups import SubgroupError, read_subgroup_table
 
     if args.output_dir:  # where the results go is checked before any work, not after the last set
         check_writable_folder(args.output_dir)
     sets = parse_data_dirs(args.data_dir)
+    subgroups = None
+    if args.subgroups or args.subgroup_by:
+        if not args.subgroups:
+            raise SubgroupError("--subgroup-by needs --subgroups CSV: the file that describes the images")
+        subgroups = read_subgroup_table(args.subgroups, args.subgroup_by)
     model = _load_model(args)
     # Every set is checked before the first is evaluated, so a mistake in the last costs nothing.
     problems = [p for name, path in sets for p in scan_image_folder(path, model.class_names, partial=True, name=name)[1]]
@@ -123,10 +136,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if complete:
             results[name] = evaluate_model(model, path, train_dir=train_dir, training_images=training_images, output_dir=out,
                                            n_bootstrap=args.bootstrap, framing=args.framing_check,
-                                           tone=args.tone_check)
+                                           tone=args.tone_check, subgroups=subgroups)
         else:
             results[name] = evaluate_external(model, path, name=name, training_images=training_images,
-                                              framing=args.framing_check, tone=args.tone_check)
+                                              framing=args.framing_check, tone=args.tone_check, subgroups=subgroups)
             if out is not None:
                 out.mkdir(parents=True, exist_ok=True)
                 remove_figures(out)  # an earlier evaluation's, of this name or folder, as a full set

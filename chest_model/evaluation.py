@@ -26,6 +26,7 @@ from .hub import weights_fingerprint
 from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, reliability_bins
 from .model import ChestXrayClassifier
 from .preprocess import ImageLoadError
+from .subgroups import SubgroupTable, subgroup_figures, subgroup_lines
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def evaluate_model(
     seed: int = 0,
     framing: bool = False,
     tone: bool = False,
+    subgroups: SubgroupTable | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on class folders; write metrics.json and figures to ``output_dir`` if given.
 
@@ -54,7 +56,8 @@ def evaluate_model(
     ``train/``). ``training_images`` are the hashed training images searched for copies of the
     evaluated ones (:func:`hash_training_files`; default: every image under ``train_dir``).
     ``framing`` adds the framing check (:mod:`chest_model.framing`) per true class, five more passes;
-    ``tone`` the tone check, three more.
+    ``tone`` the tone check, three more. ``subgroups`` (:mod:`chest_model.subgroups`) adds the figures
+    per group of the films its CSV describes.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names)
@@ -108,7 +111,10 @@ def evaluate_model(
         audit["tone"] = tone_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
     metrics["audit"] = audit
 
-    metrics["ood"] = ood_summary(inference.reasons(images, model.config), model.config, labels, class_names)
+    reasons = inference.reasons(images, model.config)
+    metrics["ood"] = ood_summary(reasons, model.config, labels, class_names)
+    if subgroups is not None:
+        metrics["subgroups"] = subgroup_figures(subgroups, paths, labels, probs, [bool(r) for r in reasons], class_names)
     order = np.argsort(-losses)
     metrics["hardest"] = [
         {"file": relative_name(paths[i], data_dir), "true": class_names[labels[i]], "predicted": class_names[int(probs[i].argmax())],
@@ -170,13 +176,15 @@ def copies_audit(model: ChestXrayClassifier, images: list[np.ndarray], labels: n
 
 def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name: str | None = None,
                       batch_size: int = 16, training_images: TrainingHashes | None = None,
-                      framing: bool = False, tone: bool = False) -> dict[str, Any]:
+                      framing: bool = False, tone: bool = False,
+                      subgroups: SubgroupTable | None = None) -> dict[str, Any]:
     """How a set from a source the model was not trained on is classified.
 
     The set may hold only some classes (a folder of adult normals): it reports the share predicted as
     each class, per true class, the accuracy, and how many inputs the model flagged as uncertain. With
     ``training_images`` (as for :func:`evaluate_model`), also how many of its images are copies of a
-    training image: a set that holds some is not unseen. ``framing`` and ``tone`` add those checks per true class.
+    training image: a set that holds some is not unseen. ``framing`` and ``tone`` add those checks per true class,
+    ``subgroups`` the figures per group of the films its CSV describes.
     """
     class_names = model.class_names
     folder, problems = scan_image_folder(data_dir, class_names, partial=True, name=name)
@@ -213,6 +221,8 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
         result["framing"] = framing_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
     if tone:
         result["tone"] = tone_check(model, paths, [class_names[c] for c in labels], batch_size=batch_size)
+    if subgroups is not None:
+        result["subgroups"] = subgroup_figures(subgroups, paths, labels, probs, uncertain, class_names)
     called = ", ".join(f"{share:.0%} {cls}" for cls, share in result["predicted_share"].items())
     result["summary"] = f"{result['n']} images ({', '.join(f'{k} {v}' for k, v in result['true_counts'].items())}): called {called}; " \
                         f"accuracy {result['accuracy']:.3f}; flagged uncertain {result['uncertain_rate']:.0%}"
@@ -230,6 +240,8 @@ def external_summary(result: dict[str, Any]) -> str:
     for check in ("framing", "tone"):
         if check in result:
             lines += framing_lines(result[check], list(result["predicted_share"]))
+    if "subgroups" in result:
+        lines += subgroup_lines(result["subgroups"], list(result["predicted_share"]))
     lines += unreadable_lines(result["unreadable_files"])
     return "\n".join(lines)
 
@@ -355,6 +367,7 @@ def summary(metrics: dict[str, Any]) -> str:
         *(framing_lines(audit["tone"], metrics["class_names"]) if "tone" in audit else []),
         f"flagged as uncertain: {metrics['ood']['flagged']} of {metrics['n']}"
         + flagged_by_class_text(metrics["ood"]),
+        *(subgroup_lines(metrics["subgroups"], metrics["class_names"]) if "subgroups" in metrics else []),
     ]
     lines += unreadable_lines(metrics["unreadable_files"])
     if audit.get("unreadable_train_files"):

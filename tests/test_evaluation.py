@@ -282,3 +282,52 @@ def test_a_set_with_no_readable_image_is_an_error_naming_the_files(tmp_path, tin
         getattr(evaluation, evaluate)(tiny_model, tmp_path / "set")
     # The set named once, its files within it (as metrics.json names them: the file may be shared).
     assert f"cannot evaluate {tmp_path / 'set'}:" in str(info.value) and "\n  - Covid/scan.png: corrupt PNG" in str(info.value)
+
+
+def test_subgroups_report_every_set_per_group_of_its_csv(tmp_path, tiny_model):
+    make_class_folders(tmp_path / "test", per_class=3, size=48, seed=2)
+    adults = make_class_folders(tmp_path / "adults", per_class=4, size=48, seed=3, class_names=["Normal"])
+    files = sorted((adults / "Normal").iterdir())
+    # The CSV names adults' films by SET/CLASS/FILE and the test set's Covid films by CLASS/FILE (both sets have
+    # files of the same names); one adult film is missing from it.
+    rows = [f"adults/Normal/{p.name},{'AP' if i % 2 else 'PA'},{30 + i}" for i, p in enumerate(files[:-1])]
+    rows += [f"Covid/{p.name},PA,50" for p in sorted((tmp_path / "test" / "Covid").iterdir())]
+    (tmp_path / "films.csv").write_text("file,view,age\n" + "\n".join(rows) + "\n")
+    tiny_model.save_pretrained(tmp_path / "model")
+    result = cli("evaluate", "--model", str(tmp_path / "model"), "--data-dir", f"kids={tmp_path / 'test'}",
+                 "--data-dir", f"adults={adults}", "--subgroups", str(tmp_path / "films.csv"), "--subgroup-by", "view",
+                 "--subgroup-by", "age", "--output-dir", str(tmp_path / "eval"), "--bootstrap", "20")
+    assert result.returncode == 0, result.stderr
+    sets = json.loads((tmp_path / "eval" / "metrics.json").read_text())["sets"]
+    adult = sets["adults"]["subgroups"]
+    assert adult["not_listed"] == 1 and adult["columns"]["view"]["AP"]["n"] == 1 and adult["columns"]["view"]["PA"]["n"] == 2
+    # Each group's shares are the set's own calls restricted to it: together they give the set's figure.
+    called = sum(row["n"] * row["predicted_share"]["Covid"] for row in adult["columns"]["view"].values())
+    assert called == pytest.approx(sets["adults"]["predicted_share"]["Covid"] * sets["adults"]["n"])
+    kids = sets["kids"]["subgroups"]
+    assert kids["not_listed"] == 6 and kids["columns"]["view"]["PA"]["n"] == 3
+    assert set(kids["columns"]["view"]["PA"]["predicted_share_by_true_class"]) == {"Covid"}
+    assert result.stdout.count("subgroups (from films.csv") == 2 and "(not in the CSV)" in result.stdout
+
+    refused = cli("evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(adults),
+                  "--subgroups", str(tmp_path / "films.csv"), "--subgroup-by", "site")
+    assert refused.returncode == 2 and "films.csv: no column 'site'" in refused.stderr and "Traceback" not in refused.stderr
+    refused = cli("evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(adults), "--subgroup-by", "view")
+    assert refused.returncode == 2 and "--subgroup-by needs --subgroups" in refused.stderr
+
+
+NIH_ADULTS = DATASET.parent / "adult-normal" / "nih-cxr8-darkcovidnet"
+
+
+@pytest.mark.dataset
+@pytest.mark.skipif(not (NIH_ADULTS / "manifest.csv").is_file(), reason=f"adult normal X-rays not found at {NIH_ADULTS}")
+@pytest.mark.skipif(not (STARTER / "model.safetensors").exists(), reason="no starter model in this checkout")
+def test_subgroups_from_the_real_nih_manifest():
+    """Every NIH adult normal is found in its release's manifest, and reported per view and age band."""
+    result = cli("evaluate", "--model", str(STARTER), "--data-dir", f"nih={NIH_ADULTS}",
+                 "--subgroups", str(NIH_ADULTS / "manifest.csv"), "--subgroup-by", "view,age")
+    assert result.returncode == 0, result.stderr
+    assert "images not in it" not in result.stdout
+    view = result.stdout.split("subgroups (from manifest.csv)")[1]
+    assert re.search(r"\n  AP +38 ", view) and re.search(r"\n  PA +101 ", view)
+    assert len(re.findall(r"\n  \d+-\d+ +\d+ ", view)) == 4  # four age bands
