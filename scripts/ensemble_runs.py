@@ -4,7 +4,9 @@
 
 Each run is a saved model folder; the ensemble averages their calibrated probabilities per image
 (the runs must share class names). Prints, per run and for the average of every subset of two or
-more runs, the share of the folder's images called each class. Nothing is chosen or saved.
+more runs, the share of the folder's images called each class; then, per class, how many images 0, 1,
+... of the runs call it (runs that err on the same films err on hard films, not by seed noise, and
+averaging them cannot help). Nothing is chosen or saved.
 """
 from __future__ import annotations
 
@@ -30,6 +32,11 @@ def shares(probabilities: np.ndarray, class_names: list[str]) -> str:
     return ", ".join(f"{name} {share:.0%}" for name, share in zip(class_names, calls))
 
 
+def agreement(calls: np.ndarray, c: int) -> np.ndarray:
+    """How many images ``k`` of the runs call class ``c``, for k = 0 .. runs (``calls``: runs x images)."""
+    return np.bincount((calls == c).sum(axis=0), minlength=len(calls) + 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="saved model folders")
@@ -53,6 +60,12 @@ def main(argv: list[str] | None = None) -> None:
             average = np.mean([probabilities[i] for i in subset], axis=0)
             names = " + ".join(args.runs[i].name for i in subset)
             print(f"average of {names}: {shares(average, class_names)}")
+    # Whether the runs err on the same images (hard films) or each on its own (seed noise an average removes).
+    calls = np.stack([p.argmax(1) for p in probabilities])
+    for c, name in enumerate(class_names):
+        votes = agreement(calls, c)
+        if votes[1:].any():
+            print(f"called {name} by 0, 1, ..., {len(args.runs)} of the runs: {', '.join(map(str, votes))} images")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ def test_the_average_is_taken_over_calibrated_probabilities_per_image(tmp_path, 
     assert lines[1].startswith(f"b: {ensemble.shares(probabilities[1], names)}; ")
     assert lines[3] == f"average of a + b: {ensemble.shares((probabilities[0] + probabilities[1]) / 2, names)}"
     assert ensemble.shares(np.array([[0.6, 0.4, 0.0], [0.2, 0.7, 0.1]]), names) == "Normal 50%, Covid 50%, Viral Pneumonia 0%"
+    calls = np.stack([p.argmax(1) for p in probabilities])
+    for c, name in enumerate(names):
+        both, one = int(((calls == c).sum(0) == 2).sum()), int(((calls == c).sum(0) == 1).sum())
+        line = f"called {name} by 0, 1, ..., 2 of the runs: {9 - both - one}, {one}, {both} images"
+        assert (line in lines) == bool(both or one)
+    assert ensemble.agreement(np.array([[1, 1, 0, 2], [1, 0, 0, 2], [1, 0, 2, 0]]), 1).tolist() == [2, 1, 0, 1]
 
 
 def test_runs_with_other_classes_or_an_empty_folder_are_refused(tmp_path):
