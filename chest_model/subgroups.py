@@ -1,8 +1,8 @@
 """Figures per subgroup of the evaluated films (view, sex, age band, site ...), from a CSV that describes them.
 
-A model can be right on average and wrong for one kind of film: trained on this dataset, adult normals
-taken AP, or from older patients, are called Covid far more often than the rest. The figures per group
-show that where the overall ones cannot.
+A model can be right on average and wrong for one kind of film: models trained on this dataset
+without one adult-normal source call that source's normal AP films, and men's, Covid more often
+than the rest. The figures per group show that where the overall ones cannot.
 
 The CSV has a ``file`` column and one column per attribute. A row describes an evaluated image when its
 ``file`` is the image's path or the last parts of it (``00001280_004.png``, ``Normal/00001280_004.png``
