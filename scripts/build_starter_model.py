@@ -298,8 +298,9 @@ def readme_sections(metrics: dict, record: dict, framing: dict | None = None, ga
         f"{' ' + refit_caveat(gate_refit) if gate_refit else ''} A random forest on file metadata "
         f"alone scores {audit['metadata_baseline_accuracy']:.3f} on the same images, so the test score is an upper bound on "
         f"what the model learned about lungs.{copies_sentence(audit.get('train_copies'))}\n\n"
-        + (f"Sources it was not trained on (leave-one-source-out): {left_out}. "
-           f"{failed_runs_sentence(metrics.get('external', {}))}{shared_origin_sentence(record['sources'])}\n\n"
+        + ("Sources it was not trained on (leave-one-source-out): "
+           + " ".join(filter(None, [f"{left_out}.", failed_runs_sentence(metrics.get("external", {})),
+                                    shared_origin_sentence(record["sources"]).strip()])) + "\n\n"
            if left_out else "")
         + framing_sentence(framing)
         + f"Non-X-ray images (photographs, documents, other modalities, generated): {ood['flagged']} of {ood['n']} "
