@@ -82,3 +82,9 @@ def test_a_missing_or_binary_csv_is_an_error_naming_it(tmp_path):
     (tmp_path / "x.csv").write_bytes(b"\xff\xfe\x00\x81binary")
     with pytest.raises(SubgroupError, match="x.csv: cannot be read as a CSV file"):
         read_subgroup_table([tmp_path / "x.csv"], ["view"])
+
+
+@pytest.mark.parametrize("text", ["file;view\r\na.png;AP\r\n", "file\tview\na.png\tAP\n", "file, view\na.png, AP\n"])
+def test_semicolons_tabs_and_spaces_after_commas_are_read(tmp_path, text):
+    table = read_subgroup_table([write(tmp_path / "m.csv", text)], ["view"])
+    assert table.row_for("/d/Normal/a.png") == {"view": "AP"}
