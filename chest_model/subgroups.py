@@ -139,9 +139,11 @@ def _number(value: str) -> float | None:
 
 
 def _bands(values: list[str]) -> list[str] | None:
-    """Quartile bands of a numeric column with many values ("18-35"), or None to report each value."""
-    numbers = {v: _number(v) for v in set(values) if v not in (BLANK, NOT_LISTED)}
-    if len(numbers) <= MAX_LEVELS or any(n is None for n in numbers.values()):
+    """Quartile bands of a numeric column with many values ("18-35"), or None to report each value.
+    A few words among the numbers ("unknown") stay groups of their own."""
+    parsed = {v: _number(v) for v in set(values) if v not in (BLANK, NOT_LISTED)}
+    numbers = {v: n for v, n in parsed.items() if n is not None}
+    if len(numbers) <= MAX_LEVELS or len(parsed) - len(numbers) > 2:
         return None
     measured = np.array([numbers[v] for v in values if v in numbers])
     whole = all(float(n).is_integer() for n in numbers.values())
