@@ -12,6 +12,7 @@ with many values (age) is cut into four bands at its quartiles over the evaluate
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -73,13 +74,22 @@ def read_subgroup_table(paths: Sequence[str | Path], columns: Sequence[str]) -> 
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows; the delimiter is the header's commonest of comma, semicolon and tab (spreadsheets
+    in many locales write semicolons), and spaces around names are ignored."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            return list(reader.fieldnames or []), list(reader)
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise SubgroupError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
+    except (OSError, UnicodeDecodeError) as err:
+        raise SubgroupError(f"{path}: cannot be read as a CSV file ({err})") from None
+    header_line = text.splitlines()[0] if text else ""
+    delimiter = max(",;\t", key=header_line.count)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, skipinitialspace=True)
+        header = [name.strip() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        return header, list(reader)
+    except csv.Error as err:
         raise SubgroupError(f"{path}: cannot be read as a CSV file ({err})") from None
 
 
@@ -129,9 +139,11 @@ def _number(value: str) -> float | None:
 
 
 def _bands(values: list[str]) -> list[str] | None:
-    """Quartile bands of a numeric column with many values ("18-35"), or None to report each value."""
-    numbers = {v: _number(v) for v in set(values) if v not in (BLANK, NOT_LISTED)}
-    if len(numbers) <= MAX_LEVELS or any(n is None for n in numbers.values()):
+    """Quartile bands of a numeric column with many values ("18-35"), or None to report each value.
+    A few words among the numbers ("unknown") stay groups of their own."""
+    parsed = {v: _number(v) for v in set(values) if v not in (BLANK, NOT_LISTED)}
+    numbers = {v: n for v, n in parsed.items() if n is not None}
+    if len(numbers) <= MAX_LEVELS or len(parsed) - len(numbers) > 2:
         return None
     measured = np.array([numbers[v] for v in values if v in numbers])
     whole = all(float(n).is_integer() for n in numbers.values())

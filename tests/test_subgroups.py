@@ -47,6 +47,15 @@ def test_figures_per_value_per_band_and_for_images_the_csv_does_not_list(tmp_pat
     assert "1 images not in it" in text and "AP" in text and "62-75" in text
 
 
+def test_a_word_among_many_numbers_stays_its_own_group(tmp_path):
+    rows = "".join(f"{i}.png,{20 + 3 * i}\n" for i in range(12)) + "x.png,unknown\n"
+    table = read_subgroup_table([write(tmp_path / "m.csv", "file,age\n" + rows)], ["age"])
+    files = [f"{i}.png" for i in range(12)] + ["x.png"]
+    report = subgroup_figures(table, files, np.zeros(13, int), np.tile([0.8, 0.1, 0.1], (13, 1)), np.zeros(13), CLASSES)
+    groups = report["columns"]["age"]
+    assert len(groups) == 5 and list(groups)[-1] == "unknown" and groups["unknown"]["n"] == 1
+
+
 def test_few_numeric_values_and_blanks_are_reported_as_they_are(tmp_path):
     csv = write(tmp_path / "m.csv", "file,grade\na.png,2\nb.png,10\nc.png,\n")
     table = read_subgroup_table([csv], ["grade"])
@@ -82,3 +91,9 @@ def test_a_missing_or_binary_csv_is_an_error_naming_it(tmp_path):
     (tmp_path / "x.csv").write_bytes(b"\xff\xfe\x00\x81binary")
     with pytest.raises(SubgroupError, match="x.csv: cannot be read as a CSV file"):
         read_subgroup_table([tmp_path / "x.csv"], ["view"])
+
+
+@pytest.mark.parametrize("text", ["file;view\r\na.png;AP\r\n", "file\tview\na.png\tAP\n", "file, view\na.png, AP\n"])
+def test_semicolons_tabs_and_spaces_after_commas_are_read(tmp_path, text):
+    table = read_subgroup_table([write(tmp_path / "m.csv", text)], ["view"])
+    assert table.row_for("/d/Normal/a.png") == {"view": "AP"}
