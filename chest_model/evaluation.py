@@ -23,7 +23,7 @@ from .data import DatasetError, relative_message, relative_name, scan_image_fold
 from .duplicates import hash_matrix as cached_hashes, image_hash, train_test_copies
 from .framing import framing_check, framing_lines, tone_check
 from .hub import weights_fingerprint
-from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, reliability_bins
+from .metrics import bootstrap_ci, classification_metrics, flagged_by_class, predicted_shares, reliability_bins
 from .model import ChestXrayClassifier
 from .preprocess import ImageLoadError
 from .subgroups import SubgroupTable, subgroup_figures, subgroup_lines
@@ -199,7 +199,7 @@ def evaluate_external(model: ChestXrayClassifier, data_dir: str | Path, *, name:
     present = [c for c in range(len(class_names)) if (labels == c).any()]
 
     def shares(mask: np.ndarray) -> dict[str, float | None]:  # None where no image is left to share out
-        return {cls: float((predicted[mask] == c).mean()) if mask.any() else None for c, cls in enumerate(class_names)}
+        return predicted_shares(predicted, mask, class_names)
 
     result = {
         "name": folder.source_names[0],

@@ -135,3 +135,9 @@ def flagged_by_class(flags, labels, class_names: Sequence[str]) -> dict[str, dic
     flags, labels = np.asarray(flags, dtype=bool), np.asarray(labels)
     return {name: {"flagged": int(flags[labels == c].sum()), "n": int((labels == c).sum())}
             for c, name in enumerate(class_names) if (labels == c).any()}
+
+
+def predicted_shares(predicted, mask, class_names: Sequence[str]) -> dict[str, float | None]:
+    """``{class: share}`` of the images in ``mask`` predicted as each class (None where the mask is empty)."""
+    predicted, mask = np.asarray(predicted), np.asarray(mask, dtype=bool)
+    return {name: float((predicted[mask] == c).mean()) if mask.any() else None for c, name in enumerate(class_names)}

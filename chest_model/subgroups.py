@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ChestModelError
+from .metrics import predicted_shares
 
 MAX_LEVELS = 8  # a numeric column with more distinct values than this is reported in bands
 NOT_LISTED, BLANK = "(not in the CSV)", "(blank)"
@@ -121,12 +122,11 @@ def subgroup_lines(report: dict[str, Any], class_names: Sequence[str]) -> list[s
 
 
 def _figures(mask, labels, predicted, uncertain, class_names) -> dict[str, Any]:
-    def shares(m):
-        return {name: float((predicted[m] == c).mean()) for c, name in enumerate(class_names)}
     present = [c for c in range(len(class_names)) if (mask & (labels == c)).any()]
     return {"n": int(mask.sum()), "accuracy": float((predicted[mask] == labels[mask]).mean()),
-            "predicted_share": shares(mask),
-            "predicted_share_by_true_class": {class_names[c]: shares(mask & (labels == c)) for c in present},
+            "predicted_share": predicted_shares(predicted, mask, class_names),
+            "predicted_share_by_true_class": {class_names[c]: predicted_shares(predicted, mask & (labels == c), class_names)
+                                              for c in present},
             "uncertain_rate": float(uncertain[mask].mean())}
 
 
