@@ -310,8 +310,8 @@ def readme_sections(metrics: dict, record: dict, framing: dict | None = None, ga
         "seen Covid, so treat any Covid call on an adult film with suspicion.\n\n"
         "Viral Pneumonia was learned from children's X-rays only: there is no adult viral pneumonia in the training "
         "data, so the model cannot be trusted to recognise it in adults. Its model card holds the exact command "
-        "and every figure; `docs/benchmarks.md` says how the recipe was chosen and what the command costs on each "
-        "kind of machine measured.\n")
+        "and every figure; `docs/model-selection.md` holds the rules the recipe was chosen by, each written before "
+        "its run trained, and `docs/benchmarks.md` what the command costs on each kind of machine measured.\n")
     shortcut = f"scores {audit['metadata_baseline_accuracy']:.0%} on its test split"
     return {"figures": starter, "shortcut": shortcut}
 
