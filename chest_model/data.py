@@ -392,14 +392,18 @@ class BalancedSampler(torch.utils.data.Sampler):
     skews each population: with one Normal class spread over children and adults, children draw
     Normal:Viral Pneumonia 1:3 under ``by="class"``. Here each population is drawn 1:1.
 
+    ``strata`` (one label per sample, e.g. each film's view) splits every group's share equally
+    between the strata found in it, so a rare kind of film inside a group (a source's 38 AP normals
+    beside its 101 PA ones) is drawn as often as the common kind.
+
     Without either, a pool that is mostly one source's Normal images teaches "mostly Normal". The
     draw of epoch ``e`` depends only on ``(seed, e)``, so every process and a resumed run see the
     same order.
     """
 
     def __init__(self, labels: list[int], sources: list[int], seed: int = 0, num_samples: int | None = None,
-                 by: str = "class"):
-        self.weights = balanced_weights(labels, sources, by=by)
+                 by: str = "class", strata: list[str] | None = None):
+        self.weights = balanced_weights(labels, sources, by=by, strata=strata)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.num_samples = num_samples or len(labels)
         self.seed = seed
@@ -421,13 +425,17 @@ class BalancedSampler(torch.utils.data.Sampler):
         return mass / mass.sum()
 
 
-def balanced_weights(labels: list[int], sources: list[int], by: str = "class") -> torch.Tensor:
+def balanced_weights(labels: list[int], sources: list[int], by: str = "class",
+                     strata: list[str] | None = None) -> torch.Tensor:
     """Relative per-sample weights for ``BalancedSampler``: equal mass per class split equally
     between its sources (``by="class"``), equal mass per (source, class) group (``by="group"``), or
     equal mass per group of a several-class source, single-class sources of a class sharing one
-    group's mass (``by="source"``)."""
+    group's mass (``by="source"``). With ``strata``, each group's mass is split equally between the
+    strata of its samples."""
     if by not in ("class", "group", "source"):
         raise ValueError(f"by must be 'class', 'group' or 'source', not {by!r}")
+    if strata is not None and len(strata) != len(labels):
+        raise ValueError(f"strata has {len(strata)} entries for {len(labels)} samples")
     groups: dict[tuple[int, int], int] = {}
     for group in zip(labels, sources):
         groups[group] = groups.get(group, 0) + 1
@@ -442,7 +450,12 @@ def balanced_weights(labels: list[int], sources: list[int], by: str = "class") -
     else:
         sources_per_class = {c: sum(1 for (label, _) in groups if label == c) for c, _ in groups}
         shares = {(label, source): sources_per_class[label] for label, source in groups}
-    return torch.tensor([1.0 / (shares[g] * groups[g]) for g in zip(labels, sources)], dtype=torch.float64)
+    if strata is None:
+        return torch.tensor([1.0 / (shares[g] * groups[g]) for g in zip(labels, sources)], dtype=torch.float64)
+    cells = Counter(zip(labels, sources, strata))
+    strata_per_group = Counter((label, source) for label, source, _ in cells)
+    return torch.tensor([1.0 / (shares[(label, source)] * strata_per_group[(label, source)] * cells[(label, source, stratum)])
+                         for label, source, stratum in zip(labels, sources, strata)], dtype=torch.float64)
 
 
 def derived_seed(*parts: int) -> int:

@@ -27,6 +27,8 @@ class TrainingConfig:
     class_names: list[str] | None
     skip_bad_files: bool
     sampling: str  # shuffle | balanced | groups | within-source
+    balance_by: str | None  # a --metadata column whose values share each sampling group's draws equally
+    metadata: list[str]  # CSVs describing training files (a "file" column and attribute columns)
     # optimisation
     epochs: int
     batch_size: int  # per process
@@ -71,6 +73,7 @@ class TrainingConfig:
         settings["data_dir"] = [f"{name}={os.path.abspath(path)}" if name else os.path.abspath(path)
                                 for name, path in map(split_data_spec, self.data_dir)]
         settings["val_dir"] = os.path.abspath(self.val_dir) if self.val_dir else None
+        settings["metadata"] = [os.path.abspath(path) for path in self.metadata]
         return settings
 
     def scalars(self) -> dict[str, int | float | str | bool]:
@@ -93,6 +96,12 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
         parser.error(f"--dropout must be in [0, 1), got {config.dropout}")
     if not 0.0 <= config.ema_decay < 1.0:
         parser.error(f"--ema-decay must be in [0, 1), got {config.ema_decay}")
+    if config.balance_by and config.sampling == "shuffle":
+        parser.error("--balance-by weighs the draws of a sampler: give --sampling balanced, groups or within-source too")
+    if config.balance_by and not config.metadata:
+        parser.error(f"--balance-by {config.balance_by} needs the CSV that holds that column: give --metadata CSV")
+    if config.metadata and not config.balance_by:
+        parser.error("--metadata is read for --balance-by only: name the column to balance by, or leave --metadata out")
     if not 0.0 < config.val_split < 1.0:
         parser.error(f"--val-split is the share of the training images held out for validation, in (0, 1); got {config.val_split}")
     return config
@@ -167,6 +176,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                            "class prior that leaves (logit adjustment), so predictions stay class-balanced; "
                            "'within-source' balances the classes inside every source that holds several, and lets "
                            "the sources that hold one class only (supplements) share one group's weight")
+    data.add_argument("--balance-by", default=None, metavar="COLUMN",
+                      help="with --sampling other than 'shuffle': split each sampling group's draws equally between the "
+                           "values of this --metadata column (e.g. 'view', so a source's few AP films are drawn as often "
+                           "as its PA ones); files the CSVs do not list count as one more value")
+    data.add_argument("--metadata", action="append", default=[], metavar="CSV",
+                      help="a CSV describing training files: a 'file' column (the path, or its last parts such as "
+                           "Normal/x.png) and attribute columns, e.g. a dataset's manifest.csv; repeatable")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=whole_number(1), default=10, help="passes over the training images")
     opt.add_argument("--batch-size", type=whole_number(1), default=4, help="per process")

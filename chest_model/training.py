@@ -50,6 +50,7 @@ from .precision import PrecisionChoice, choose_precision, preferred_memory_forma
 from .preprocess import ImageLoadError
 from .run_folder import TRACKER_PROJECT, clear_for_overwrite, prepare_output_dir
 from .runtime import GracefulStop, Interrupted, available_cores, preimport, tune_allocator
+from .subgroups import BLANK, NOT_LISTED, SubgroupError, SubgroupTable, read_subgroup_table
 from .train_config import TrainingConfig, parse_config
 
 logger = logging.getLogger("chest_model.training")
@@ -205,6 +206,7 @@ class TrainingData:
     val: Split
     skipped: list[str] = field(default_factory=list)
     files: dict[str, Any] = field(default_factory=dict)  # data_fingerprint of the folders scanned
+    metadata: SubgroupTable | None = None  # --metadata, read for --balance-by
 
 
 def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str, Any]:
@@ -223,6 +225,11 @@ def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str
         external, more = scan_image_folder(path, class_names, partial=True, name=name)
         problems += more
         folders["held_out"].append((f"--external-dir {name}", external))
+    if args.balance_by:  # read now, so that a wrong CSV or column stops the run before any decoding
+        try:
+            folders["metadata"] = read_subgroup_table(args.metadata, [args.balance_by])
+        except SubgroupError as error:
+            problems.append(f"--metadata: {error}")
     if problems:
         raise DatasetError("cannot train, the data has problems:\n  - " + "\n  - ".join(problems))
     return folders
@@ -257,7 +264,25 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
         pool = splits["train"]
         train_idx, val_idx = stratified_split(pool.labels, args.val_split, args.seed, sources=pool.sources)
         splits["train"], splits["val"] = pool.take(train_idx), pool.take(val_idx)
-    return TrainingData(splits["train"], splits["val"], bad)
+    return TrainingData(splits["train"], splits["val"], bad, metadata=folders.get("metadata"))
+
+
+def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[str]) -> tuple[list[str] | None, dict]:
+    """Each training image's --balance-by value (files the CSVs do not list share one value), and how many
+    images of each value every sampling group holds, for the log and the run's record."""
+    if not args.balance_by:
+        return None, {}
+    rows = [data.metadata.row_for(path) for path in data.train.paths]
+    if all(row is None for row in rows):
+        raise DatasetError(f"--balance-by {args.balance_by}: none of the {len(rows)} training images is listed in "
+                           f"{', '.join(args.metadata)} (its 'file' column must hold each image's path or its last parts, "
+                           "such as Normal/x.png)")
+    strata = [NOT_LISTED if row is None else (row[args.balance_by] or BLANK) for row in rows]
+    counts: dict[str, dict[str, int]] = {}
+    for group, stratum in zip(data.train.group_names(class_names), strata):
+        counts.setdefault(group, {}).setdefault(stratum, 0)
+        counts[group][stratum] += 1
+    return strata, counts
 
 
 def check_some_readable(flag: str, folder, preprocessor) -> None:
@@ -321,9 +346,14 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
                                    transform=build_train_augmentation(args.augment, model.preprocessor))
     val_set = CachedImageDataset(data.val.images, data.val.labels)
     sampler = None
+    strata, strata_counts = sampling_strata(args, data, class_names)
+    for group, counts in strata_counts.items():
+        if len(counts) > 1:
+            logger.info("sampling: %s drawn equally by %s: %s", group, args.balance_by,
+                        ", ".join(f"{value} ({n} images)" for value, n in sorted(counts.items())))
     if args.sampling != "shuffle":
         by = {"balanced": "class", "groups": "group", "within-source": "source"}[args.sampling]
-        sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed, by=by)
+        sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed, by=by, strata=strata)
     loader_kwargs = {"num_workers": args.num_workers, "persistent_workers": False}
     train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, **loader_kwargs)
     val_loader = DataLoader(val_set, batch_size=args.batch_size * 2, shuffle=False, **loader_kwargs)
@@ -354,6 +384,8 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     record = run_record(args, accelerator, data, class_names, command, select, memory_format)
     if sampled_prior is not None:
         record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
+    if strata_counts:
+        record["sampling_strata"] = {"column": args.balance_by, "images": strata_counts}
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
                                         "recipe": {**args.recipe(), "num_processes": accelerator.num_processes},
@@ -412,7 +444,7 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
             "batch_size_per_process": args.batch_size, "global_batch_size": args.batch_size * accelerator.num_processes * args.grad_accum,
             "lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay, "lr_scheduler": args.lr_scheduler,
             "warmup_epochs": args.warmup_epochs, "class_weights": args.class_weights, "grad_accum": args.grad_accum,
-            "dropout": args.dropout, "augment": args.augment, "sampling": args.sampling, "seed": args.seed, "optimizer": "SGD",
+            "dropout": args.dropout, "augment": args.augment, "sampling": args.sampling, "balance_by": args.balance_by, "seed": args.seed, "optimizer": "SGD",
             "ema_decay": args.ema_decay, "sync_bn": args.sync_bn,
         },
         "skipped_files": data.skipped,

@@ -260,3 +260,24 @@ def test_a_data_set_named_after_a_folder_that_cannot_name_one_is_refused(tmp_pat
     monkeypatch.chdir(tmp_path / ".")
     with pytest.raises(DatasetError, match="cannot name a data set"):
         parse_data_dirs([".."])
+
+
+def test_strata_split_each_group_equally_and_leave_the_groups_shares_alone():
+    # One supplement source with 10 AP and 30 PA normals beside a two-class source: the AP films are
+    # drawn as often as the PA ones, and the supplement as a whole as often as without strata.
+    labels = [0] * 20 + [1] * 20 + [0] * 40
+    sources = [0] * 40 + [1] * 40
+    strata = ["-"] * 40 + ["AP"] * 10 + ["PA"] * 30
+    plain = balanced_weights(labels, sources, by="source")
+    w = balanced_weights(labels, sources, by="source", strata=strata)
+    share = lambda wts, mask: float(wts[torch.tensor(mask)].sum() / wts.sum())  # noqa: E731
+    supplement = [s == 1 for s in sources]
+    assert share(w, supplement) == pytest.approx(share(plain, supplement))
+    assert share(w, [x == "AP" for x in strata]) == pytest.approx(share(w, [x == "PA" for x in strata]))
+    assert share(plain, [x == "AP" for x in strata]) == pytest.approx(share(plain, supplement) / 4)
+    assert w[:40].tolist() == pytest.approx(plain[:40].tolist())  # one stratum: unchanged
+    # The same stratum name in two groups is two cells: each group is split on its own.
+    assert balanced_weights([0, 0, 1, 1], [0, 0, 0, 0], by="group", strata=["a", "b", "a", "a"]).tolist() == \
+        pytest.approx([0.5, 0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="strata has 3 entries for 4 samples"):
+        balanced_weights([0, 0, 1, 1], [0, 0, 0, 0], strata=["a", "b", "a"])

@@ -33,6 +33,25 @@ def test_a_bad_choice_is_an_argparse_error(capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'sources'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, says", [
+    (["--balance-by", "view", "--metadata", "m.csv"], "--balance-by weighs the draws of a sampler: give --sampling"),
+    (["--balance-by", "view", "--sampling", "within-source"], "--balance-by view needs the CSV that holds that column"),
+    (["--metadata", "m.csv", "--sampling", "within-source"], "--metadata is read for --balance-by only"),
+])
+def test_balance_by_needs_a_sampler_and_its_csv(extra, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--data-dir", "d", "--output-dir", "o", *extra])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_balance_by_parses_and_its_csvs_are_part_of_the_recipe():
+    config = parse_config(["--data-dir", "d", "--output-dir", "o", "--sampling", "within-source", "--balance-by", "view",
+                           "--metadata", "a/manifest.csv", "--metadata", "b.csv"])
+    assert config.balance_by == "view" and config.metadata == ["a/manifest.csv", "b.csv"]
+    recipe = config.recipe()
+    assert recipe["balance_by"] == "view" and all(path.startswith("/") for path in recipe["metadata"])
+
+
 @pytest.mark.parametrize("flag, value, says", [
     ("--epochs", "0", "argument --epochs: must be at least 1, got 0"),
     ("--batch-size", "-2", "argument --batch-size: must be at least 1"),

@@ -252,6 +252,52 @@ def test_two_sources_are_merged_split_by_source_and_reported_per_source(tmp_path
     assert model.config.feature_threshold > 0 and model.config.feature_fpr == pytest.approx(max(0.02, 1 / (n_val + 1)))
 
 
+def _kids_and_adult_normals(tmp_path):
+    kids = make_class_folders(tmp_path / "kids" / "train", per_class=8, size=48, seed=11)
+    adults = make_class_folders(tmp_path / "adults", per_class=12, size=48, seed=12)
+    for name in ("Covid", "Viral Pneumonia"):
+        shutil.rmtree(adults / name)
+    return kids, adults
+
+
+def test_balance_by_a_manifest_column_draws_each_view_of_a_group_equally(tmp_path):
+    kids, adults = _kids_and_adult_normals(tmp_path)
+    # A dataset's manifest: paths from above its root, a view per film, other columns beside it.
+    files = sorted(p.name for p in (adults / "Normal").iterdir())
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("file,view,age\n" + "".join(f"adults/Normal/{name},{'AP' if i < 3 else 'PA'},40\n"
+                                                     for i, name in enumerate(files)))
+    out = tmp_path / "run"
+    result = train("--data-dir", f"kids={kids}", "--data-dir", f"adult-normals={adults}", "--output-dir", str(out),
+                   "--epochs", "1", "--sampling", "within-source", "--balance-by", "view", "--metadata", str(manifest),
+                   "--checkpointing-steps", "none", *TINY)
+    record = json.loads((out / "train_config.json").read_text())
+    strata = record["sampling_strata"]
+    assert strata["column"] == "view" and record["hyperparameters"]["balance_by"] == "view"
+    adult_views = strata["images"]["adult-normals / Normal"]
+    assert set(adult_views) == {"AP", "PA"} and sum(adult_views.values()) == record["data_counts_by_source"]["train"]["adult-normals"]["Normal"]
+    assert strata["images"]["kids / Covid"] == {"(not in the CSV)": record["data_counts_by_source"]["train"]["kids"]["Covid"]}
+    assert "sampling: adult-normals / Normal drawn equally by view: AP (" in result.stderr
+    assert "--balance-by view --metadata" in record["command"]
+
+
+@pytest.mark.parametrize("csv_text, says", [
+    ("file,sex\nadults/Normal/img_000.png,F\n", "no column 'view'"),
+    ("file,view\nsomewhere/else.png,AP\n", "--balance-by view: none of the"),
+])
+def test_a_metadata_csv_that_cannot_balance_stops_the_run_and_names_the_csv(tmp_path, csv_text, says):
+    kids, adults = _kids_and_adult_normals(tmp_path)
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(csv_text)
+    out = tmp_path / "run"
+    result = train("--data-dir", f"kids={kids}", "--data-dir", f"adult-normals={adults}", "--output-dir", str(out),
+                   "--epochs", "1", "--sampling", "within-source", "--balance-by", "view", "--metadata", str(manifest),
+                   *TINY, check=False)
+    assert result.returncode != 0
+    assert says in result.stderr and str(manifest) in result.stderr
+    assert not (out / "model.safetensors").exists()
+
+
 def test_precision_is_chosen_for_the_machine_and_tensorboard_gets_steps_epochs_and_figures(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
