@@ -286,6 +286,7 @@ def readme_sections(metrics: dict, record: dict, framing: dict | None = None, ga
         f"\n`demo/starter-model/` is a VGG19-BN trained with this project's `train.py` from random initialisation "
         f"(ImageNet weights cannot be downloaded where it was built) on {', '.join(record['sources'])} "
         f"({n_train} training and {n_val} validation images), {hp['image_size']} px, `--sampling {hp['sampling']}`, "
+        f"{'`--balance-by ' + hp['balance_by'] + '`, ' if hp.get('balance_by') else ''}"
         f"`--augment {hp['augment']}`, `--contrast {hp['contrast']}`, "
         f"{averaging}"
         f"{record['epochs']} epochs (epoch {record['best_epoch']} "

@@ -279,6 +279,8 @@ def test_balance_by_a_manifest_column_draws_each_view_of_a_group_equally(tmp_pat
     assert strata["images"]["kids / Covid"] == {"(not in the CSV)": record["data_counts_by_source"]["train"]["kids"]["Covid"]}
     assert "sampling: adult-normals / Normal drawn equally by view: AP (" in result.stderr
     assert "--balance-by view --metadata" in record["command"]
+    card = (out / "README.md").read_text()
+    assert f"Drawn equally by `view` inside each sampling group (training images per value): adult-normals / Normal: AP {adult_views['AP']}, PA {adult_views['PA']}\n" in card
 
 
 @pytest.mark.parametrize("csv_text, says", [
