@@ -351,6 +351,9 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
         if len(counts) > 1:
             logger.info("sampling: %s drawn equally by %s: %s", group, args.balance_by,
                         ", ".join(f"{value} ({n} images)" for value, n in sorted(counts.items())))
+        if NOT_LISTED in counts and len(counts) > 1:  # often a path the CSV spells differently
+            logger.warning("%s: %d of its %d training images are not in %s; they are drawn as one more %s value",
+                           group, counts[NOT_LISTED], sum(counts.values()), ", ".join(args.metadata), args.balance_by)
     if args.sampling != "shuffle":
         by = {"balanced": "class", "groups": "group", "within-source": "source"}[args.sampling]
         sampler = BalancedSampler(data.train.labels, data.train.sources, seed=args.seed, by=by, strata=strata)
