@@ -214,10 +214,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="per-image contrast normalisation of every input, which hides the brightness and contrast by "
                           "which collections differ; 'equalize' (the whole histogram) also hides their tone curves "
                           "(stored in config.json, so inference does the same)")
-    mdl.add_argument("--augment", choices=["standard", "framing", "acquisition", "none"], default="standard",
+    mdl.add_argument("--augment", choices=["standard", "framing", "acquisition", "devices", "none"], default="standard",
                      help="'framing' adds random crops (50-100%% of the area), so how tightly a collection frames the chest "
                           "cannot tell the class; 'acquisition' adds crops, blur, noise, JPEG and gamma changes that hide how "
-                          "and where an image was taken")
+                          "and where an image was taken; 'devices' adds, on half the images of every class, synthetic ECG "
+                          "leads, wires, tubes and burnt-in markers (AP, PORTABLE), so that the devices of portable "
+                          "ICU films cannot tell the class")
     mdl.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="same as --augment none")
     mdl.add_argument("--ood-fpr", type=_share, default=0.02,
                      help="the feature-space out-of-distribution gate's false-positive rate: the largest chance that it "

@@ -106,7 +106,7 @@ def test_balanced_sampler_is_reproducible_per_epoch_and_balanced():
     assert 0.45 < share < 0.55, share
 
 
-@pytest.mark.parametrize("kind", ["standard", "framing", "acquisition"])
+@pytest.mark.parametrize("kind", ["standard", "framing", "acquisition", "devices"])
 def test_augmentations_keep_uint8_images_and_their_size(kind):
     augment = build_train_augmentation(kind)
     image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
@@ -281,3 +281,25 @@ def test_strata_split_each_group_equally_and_leave_the_groups_shares_alone():
         pytest.approx([0.5, 0.5, 0.5, 0.5])
     with pytest.raises(ValueError, match="strata has 3 entries for 4 samples"):
         balanced_weights([0, 0, 1, 1], [0, 0, 0, 0], strata=["a", "b", "a"])
+
+
+def test_device_overlays_only_brighten_every_channel_alike_and_replay_with_the_seed():
+    from chest_model.data import RandomDevices
+
+    grey = torch.randint(0, 200, (1, 128, 128), dtype=torch.uint8).expand(3, -1, -1).contiguous()
+    assert torch.equal(RandomDevices(p=0.0)(grey), grey)
+    outputs = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        out = RandomDevices(p=1.0)(grey)
+        assert out.dtype == torch.uint8 and out.shape == grey.shape
+        assert (out >= grey).all() and torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])
+        changed = (out != grey).any(0).float().mean()
+        assert 0.002 < changed < 0.25, f"seed {seed}: {changed:.3f} of the pixels changed"  # devices, not a wash-out
+        assert int(out.max()) >= 200  # radio-opaque: brighter than the tissue they lie on
+        outputs.append(out)
+    torch.manual_seed(7)
+    assert torch.equal(RandomDevices(p=1.0)(grey), outputs[7])
+    assert len({o.sum().item() for o in outputs}) > 15  # every draw is different
+    halves = [not torch.equal(RandomDevices(p=0.5)(grey), grey) for _ in range(200)]
+    assert 0.35 < sum(halves) / len(halves) < 0.65
