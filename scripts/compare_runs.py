@@ -19,6 +19,8 @@ def row(run: Path) -> str:
     recipe = f"{record.get('epochs')} epochs, {hp.get('image_size')} px, lr {hp.get('lr')}, augment={hp.get('augment')}, sampling={hp.get('sampling')}, contrast={hp.get('contrast', hp.get('equalize', 'none'))}"
     if hp.get("ema_decay"):
         recipe += f", ema={hp['ema_decay']}"
+    if hp.get("balance_by"):
+        recipe += f", balance-by={hp['balance_by']}"
     test_path, external_path = run / "eval" / "metrics.json", run / "eval" / "external.json"
     test = json.loads(test_path.read_text()) if test_path.is_file() else None
     external = json.loads(external_path.read_text()) if external_path.is_file() else {}
