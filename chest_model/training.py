@@ -267,6 +267,16 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
     return TrainingData(splits["train"], splits["val"], bad, metadata=folders.get("metadata"))
 
 
+def strata_draw_shares(sampler: BalancedSampler, groups: list[str], strata: list[str]) -> dict[str, dict[str, float]]:
+    """The share of all draws that each (group, --balance-by value) gets from the sampler's own weights."""
+    total = float(sampler.weights.sum())
+    shares: dict[str, dict[str, float]] = {}
+    for group, stratum, weight in zip(groups, strata, sampler.weights.tolist()):
+        shares.setdefault(group, {}).setdefault(stratum, 0.0)
+        shares[group][stratum] += weight / total
+    return shares
+
+
 def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[str]) -> tuple[list[str] | None, dict]:
     """Each training image's --balance-by value (files the CSVs do not list share one value), and how many
     images of each value every sampling group holds, for the log and the run's record."""
@@ -388,7 +398,8 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     if sampled_prior is not None:
         record["sampled_class_prior"] = dict(zip(class_names, sampled_prior.tolist()))
     if strata_counts:
-        record["sampling_strata"] = {"column": args.balance_by, "images": strata_counts}
+        record["sampling_strata"] = {"column": args.balance_by, "images": strata_counts,
+                                     "draw_share": strata_draw_shares(sampler, data.train.group_names(class_names), strata)}
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
                                         "recipe": {**args.recipe(), "num_processes": accelerator.num_processes},

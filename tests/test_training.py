@@ -278,6 +278,10 @@ def test_balance_by_a_manifest_column_draws_each_view_of_a_group_equally(tmp_pat
     # the file the manifest leaves out is a value of its own, and the log says so
     assert set(adult_views) == {"AP", "PA", "(not in the CSV)"} and sum(adult_views.values()) == record["data_counts_by_source"]["train"]["adult-normals"]["Normal"]
     assert strata["images"]["kids / Covid"] == {"(not in the CSV)": record["data_counts_by_source"]["train"]["kids"]["Covid"]}
+    # what the sampler draws: the adult normals keep one group's quarter, split in three equal parts
+    drawn = strata["draw_share"]["adult-normals / Normal"]
+    assert drawn == pytest.approx({"AP": 1 / 12, "PA": 1 / 12, "(not in the CSV)": 1 / 12})
+    assert strata["draw_share"]["kids / Covid"] == pytest.approx({"(not in the CSV)": 1 / 4})
     assert "sampling: adult-normals / Normal drawn equally by view: (not in the CSV) (" in result.stderr
     assert f"adult-normals / Normal: 1 of its {sum(adult_views.values())} training images are not in {manifest}" in result.stderr
     assert "--balance-by view --metadata" in record["command"]
