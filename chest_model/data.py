@@ -505,8 +505,7 @@ def balanced_weights(labels: list[int], sources: list[int], by: str = "class",
     else:
         sources_per_class = {c: sum(1 for (label, _) in groups if label == c) for c, _ in groups}
         shares = {(label, source): sources_per_class[label] for label, source in groups}
-    if strata is None:
-        return torch.tensor([1.0 / (shares[g] * groups[g]) for g in zip(labels, sources)], dtype=torch.float64)
+    strata = strata if strata is not None else [None] * len(labels)  # one stratum: the group's mass as is
     cells = Counter(zip(labels, sources, strata))
     strata_per_group = Counter((label, source) for label, source, _ in cells)
     return torch.tensor([1.0 / (shares[(label, source)] * strata_per_group[(label, source)] * cells[(label, source, stratum)])

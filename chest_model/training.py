@@ -267,14 +267,18 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
     return TrainingData(splits["train"], splits["val"], bad, metadata=folders.get("metadata"))
 
 
+def tally_by_stratum(groups: list[str], strata: list[str], amounts) -> dict[str, dict[str, Any]]:
+    """``amounts`` summed per sampling group and --balance-by value."""
+    totals: dict[str, dict[str, Any]] = {}
+    for group, stratum, amount in zip(groups, strata, amounts):
+        totals.setdefault(group, {}).setdefault(stratum, 0)
+        totals[group][stratum] += amount
+    return totals
+
+
 def strata_draw_shares(sampler: BalancedSampler, groups: list[str], strata: list[str]) -> dict[str, dict[str, float]]:
     """The share of all draws that each (group, --balance-by value) gets from the sampler's own weights."""
-    total = float(sampler.weights.sum())
-    shares: dict[str, dict[str, float]] = {}
-    for group, stratum, weight in zip(groups, strata, sampler.weights.tolist()):
-        shares.setdefault(group, {}).setdefault(stratum, 0.0)
-        shares[group][stratum] += weight / total
-    return shares
+    return tally_by_stratum(groups, strata, (sampler.weights / sampler.weights.sum()).tolist())
 
 
 def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[str]) -> tuple[list[str] | None, dict]:
@@ -288,11 +292,7 @@ def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[
                            f"{', '.join(args.metadata)} (its 'file' column must hold each image's path or its last parts, "
                            "such as Normal/x.png)")
     strata = [NOT_LISTED if row is None else (row[args.balance_by] or BLANK) for row in rows]
-    counts: dict[str, dict[str, int]] = {}
-    for group, stratum in zip(data.train.group_names(class_names), strata):
-        counts.setdefault(group, {}).setdefault(stratum, 0)
-        counts[group][stratum] += 1
-    return strata, counts
+    return strata, tally_by_stratum(data.train.group_names(class_names), strata, [1] * len(strata))
 
 
 def check_some_readable(flag: str, folder, preprocessor) -> None:
