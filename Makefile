@@ -28,8 +28,10 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
 
+# One pytest worker per core (at most 4, for memory): much of the suite waits on subprocesses that
+# start Python, a server or a training run, and a second worker fills that time.
 test: setup browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n logical --maxprocesses 4 --dist worksteal
 
 bench: setup
 	$(BIN)/python bench/train_throughput.py

@@ -11,7 +11,10 @@ import torch
 
 from helpers import ROOT, STARTER, free_port, synthetic_xray, wait_for_server
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist the workers share the cores: each takes its share of threads, so that they
+# do not oversubscribe them.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 @pytest.fixture
