@@ -306,13 +306,11 @@ def readme_sections(metrics: dict, record: dict, framing: dict | None = None, ga
         + framing_sentence(framing)
         + f"Non-X-ray images (photographs, documents, other modalities, generated): {ood['flagged']} of {ood['n']} "
         f"flagged as uncertain ({ood['rate']:.0%}).\n\n"
-        + targets_sentence(metrics, gate_refit) + " The previous starter model, trained on the tutorial's data alone, called nearly "
-        "every normal adult X-ray Covid; this one has seen adult normals, but still calls many from a source it has not "
-        "seen Covid, so treat any Covid call on an adult film with suspicion.\n\n"
+        + targets_sentence(metrics, gate_refit) + caution_sentence(metrics) + "\n\n"
         "Viral Pneumonia was learned from children's X-rays only: there is no adult viral pneumonia in the training "
         "data, so the model cannot be trusted to recognise it in adults. Its model card holds the exact command "
-        "and every figure; `docs/model-selection.md` holds the rules the recipe was chosen by, each written before "
-        "its run trained, and `docs/benchmarks.md` what the command costs on each kind of machine measured.\n")
+        "and every figure; `docs/model-selection.md` holds the rules the recipe was chosen by, each saying whether "
+        "it was written before or after its runs trained, and `docs/benchmarks.md` what the command costs on each kind of machine measured.\n")
     shortcut = f"scores {audit['metadata_baseline_accuracy']:.0%} on its test split"
     return {"figures": starter, "shortcut": shortcut}
 
@@ -399,6 +397,31 @@ def left_out_text(external: dict) -> str:
         clauses.append(f"{subject} {source} call{'s' if len(rows) == 1 else ''} {listed} of its {rows[0]['n']} adult normal "
                        "X-rays Covid")
     return "; ".join(clauses)
+
+
+def caution_sentence(metrics: dict) -> str:
+    """What a user should not read into an answer, from the measured figures: how often a model trained the same way
+    calls unseen adult normals Covid, and how many test Covid films this one calls Normal."""
+    sentence = (" The previous starter model, trained on the tutorial's data alone, called nearly every normal adult "
+                "X-ray Covid; this one has seen adult normals")
+    external = metrics.get("external", {}).values()
+    shares, sources = [row["predicted_share"]["Covid"] for row in external], {row["source"] for row in external}
+    if shares and max(shares) > 0.10:
+        sentence += (f", but a model trained the same way calls up to {max(shares):.0%} of the normals of an adult source "
+                     "it has not seen Covid, so treat any Covid call on an adult film with suspicion.")
+    elif shares:
+        sentence += (f", and models trained the same way call {min(shares):.0%}–{max(shares):.0%} of the normals of an adult "
+                     f"source they have not seen Covid; that is measured on {len(sources)} source{'s' if len(sources) != 1 else ''} only, "
+                     "so still treat a Covid call on an adult film with suspicion.")
+    else:
+        sentence += ", but it was not measured on an adult source it has not seen: treat any Covid call on an adult film with suspicion."
+    names, matrix = metrics["class_names"], metrics["confusion_matrix"]
+    if "Covid" in names and "Normal" in names:
+        covid = names.index("Covid")
+        missed, n = matrix[covid][names.index("Normal")], sum(matrix[covid])
+        if missed:
+            sentence += (f" A Normal answer does not rule Covid out: it calls {missed} of the {n} test Covid films Normal.")
+    return sentence
 
 
 def relocate_paths(record, old: str, new: str):

@@ -115,3 +115,17 @@ def test_a_test_flag_rate_met_only_after_the_rule_was_corrected_says_so_among_th
     refit = {"threshold_before": 0.922, "threshold": 1.19, "fpr": 0.02, "test_flagged_before": 14, "n_test": 66}
     tagged = "share of test X-rays flagged uncertain (its rule corrected after this split was seen)"
     assert tagged in build.targets_sentence(metrics, refit) and tagged not in build.targets_sentence(metrics)
+
+
+def test_the_readmes_caution_follows_the_measured_left_out_shares_and_the_missed_covid_films():
+    row = lambda source, share: {"source": source, "predicted_share": {"Covid": share}}  # noqa: E731
+    metrics = {"class_names": ["Normal", "Covid", "Viral Pneumonia"], "confusion_matrix": [[20, 0, 0], [7, 18, 1], [0, 0, 20]],
+               "external": {"a": row("rsna", 0.06), "b": row("nih", 0.007), "c": row("nih", 0.043)}}
+    met = build.caution_sentence(metrics)
+    assert "models trained the same way call 1%–6% of the normals of an adult source they have not seen Covid" in met
+    assert "measured on 2 sources only" in met and "up to" not in met
+    assert met.endswith("it calls 7 of the 26 test Covid films Normal.")
+    missed = build.caution_sentence({**metrics, "external": {**metrics["external"], "d": row("rsna", 0.2)}})
+    assert "calls up to 20% of the normals of an adult source it has not seen Covid" in missed
+    none = build.caution_sentence({**metrics, "external": {}, "confusion_matrix": [[20, 0, 0], [0, 26, 0], [0, 0, 20]]})
+    assert "not measured on an adult source it has not seen" in none and "Normal answer" not in none
