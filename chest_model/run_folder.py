@@ -1,9 +1,15 @@
-"""The output folder's policy: it holds one run only, continued with --resume-from-checkpoint or
-cleared with --overwrite-output-dir. Decided on rank 0, before any decoding, so a refusal costs nothing."""
+"""The output folder's policy: it holds one run only, held by that run while it trains, continued with
+--resume-from-checkpoint or cleared with --overwrite-output-dir. Decided on rank 0, before any decoding,
+so a refusal costs nothing."""
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
+import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
@@ -21,13 +27,65 @@ RUN_RECORDS = ("train_config.json", "history.json")
 TRACKER_PROJECT = "chest-xray-classifier"  # the trackers' folder in --output-dir (TensorBoard's event files)
 
 
-def prepare_output_dir(args: TrainingConfig, accelerator) -> None:
+@contextlib.contextmanager
+def claim_output_dir(args: TrainingConfig, accelerator) -> Iterator[None]:
+    """:func:`prepare_output_dir`, and the folder held for this run until the block ends: a second run
+    into it (the same command started twice, or --overwrite-output-dir while a run still writes there)
+    stops before it reads or deletes anything."""
+    lock, problem = None, None
+    try:
+        if accelerator.is_main_process:
+            try:
+                lock = lock_output_dir(Path(args.output_dir))
+            except ckpt.CheckpointError as err:
+                problem = str(err)
+        prepare_output_dir(args, accelerator, problem=problem)
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # closing the file releases the lock; a killed process's is released by the kernel
+
+
+def lock_output_dir(output_dir: Path):
+    """An open file holding an exclusive ``flock`` for ``output_dir`` (None where there is no flock).
+
+    The lock file lives in the temporary folder, named by the folder's resolved path, so the output
+    folder gets nothing that is not the run's. It is advisory and local: it stops a second run on this
+    machine, not one on another machine writing to a shared disk.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: the folder policy alone guards the folder
+        return None
+    locks = Path(tempfile.gettempdir()) / f"chest-model-runs-{os.getuid()}"
+    name = hashlib.sha256(str(output_dir.resolve()).encode()).hexdigest()[:32]
+    try:
+        locks.mkdir(mode=0o700, exist_ok=True)
+        handle = open(locks / f"{name}.lock", "a+")
+    except OSError as err:  # no writable temporary folder: run unguarded rather than not at all
+        logger.warning("cannot lock --output-dir %s against a second run (%s)", output_dir, err)
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ckpt.CheckpointError(f"--output-dir {output_dir}: another training run ({holder}) is writing to it; "
+                                   "wait for it to end, or choose another --output-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def prepare_output_dir(args: TrainingConfig, accelerator, problem: str | None = None) -> None:
     """Before any work: the output folder holds this run only. An earlier run there (checkpoints or a
     saved model) is continued with --resume-from-checkpoint or cleared with --overwrite-output-dir
     (by :func:`clear_for_overwrite`, once the data has passed its checks); a checkpoint is resumed in
-    its own run's folder, where that run's best weights are."""
-    problem = None
-    if accelerator.is_main_process:  # one rank decides, all act on it
+    its own run's folder, where that run's best weights are. ``problem``: one rank 0 already found."""
+    if accelerator.is_main_process and problem is None:  # one rank decides, all act on it
         problem = output_dir_problem(args, accelerator.num_processes)
     box = [problem]
     if accelerator.num_processes > 1:

@@ -48,7 +48,7 @@ from .hub import save_model_folder
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .preprocess import ImageLoadError
-from .run_folder import TRACKER_PROJECT, clear_for_overwrite, prepare_output_dir
+from .run_folder import TRACKER_PROJECT, claim_output_dir, clear_for_overwrite
 from .runtime import GracefulStop, Interrupted, available_cores, preimport, tune_allocator
 from .subgroups import BLANK, NOT_LISTED, SubgroupError, SubgroupTable, read_subgroup_table
 from .train_config import TrainingConfig, parse_config
@@ -89,27 +89,27 @@ def launch_command(argv: list[str]) -> str:
 def train(args: TrainingConfig, command: str) -> int:
     tune_allocator()
     accelerator = make_accelerator(args)
-    prepare_output_dir(args, accelerator)
-    set_seed(args.seed)
-    class_names = list(args.class_names or DEFAULT_CLASS_NAMES)
-    config = ChestXrayConfig(class_names=class_names, image_size=args.image_size, backbone=args.backbone, dropout=args.dropout,
-                             contrast=args.contrast)
-    sources = parse_data_dirs(args.data_dir)
-    folders = scan_data(args, sources, class_names)
-    files = data_fingerprint(folders)
-    check_resume_data(args, files)  # before decoding
-    model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
-    data = dataclasses.replace(decode_data(args, folders, model.preprocessor), files=files)
-    clear_for_overwrite(args, accelerator)
-    run = prepare_run(args, accelerator, model, data, command)
-    best_val = run_epochs(run)
-    model, best_val = chosen_model(run, best_val)
-    if accelerator.is_main_process:
-        val_metrics = calibrate_chosen(run, model, best_val)
-        test_metrics, external = evaluate_held_out(run, model)
-        save_outputs(run, model, val_metrics, test_metrics, external)
-    finish(run)
-    return 0
+    with claim_output_dir(args, accelerator):  # held until the run ends
+        set_seed(args.seed)
+        class_names = list(args.class_names or DEFAULT_CLASS_NAMES)
+        config = ChestXrayConfig(class_names=class_names, image_size=args.image_size, backbone=args.backbone, dropout=args.dropout,
+                                 contrast=args.contrast)
+        sources = parse_data_dirs(args.data_dir)
+        folders = scan_data(args, sources, class_names)
+        files = data_fingerprint(folders)
+        check_resume_data(args, files)  # before decoding
+        model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
+        data = dataclasses.replace(decode_data(args, folders, model.preprocessor), files=files)
+        clear_for_overwrite(args, accelerator)
+        run = prepare_run(args, accelerator, model, data, command)
+        best_val = run_epochs(run)
+        model, best_val = chosen_model(run, best_val)
+        if accelerator.is_main_process:
+            val_metrics = calibrate_chosen(run, model, best_val)
+            test_metrics, external = evaluate_held_out(run, model)
+            save_outputs(run, model, val_metrics, test_metrics, external)
+        finish(run)
+        return 0
 
 
 def make_accelerator(args: TrainingConfig):

@@ -88,3 +88,46 @@ def test_the_run_folder_or_its_checkpoints_folder_is_not_a_checkpoint(tmp_path):
     for wrong in (tmp_path, tmp_path / "checkpoints"):
         problem = output_dir_problem(config(tmp_path, "--resume-from-checkpoint", str(wrong)))
         assert problem.startswith(f"{wrong}: not a checkpoint folder") and "step_NNNNNNNN" in problem
+
+
+def test_a_second_run_into_a_folder_a_run_is_writing_stops_before_it_deletes_anything(tmp_path, monkeypatch):
+    """The same command started twice, the second with --overwrite-output-dir: without the lock it would
+    delete the first run's checkpoints while that run writes them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import ROOT, make_class_folders
+
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp"), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)  # the first run's, as it writes them
+    (out / "history.json").write_text("[]")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from chest_model.run_folder import lock_output_dir; "
+                               f"lock = lock_output_dir(Path({str(out)!r})); print('held', flush=True); time.sleep(600)"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        data = make_class_folders(tmp_path / "data", per_class=4, size=32)
+        second = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data-dir", str(data), "--output-dir",
+                                 str(tmp_path / "." / "run"), "--overwrite-output-dir", "--image-size", "32",
+                                 "--weights", "none", "--epochs", "1"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"another training run (pid {holder.pid}) is writing to it" in second.stderr and str(tmp_path) in second.stderr
+        assert (out / "checkpoints" / "step_00000004").is_dir() and (out / "history.json").is_file()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    # A killed run leaves no stale lock: the kernel released it with the process.
+    import tempfile
+
+    from chest_model.run_folder import lock_output_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    lock = lock_output_dir(out)
+    assert lock is not None
+    lock.close()
