@@ -43,7 +43,7 @@ def shortcut_caveat(metadata_accuracy: float | None) -> str:
 
 
 def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: float | None = None,
-                 cropped_normals_called_covid: float | None = None) -> str:
+                 cropped_normals_called_covid: float | None = None, covid_called_normal: tuple[int, int] | None = None) -> str:
     figure = f"about {metadata_accuracy:.0%} of the time" if metadata_accuracy is not None else "far above chance"
     unseen = (f" Trained the same way without one adult-normal source, it called up to {unseen_normals_called_covid:.0%} "
               "of that source's normal adult X-rays Covid: a Covid call on an adult film from elsewhere is weak evidence."
@@ -51,8 +51,10 @@ def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: f
     cropped = (f" Cropped to {FRAMING_SHOWN} around their centre, up to {cropped_normals_called_covid:.0%} of a group of "
                "normal films it had not trained on were called Covid: how tightly a film is framed can decide its answer."
                if cropped_normals_called_covid is not None else "")
+    missed = (f" On its test split it called {covid_called_normal[0]} of the {covid_called_normal[1]} Covid films Normal: "
+              "a Normal answer does not rule Covid out." if covid_called_normal and covid_called_normal[0] else "")
     return (f"⚠️ On the public dataset behind this model, file size and source alone predict the class {figure}, so a "
-            f"high score may reflect the image's source rather than the lungs.{unseen}{cropped} See *About this model*.")
+            f"high score may reflect the image's source rather than the lungs.{unseen}{cropped}{missed} See *About this model*.")
 
 
 # For a model the card cannot tie to the tutorial's dataset (chest_model.card.tutorial_data_possible).
@@ -246,6 +248,17 @@ def unseen_normals_called_covid(model: ChestXrayClassifier) -> float | None:
     return max(shares) if shares else None
 
 
+def covid_called_normal(model: ChestXrayClassifier) -> tuple[int, int] | None:
+    """(Covid films called Normal, Covid films) on the model's measured test split, if measured."""
+    metrics = _measured_metrics(model)
+    try:
+        names, matrix = list(metrics["class_names"]), metrics["confusion_matrix"]
+        row = matrix[names.index("Covid")]
+        return int(row[names.index("Normal")]), int(sum(row))
+    except (KeyError, ValueError, IndexError, TypeError):  # no such record, or classes without Covid and Normal
+        return None
+
+
 FRAMING_SHOWN = "80% of each side"  # the framing check's crop the caveat quotes (chest_model.framing)
 
 
@@ -323,7 +336,7 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
     # Remove uploads from the cache: check every 10 minutes, delete what is older than an hour.
     with gr.Blocks(title="Chest X-ray classifier (research demo)", delete_cache=(600, 3600)) as demo:
         caveat = (short_caveat(metadata_baseline_accuracy(model), unseen_normals_called_covid(model),
-                               cropped_normals_called_covid(model))
+                               cropped_normals_called_covid(model), covid_called_normal(model))
                   if tutorial_caveats_apply(model) else "⚠️ " + GENERIC_CAVEAT)
         gr.Markdown("# Chest X-ray classifier\n" + NOTICE + "\n\n" + caveat)
         with gr.Row():

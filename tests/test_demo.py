@@ -166,6 +166,21 @@ def test_the_caveat_names_the_worst_left_out_source_and_only_all_normal_ones(tmp
     assert "adult-normal source" not in short_caveat(0.77)
 
 
+def test_the_caveat_says_how_many_test_covid_films_were_called_normal(tmp_path):
+    from chest_model import ChestXrayClassifier
+    from chest_model.demo import covid_called_normal, short_caveat
+
+    ChestXrayClassifier().save_pretrained(tmp_path)
+    assert covid_called_normal(ChestXrayClassifier.from_pretrained(tmp_path)) is None  # nothing measured
+    (tmp_path / "metrics.json").write_text(json.dumps({"class_names": ["Normal", "Covid", "Viral Pneumonia"],
+                                                       "confusion_matrix": [[19, 0, 1], [7, 18, 1], [0, 0, 20]]}))
+    missed = covid_called_normal(ChestXrayClassifier.from_pretrained(tmp_path))
+    assert missed == (7, 26)
+    assert "On its test split it called 7 of the 26 Covid films Normal: a Normal answer does not rule Covid out." in \
+        short_caveat(0.77, None, None, missed)
+    assert "Covid films Normal" not in short_caveat(0.77, None, None, (0, 26)) and "Covid films Normal" not in short_caveat(0.77)
+
+
 def test_the_caveat_quotes_the_framing_check_for_normal_films_only(tmp_path):
     from chest_model import ChestXrayClassifier
     from chest_model.demo import cropped_normals_called_covid, short_caveat
