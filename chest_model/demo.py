@@ -20,6 +20,7 @@ import numpy as np
 from .data import is_image_file
 from .explain import explain_image, overlay
 from .hub import CARD_NAME
+from .metrics import called_as
 from .model import ChestXrayClassifier
 from .preprocess import ImageLoadError
 
@@ -250,13 +251,7 @@ def unseen_normals_called_covid(model: ChestXrayClassifier) -> float | None:
 
 def covid_called_normal(model: ChestXrayClassifier) -> tuple[int, int] | None:
     """(Covid films called Normal, Covid films) on the model's measured test split, if measured."""
-    metrics = _measured_metrics(model)
-    try:
-        names, matrix = list(metrics["class_names"]), metrics["confusion_matrix"]
-        row = matrix[names.index("Covid")]
-        return int(row[names.index("Normal")]), int(sum(row))
-    except (KeyError, ValueError, IndexError, TypeError):  # no such record, or classes without Covid and Normal
-        return None
+    return called_as(_measured_metrics(model), "Covid", "Normal")
 
 
 FRAMING_SHOWN = "80% of each side"  # the framing check's crop the caveat quotes (chest_model.framing)

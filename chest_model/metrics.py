@@ -141,3 +141,14 @@ def predicted_shares(predicted, mask, class_names: Sequence[str]) -> dict[str, f
     """``{class: share}`` of the images in ``mask`` predicted as each class (None where the mask is empty)."""
     predicted, mask = np.asarray(predicted), np.asarray(mask, dtype=bool)
     return {name: float((predicted[mask] == c).mean()) if mask.any() else None for c, name in enumerate(class_names)}
+
+
+def called_as(metrics: dict, true: str, predicted: str) -> tuple[int, int] | None:
+    """``(images of class true called predicted, images of class true)`` from a metrics record's confusion
+    matrix, or None when the record has none or lacks either class."""
+    try:
+        names, matrix = list(metrics["class_names"]), metrics["confusion_matrix"]
+        row = matrix[names.index(true)]
+        return int(row[names.index(predicted)]), int(sum(row))
+    except (KeyError, ValueError, IndexError, TypeError):
+        return None

@@ -44,7 +44,7 @@ from chest_model.engine import UNLEARNED_RECALL  # noqa: E402
 from chest_model.evaluation import evaluate_external, evaluate_model, flagged_by_class_text, hash_training_files  # noqa: E402
 from chest_model.feature_ood import BUFFER_PREFIX  # noqa: E402
 from chest_model.framing import framing_check  # noqa: E402
-from chest_model.metrics import flagged_by_class  # noqa: E402
+from chest_model.metrics import called_as, flagged_by_class  # noqa: E402
 from chest_model.ood_check import check  # noqa: E402
 from chest_model.training import rebuild_split, split_files, validation_copies  # noqa: E402
 
@@ -415,12 +415,9 @@ def caution_sentence(metrics: dict) -> str:
                      "so still treat a Covid call on an adult film with suspicion.")
     else:
         sentence += ", but it was not measured on an adult source it has not seen: treat any Covid call on an adult film with suspicion."
-    names, matrix = metrics["class_names"], metrics["confusion_matrix"]
-    if "Covid" in names and "Normal" in names:
-        covid = names.index("Covid")
-        missed, n = matrix[covid][names.index("Normal")], sum(matrix[covid])
-        if missed:
-            sentence += (f" A Normal answer does not rule Covid out: it calls {missed} of the {n} test Covid films Normal.")
+    missed = called_as(metrics, "Covid", "Normal")
+    if missed and missed[0]:
+        sentence += f" A Normal answer does not rule Covid out: it calls {missed[0]} of the {missed[1]} test Covid films Normal."
     return sentence
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from chest_model.metrics import bootstrap_ci, classification_metrics, expected_calibration_error
+from chest_model.metrics import bootstrap_ci, called_as, classification_metrics, expected_calibration_error
 
 NAMES = ["A", "B", "C"]
 
@@ -66,3 +66,9 @@ def test_metrics_are_over_samples_not_batches():
     probs = np.zeros((10, 3))
     probs[np.arange(10), [0] * 9 + [0]] = 1
     assert classification_metrics(labels, probs, NAMES)["accuracy"] == pytest.approx(0.9)
+
+
+def test_called_as_reads_one_cell_of_a_records_confusion_matrix():
+    record = {"class_names": ["Normal", "Covid"], "confusion_matrix": [[9, 1], [3, 7]]}
+    assert called_as(record, "Covid", "Normal") == (3, 10) and called_as(record, "Normal", "Covid") == (1, 10)
+    assert called_as(record, "Covid", "Viral Pneumonia") is None and called_as({}, "Covid", "Normal") is None
