@@ -31,6 +31,9 @@ def decode_dicom(data: bytes, label: str, *, max_pixels: int, error: type[Except
         ds.file_meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit is not False else
                                           ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian)
+    if "PixelData" not in ds and ("FloatPixelData" in ds or "DoubleFloatPixelData" in ds):
+        raise error(f"{label}: DICOM float pixel data (a parametric map) is not supported; "
+                    "X-ray films store integer pixel data")
     if "PixelData" not in ds:
         raise error(f"{label}: DICOM file has no pixel data (a report or structured document, "
                     "or a file cut off before its pixels)")
@@ -95,9 +98,13 @@ def _display(ds, pixels: np.ndarray, label: str, error: type[Exception]) -> np.n
     elif any(_present(ds, name) is not None for name in (*rescale, "ModalityLUTSequence")):
         image = _scale_to_uint8(apply_modality_lut(pixels, ds).astype(np.float64))
     else:
-        # Raw detector values: scale by the stored bit depth, as for a 16-bit PNG.
+        # Raw detector values, scaled by the bits they use, as a 16-bit PNG's are: files often declare
+        # 16 stored bits for 12-bit data, which scaled by the declared depth shows almost black.
         bits = int(_present(ds, "BitsStored") or pixels.dtype.itemsize * 8)
-        low = -(1 << (bits - 1)) if int(_present(ds, "PixelRepresentation") or 0) else 0
+        signed = int(_present(ds, "PixelRepresentation") or 0)
+        if not signed and pixels.size:
+            bits = min(bits, max(8, int(pixels.max()).bit_length()))
+        low = -(1 << (bits - 1)) if signed else 0
         image = np.rint((pixels.astype(np.float64) - low) * (255.0 / ((1 << bits) - 1))).clip(0, 255).astype(np.uint8)
     if photometric == "MONOCHROME1":
         image = 255 - image  # MONOCHROME1 stores bright as low values

@@ -117,3 +117,27 @@ def test_a_palette_colour_file_shows_its_palette_not_its_indices():
 def test_an_empty_rescale_pair_beside_a_window_is_absent():
     windowed = dicom_bytes(RAMP, window=(2000.0, 1001.0))
     np.testing.assert_array_equal(load_image(_with(windowed, RescaleSlope="", RescaleIntercept="")), load_image(windowed))
+
+
+def test_twelve_bit_data_declared_as_sixteen_stored_bits_is_shown_as_twelve_bit_data():
+    # Exported films often declare BitsStored 16 for 12-bit detector values; scaled by the declared
+    # depth they came out almost black (0..16 of 255) and the film was flagged "blank".
+    declared_12 = load_image(dicom_bytes(RAMP))
+    declared_16 = load_image(_with(dicom_bytes(RAMP), BitsStored=16, HighBit=15))
+    np.testing.assert_array_equal(declared_16, declared_12)
+    assert declared_16.max() > 200
+
+
+def test_float_pixel_data_is_named_not_called_missing():
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(RAMP)))
+    del ds.PixelData
+    ds.BitsAllocated = 32
+    ds.FloatPixelData = RAMP.astype(np.float32).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ValueError, match="film.dcm: DICOM float pixel data .* is not supported"):
+        load_image(buffer.getvalue(), name="film.dcm")
