@@ -22,7 +22,7 @@ from .explain import explain_image, overlay
 from .hub import CARD_NAME
 from .metrics import called_as
 from .model import ChestXrayClassifier
-from .preprocess import ImageLoadError
+from .preprocess import ImageLoadError, header_size, load_image, sniff_format
 
 logger = logging.getLogger(__name__)
 
@@ -107,15 +107,16 @@ class DemoService:
         self._decoded: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def load(self, path: str | None) -> np.ndarray:
-        """The upload decoded as RGB uint8 (read-only: requests for the same file share it)."""
+    def load(self, path: str | None, *, full_size: bool = False) -> np.ndarray:
+        """The upload decoded as RGB uint8 (read-only: requests for the same file share it), as the model
+        reads it, or with ``full_size`` at the file's own resolution, to show it."""
         import gradio as gr
 
         if not path:
             raise gr.Error("Upload a chest X-ray first (JPEG, PNG or DICOM).")
         try:
             stat = os.stat(path)
-            key = (path, stat.st_size, stat.st_mtime_ns)
+            key = (path, stat.st_size, stat.st_mtime_ns, full_size)
         except FileNotFoundError:  # Gradio serves only its own uploads: this one was swept from its cache
             raise gr.Error("This upload is no longer on the server (uploads are kept for an hour); upload the "
                            "file again.", title="Upload expired", print_exception=False) from None
@@ -126,7 +127,8 @@ class DemoService:
                 self._decoded.move_to_end(key)
                 return self._decoded[key]
         try:
-            image = self.model.preprocessor.load(path, name=Path(path).name)
+            decode = load_image if full_size else self.model.preprocessor.load
+            image = decode(path, name=Path(path).name)
         except ImageLoadError as err:
             raise gr.Error(str(err), title="Cannot read this file", print_exception=False) from None
         image.flags.writeable = False
@@ -147,10 +149,24 @@ class DemoService:
         """Grad-CAM overlay and the state to re-blend it. For "Predicted class" the map explains
         ``predicted``, the class the label shows, where the page has it (an API call has not)."""
         chosen = (predicted if predicted in self.model.class_names else None) if target in (None, "", PREDICTED) else target
-        result = explain_image(self.model, self.load(path), chosen)
-        image, heatmap = display_size(result.image, result.heatmap)
+        decoded = self.load(path)
+        result = explain_image(self.model, decoded, chosen)
+        image, heatmap = display_size(self.film_to_show(path, decoded), result.heatmap)
         state = {"image": image, "heatmap": heatmap, "target": result.target_class}
         return overlay(image, heatmap, opacity), state
+
+    def film_to_show(self, path: str, decoded: np.ndarray) -> np.ndarray:
+        """The film for the page at its own resolution: the model's decode where that is the file's
+        size; a JPEG the model read at reduced scale (its input is far smaller) is decoded again in full."""
+        try:
+            with open(path, "rb") as file:
+                if sniff_format(file.read(4)) != "JPEG":
+                    return decoded
+            if max(header_size(path, "JPEG", Path(path).name)) <= max(decoded.shape[:2]):
+                return decoded
+        except (OSError, ImageLoadError):
+            return decoded  # the model's decode read it; show that
+        return self.load(path, full_size=True)
 
     @staticmethod
     def reblend(state: dict[str, Any] | None, opacity: float):
@@ -169,15 +185,19 @@ DISPLAY_SIDE = 2048
 
 
 def display_size(image: np.ndarray, heatmap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The film and its heat map shrunk together to at most :data:`DISPLAY_SIDE` on the longest side."""
+    """The film shrunk to at most :data:`DISPLAY_SIDE` on its longest side, and its heat map (of any
+    size: the map of a reduced decode) brought to the film's shown size."""
     import cv2
 
     height, width = image.shape[:2]
-    scale = DISPLAY_SIDE / max(height, width)
-    if scale >= 1:
-        return image, heatmap
+    scale = min(1.0, DISPLAY_SIDE / max(height, width))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.resize(heatmap, size, interpolation=cv2.INTER_AREA)
+    if scale < 1:
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if heatmap.shape[:2] != image.shape[:2]:
+        shrink = heatmap.shape[1] > size[0]
+        heatmap = cv2.resize(heatmap, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return image, heatmap
 
 
 def label_value(prediction):

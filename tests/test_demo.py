@@ -323,6 +323,22 @@ def test_the_heat_map_of_a_very_long_film_is_shrunk_for_the_page(tiny_model, tmp
     assert state["heatmap"].shape == picture.shape[:2] and state["image"].shape == picture.shape
 
 
+def test_a_jpeg_the_model_reads_at_reduced_scale_is_shown_at_its_own_size(tiny_model, tmp_path):
+    import cv2
+
+    from chest_model.demo import DemoService
+    from helpers import synthetic_xray
+
+    path = tmp_path / "film.jpg"
+    cv2.imwrite(str(path), synthetic_xray(1000, 800, seed=3))
+    service = DemoService(tiny_model, "tiny")
+    assert max(service.load(str(path)).shape[:2]) < 1000  # the model's decode: reduced (DCT scaling)
+    picture, state = service.explain(str(path), "Predicted class", 0.45)
+    assert picture.shape[:2] == state["image"].shape[:2] == state["heatmap"].shape == (1000, 800)
+    shown = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    assert abs(state["image"].astype(int) - shown).mean() < 1  # the file itself, not an upscaled copy
+
+
 def test_every_model_pass_shares_one_concurrency_limit(tiny_model):
     from chest_model.demo import MODEL_PASSES, build_demo
 
