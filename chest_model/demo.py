@@ -113,7 +113,7 @@ class DemoService:
         import gradio as gr
 
         if not path:
-            raise gr.Error("Upload a chest X-ray first (JPEG, PNG or DICOM).")
+            raise gr.Error("Upload a chest X-ray first (JPEG, PNG or DICOM).", print_exception=False)
         try:
             stat = os.stat(path)
             key = (path, stat.st_size, stat.st_mtime_ns, full_size)
