@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -280,7 +281,9 @@ def _read_metrics(path: str) -> dict:
 def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, error: str | None = None) -> None:
     if args.json:
         record = {"file": path, "error": error} if error else {
-            "file": path, "prediction": result["label"], "probabilities": result["probabilities"],
+            "file": path, "prediction": result["label"],
+            # JSON has no NaN: a broken model's non-numbers are written as null (its reasons say why)
+            "probabilities": {k: p if math.isfinite(p) else None for k, p in result["probabilities"].items()},
             "uncertain": result["uncertain"], "reasons": result["reasons"]}
         print(json.dumps(record), flush=True)
     elif error:

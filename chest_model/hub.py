@@ -158,6 +158,9 @@ def resolve_model_folder(name_or_path: str | Path, **download: Any) -> Path:
     unknown = sorted(set(download) - set(DOWNLOAD_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected download option(s) {unknown}; the options are {', '.join(DOWNLOAD_OPTIONS)}")
+    if not str(name_or_path).strip():
+        raise ModelLoadError("no model given: pass a model folder or a Hub repo id (an empty name would mean "
+                             "the current folder)")
     path = Path(name_or_path).expanduser()
     if not path.exists():
         recover_interrupted(path)  # a save killed between its two renames set the folder aside
@@ -247,7 +250,8 @@ def load_model(
     try:
         config = ChestXrayConfig.load(config_path)
         if config_overrides:
-            config = ChestXrayConfig.from_dict({**config.to_dict(), **config_overrides}, source=str(config_path))
+            config = ChestXrayConfig.from_dict({**config.to_dict(), **config_overrides},
+                                               source=f"from_pretrained({', '.join(f'{k}=...' for k in config_overrides)})")
     except ConfigError as err:
         raise ModelLoadError(str(err)) from None
 
@@ -284,6 +288,11 @@ def load_model(
             details.append("dtype mismatch " + _first(
                 [f"{k}: file {state[k].dtype} vs model {expected[k].dtype}" for k in mistyped]))
         raise ModelLoadError(f"{weights}: does not match {CONFIG_NAME}: " + "; ".join(details))
+    # A NaN or inf weight makes every answer NaN, which no threshold catches: refused here, by name.
+    broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if broken:
+        raise ModelLoadError(f"{weights}: tensors with NaN or infinite values: {_first(broken)} "
+                             "(a damaged file, or a training run that diverged); this model cannot predict")
     # Weights may be stored in half precision to keep the file small; compute in fp32 (and save them
     # again as stored: see save_model_folder).
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)

@@ -193,7 +193,7 @@ class ChestXrayClassifier(
         try:
             return self.preprocessor.load(source)
         except ImageLoadError as err:
-            raise ImageLoadError(f"item {index} of {count}: {err}") from None
+            raise ImageLoadError(f"item {index} (counting from 0) of {count}: {err}") from None
 
     def analyze(self, images: ImageSource | Sequence[ImageSource], *, batch_size: int = 16, precision: str = "fp32"):
         """:meth:`predict` as plain records: ``{"label", "probabilities", "uncertain", "reasons"}``."""
@@ -314,6 +314,9 @@ def as_items(images) -> tuple[list, bool]:
     pass a list of arrays for several."""
     single = (isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)) or is_pil_image(images)
               or hasattr(images, "read"))
+    if not single and (isinstance(images, (dict, set, frozenset)) or not isinstance(images, Iterable)):
+        raise TypeError("expected an image (a path, bytes, a file object, a PIL image or a numpy array) or a list "
+                        f"of them, got {type(images).__name__}" + (": pass a list" if isinstance(images, (dict, set, frozenset)) else ""))
     return ([images] if single else list(images)), single
 
 

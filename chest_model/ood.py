@@ -15,6 +15,8 @@ A flagged input is reported as "uncertain" with the reason instead of a confiden
 """
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 
@@ -80,5 +82,7 @@ def feature_flag(score: float | None, config) -> list[str]:
 
 def ood_reasons(image: np.ndarray, probabilities: dict[str, float], config, *, feature_score: float | None = None) -> list[str]:
     """Every reason, under ``config``'s fitted thresholds, why this input is not a confident X-ray call."""
-    return (feature_flag(feature_score, config) + image_flags(image, config.max_chroma)
+    broken = [] if all(math.isfinite(p) for p in probabilities.values()) else [
+        "the model's output is not a number (NaN or inf): its weights or its computation on this input are broken"]
+    return (broken + feature_flag(feature_score, config) + image_flags(image, config.max_chroma)
             + confidence_flag(probabilities, config.min_confidence))

@@ -362,3 +362,15 @@ def test_a_stale_evaluation_never_reaches_outside_its_folder(tmp_path):
     remove_stale_evaluation(out, ["new"])
     assert (tmp_path / "parent" / "metrics.json").is_file() and (out / "metrics.json").is_file()
     assert not (out / "gone").exists()
+
+
+def test_json_output_writes_a_probability_that_is_not_a_number_as_null(capsys):
+    import argparse
+
+    from chest_model.cli import _report
+
+    result = {"label": "uncertain", "probabilities": {"Normal": float("nan"), "Covid": 0.5},
+              "uncertain": True, "reasons": ["the model's output is not a number"]}
+    _report(argparse.Namespace(json=True), "a.png", result=result)
+    line = capsys.readouterr().out
+    assert "NaN" not in line and json.loads(line)["probabilities"] == {"Normal": None, "Covid": 0.5}

@@ -78,6 +78,31 @@ def test_corrupt_safetensors_is_reported(tiny_model, tmp_path):
         ChestXrayClassifier.from_pretrained(tmp_path / "m")
 
 
+def test_weights_with_nan_or_inf_are_refused_by_name(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    state = load_file(str(weights))
+    state["head.5.bias"] = torch.tensor([float("nan"), 0.0, float("inf")])
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model.safetensors: tensors with NaN or infinite values: head.5.bias "):
+        ChestXrayClassifier.from_pretrained(tmp_path / "m")
+
+
+def test_an_override_is_named_as_the_argument_not_blamed_on_config_json(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=r"^from_pretrained\(temperature=\.\.\.\): .*temperature") as info:
+        ChestXrayClassifier.from_pretrained(tmp_path / "m", temperature=0)
+    assert "config.json" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_model_name_is_refused_not_read_as_the_current_folder(name):
+    with pytest.raises(ModelLoadError, match="no model given"):
+        ChestXrayClassifier.from_pretrained(name)
+
+
 class _Exploit:
     """Unpickling this creates a file: proof that the pickle ran."""
 

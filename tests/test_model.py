@@ -175,8 +175,26 @@ def test_a_bad_item_in_a_list_is_named_by_its_place(tiny_model):
     from chest_model import ImageLoadError
 
     items = [synthetic_xray(40, 40)] * 3 + [b"not an image"]
-    with pytest.raises(ImageLoadError, match=r"^item 3 of 4: <12 bytes>: not an image"):
+    with pytest.raises(ImageLoadError, match=r"^item 3 \(counting from 0\) of 4: <12 bytes>: not an image"):
         tiny_model.predict(items, batch_size=2)
+
+
+def test_a_model_whose_output_is_not_a_number_says_uncertain_not_normal(tiny_model, xray_gray):
+    import math
+
+    with torch.no_grad():
+        tiny_model.head[5].bias[0] = float("nan")
+    result = tiny_model.predict(xray_gray)
+    assert all(math.isnan(p) for p in result.values())
+    assert result.uncertain and result.label == "uncertain"
+    assert "not a number" in result.reasons[0]
+
+
+@pytest.mark.parametrize("images, message", [(None, "got NoneType"), (5, "got int"),
+                                              ({"a.png": 1}, "got dict: pass a list")])
+def test_what_is_neither_an_image_nor_a_list_of_them_is_named(tiny_model, images, message):
+    with pytest.raises(TypeError, match=f"expected an image .* or a list of them, {message}"):
+        tiny_model.predict(images)
 
 
 def test_a_printed_uncertain_prediction_says_so():
