@@ -6,7 +6,7 @@ from .backbones import PretrainedWeightsUnavailable
 from .config import ChestXrayConfig, ConfigError
 from .errors import ChestModelError
 from .explain import Explanation, explain_image, overlay
-from .hub import ModelLoadError
+from .hub import HubUploadError, ModelLoadError
 from .model import ChestXrayClassifier, Prediction
 from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image
 
@@ -18,6 +18,7 @@ __all__ = [
     "ChestXrayConfig",
     "ConfigError",
     "Explanation",
+    "HubUploadError",
     "IMAGE_EXTENSIONS",
     "ImageLoadError",
     "ModelLoadError",

@@ -42,6 +42,10 @@ class ModelLoadError(ChestModelError, ValueError):
     """A model folder or Hub repo that cannot be loaded safely; the message says why."""
 
 
+class HubUploadError(ChestModelError, RuntimeError):
+    """An upload to the Hub that did not happen: offline, not logged in, no write access."""
+
+
 def save_model_folder(model: ChestXrayClassifier, directory: str | Path, *, card_context: dict | None = None,
                       weights_dtype: torch.dtype | None = None, records: dict[str, Any] | None = None,
                       drop_records: bool = False) -> Path:
@@ -359,24 +363,42 @@ def push_model(
         for name in MODEL_FILES:
             if not (folder / name).is_file():
                 raise ModelLoadError(f"{folder}: missing {name}; save the model before pushing it")
-        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        if branch and not create_pr:
-            api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)
+        with _upload_errors(repo_id):
+            repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+            if branch and not create_pr:
+                api.create_branch(repo_id=repo_id, branch=branch, exist_ok=True)
         card = (folder / CARD_NAME).read_text(encoding="utf-8")
         for_repo = card_for_repo(card, repo_id, branch)
         if for_repo != card:  # the card names another place (or no branch) to load the model from
             folder = _stage(folder, Path(tmp) / "for-repo", for_repo)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            repo_type="model",
-            folder_path=folder,
-            commit_message=commit_message,
-            revision=branch,
-            create_pr=create_pr,
-            allow_patterns=list(MODEL_FILES),
-            delete_patterns=delete_patterns,
-        )
+        with _upload_errors(repo_id):
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                repo_type="model",
+                folder_path=folder,
+                commit_message=commit_message,
+                revision=branch,
+                create_pr=create_pr,
+                allow_patterns=list(MODEL_FILES),
+                delete_patterns=delete_patterns,
+            )
     return str(commit)
+
+
+@contextlib.contextmanager
+def _upload_errors(repo_id: str):
+    """The Hub's errors (offline, 401, 403, a bad name) as one line that says what to check."""
+    try:
+        yield
+    except ChestModelError:
+        raise
+    except Exception as err:  # noqa: BLE001 - httpx, HfHubHTTPError, OfflineModeIsEnabled, HFValidationError...
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        advice = ("HF_HUB_OFFLINE is set: unset it to upload" if offline else
+                  "check your network, the repo name, and that you are logged in with write access "
+                  "(`hf auth login`, or token=...)")
+        raise HubUploadError(f"{repo_id}: could not upload to the Hugging Face Hub "
+                             f"({type(err).__name__}: {err}); {advice}") from None
 
 
 def _folder_to_push(model: ChestXrayClassifier, tmp: Path, card_context: dict | None) -> Path:

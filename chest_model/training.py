@@ -44,7 +44,7 @@ from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_l
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
-from .hub import save_model_folder
+from .hub import HubUploadError, save_model_folder
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .preprocess import ImageLoadError
@@ -804,7 +804,11 @@ def save_outputs(run: Run, model, val_metrics: dict[str, Any], test_metrics: dic
     })
     logger.info("saved the best model (epoch %d) to %s", record["best_epoch"], output_dir)
     if args.push_to_hub:
-        url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
+        try:
+            url = model.push_to_hub(args.push_to_hub, folder=output_dir, private=args.hub_private or None)
+        except HubUploadError as err:
+            raise HubUploadError(f"{err}. The trained model is saved in {output_dir}; push it later with "
+                                 f"ChestXrayClassifier.from_pretrained(...).push_to_hub(...) or `hf upload`") from None
         logger.info("pushed to %s", url)
 
 

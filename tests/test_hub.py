@@ -219,6 +219,53 @@ def test_hub_offline_fails_with_advice(monkeypatch, tmp_path):
         ChestXrayClassifier.from_pretrained("someone/not-cached")
 
 
+def test_push_while_offline_says_what_to_do(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(hub.HubUploadError, match=r"^me/chest-xray: could not upload to the Hugging Face Hub .*HF_HUB_OFFLINE is set"):
+        tiny_model.push_to_hub("me/chest-xray")
+
+
+def test_a_push_the_hub_refuses_is_one_line_of_advice(tiny_model, monkeypatch):
+    import huggingface_hub
+
+    class Unreachable(FakeHfApi):
+        def upload_folder(self, **kwargs):
+            raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "HfApi", Unreachable)
+    with pytest.raises(hub.HubUploadError, match=r"me/chest-xray: could not upload .*ConnectionError.*`hf auth login`"):
+        tiny_model.push_to_hub("me/chest-xray")
+
+
+def test_a_training_run_whose_push_fails_names_the_saved_model(tmp_path, monkeypatch, clean_accelerate, capsys):
+    import huggingface_hub
+
+    from chest_model.training import main
+    from helpers import make_class_folders
+
+    class Refusing(FakeHfApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise PermissionError("403 Forbidden: you have no write access to me/chest-xray")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Refusing)
+    data = make_class_folders(tmp_path / "data", per_class=4, size=48)
+    run = tmp_path / "run"
+    code = main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "32", "--batch-size", "4",
+                 "--weights", "none", "--epochs", "1", "--cpu-threads", "1", "--checkpointing-steps", "none",
+                 "--push-to-hub", "me/chest-xray"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "me/chest-xray: could not upload" in error and "403 Forbidden" in error
+    assert f"The trained model is saved in {run}" in error
+    assert (run / "model.safetensors").is_file()  # saved before the push was tried
+    ChestXrayClassifier.from_pretrained(run)
+
+
 def test_training_folder_push_uploads_only_the_model_files(tiny_model, tmp_path, monkeypatch):
     import huggingface_hub
 
