@@ -72,10 +72,10 @@ def load_image(source: ImageSource, *, name: str | None = None, min_size: int | 
                 pass  # a file only PIL can read: converted below, as any PIL image is
         try:
             return _finish(_pil_to_rgb(source, label), label)
-        except (OSError, ValueError) as err:  # a lazily opened file that is truncated, or already closed
+        except (OSError, ValueError, AssertionError) as err:  # a lazily opened file that is truncated, or already closed
             if isinstance(err, ImageLoadError):
                 raise
-            raise ImageLoadError(f"{label}: the PIL image cannot be read ({err})") from None
+            raise ImageLoadError(f"{label}: the PIL image cannot be read ({err or 'its file is already closed'})") from None
     data = _read_bytes(source, label)
     return _finish(_decode_bytes(data, label, min_size), label)
 
@@ -133,6 +133,10 @@ def _read_bytes(source: Any, label: str) -> bytes:
         data = bytes(source)
     elif hasattr(source, "read"):
         try:
+            start = source.tell() if getattr(source, "seekable", lambda: False)() else None
+        except (OSError, ValueError):
+            start = None
+        try:
             data = source.read()
         except UnicodeDecodeError:
             raise ImageLoadError(f"{label}: file object is open in text mode; open it with 'rb'") from None
@@ -140,6 +144,9 @@ def _read_bytes(source: Any, label: str) -> bytes:
             raise ImageLoadError(f"{label}: cannot read the file object ({err})") from None
         if isinstance(data, str):
             raise ImageLoadError(f"{label}: file object is open in text mode; open it with 'rb'")
+        if not data and start:  # read before, by us or the caller: say so rather than "empty file"
+            raise ImageLoadError(f"{label}: nothing left to read: the file object is at byte {start}, its end "
+                                 "(already read?); call .seek(0) on it first")
     else:
         raise ImageLoadError(
             f"{label}: unsupported input type {type(source).__name__}; "

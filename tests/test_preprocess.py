@@ -69,6 +69,24 @@ def test_file_object_name_is_used_in_errors(tmp_path):
         load_image(handle)
 
 
+def test_a_file_object_read_to_its_end_is_named_as_such_not_called_empty(tmp_path):
+    path = write_image(tmp_path / "film.png", synthetic_xray(64, 64))
+    with open(path, "rb") as handle:
+        load_image(handle)  # the first read takes every byte
+        with pytest.raises(ImageLoadError, match=r"film.png: nothing left to read: the file object is at byte \d+, its end .*seek\(0\)"):
+            load_image(handle)
+        handle.seek(0)
+        assert load_image(handle).shape == (64, 64, 3)
+
+
+def test_a_pil_image_whose_file_is_closed_is_an_image_load_error(tmp_path):
+    path = write_image(tmp_path / "film.png", synthetic_xray(64, 64))
+    with Image.open(path) as image:
+        pass  # closed before it was ever loaded
+    with pytest.raises(ImageLoadError, match="the PIL image cannot be read"):
+        load_image(image)
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(ImageLoadError, match="no such file"):
         load_image(tmp_path / "nope.png")
