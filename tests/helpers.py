@@ -83,3 +83,17 @@ def wait_for_server(proc: subprocess.Popen, port: int, log: Path, timeout: float
             time.sleep(0.5)
     proc.kill()
     pytest.fail("server did not start:\n" + log.read_text())
+
+
+def train_two_source_run(root: Path, *, adults: int = 8, adult_size: int = 300) -> Path:
+    """A one-epoch run on two sources (children's three classes, adults' Normal only), as the
+    scripts that rebuild a run's validation split need; returns its output folder."""
+    from chest_model.training import main
+
+    kids = make_class_folders(root / "kids", per_class=5, size=64, seed=6)
+    grown = make_class_folders(root / "adults", per_class=adults, size=adult_size, seed=7, class_names=["Normal"])
+    run = root / "run"
+    assert main(["--data-dir", f"kids={kids}", "--data-dir", f"adults={grown}", "--output-dir", str(run),
+                 "--image-size", "32", "--batch-size", "4", "--weights", "none", "--epochs", "1", "--cpu-threads", "1",
+                 "--checkpointing-steps", "none"]) == 0
+    return run

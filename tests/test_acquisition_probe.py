@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from chest_model.training import main
-from helpers import ROOT, make_class_folders
+from helpers import ROOT, train_two_source_run
 
 spec = importlib.util.spec_from_file_location("acquisition_probe", ROOT / "scripts" / "acquisition_probe.py")
 probe = importlib.util.module_from_spec(spec)
@@ -14,14 +13,7 @@ spec.loader.exec_module(probe)
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    kids = make_class_folders(root / "kids", per_class=5, size=64, seed=6)
-    adults = make_class_folders(root / "adults", per_class=8, size=300, seed=7, class_names=["Normal"])
-    run = root / "run"
-    assert main(["--data-dir", f"kids={kids}", "--data-dir", f"adults={adults}", "--output-dir", str(run),
-                 "--image-size", "32", "--batch-size", "4", "--weights", "none", "--epochs", "1", "--cpu-threads", "1",
-                 "--checkpointing-steps", "none"]) == 0
-    return run
+    return train_two_source_run(tmp_path_factory.mktemp("probe"))
 
 
 def test_every_alteration_is_classified_on_the_runs_own_validation_films_of_that_source(run, clean_accelerate, capsys):

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from chest_model.training import main
-from helpers import ROOT, make_class_folders
+from helpers import ROOT, train_two_source_run
 
 spec = importlib.util.spec_from_file_location("operating_points", ROOT / "scripts" / "operating_points.py")
 points = importlib.util.module_from_spec(spec)
@@ -29,14 +28,7 @@ def test_each_row_catches_one_more_film_of_the_class_and_counts_what_else_it_cal
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("points")
-    kids = make_class_folders(root / "kids", per_class=5, size=64, seed=6)
-    adults = make_class_folders(root / "adults", per_class=8, size=300, seed=7, class_names=["Normal"])
-    run = root / "run"
-    assert main(["--data-dir", f"kids={kids}", "--data-dir", f"adults={adults}", "--output-dir", str(run),
-                 "--image-size", "32", "--batch-size", "4", "--weights", "none", "--epochs", "1", "--cpu-threads", "1",
-                 "--checkpointing-steps", "none"]) == 0
-    return run
+    return train_two_source_run(tmp_path_factory.mktemp("points"))
 
 
 def test_the_table_is_built_on_the_runs_own_validation_split(run, clean_accelerate, capsys):
