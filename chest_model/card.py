@@ -6,6 +6,7 @@ Nothing is filled in when it was not measured; the card says so instead.
 from __future__ import annotations
 
 import re
+import shlex
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -86,7 +87,7 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         base_model=base_model(config),
         citations=cited_sources(sources, external_sources(context)),
         config=config.to_dict(),
-        training=context.get("training"),
+        training=shareable_training(context.get("training")),
         val_metrics=context.get("val_metrics"),
         test_metrics=test,
         test_dataset_name=test_name,
@@ -98,6 +99,37 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         selection_note=context.get("selection_note"),
     )
     return str(card)
+
+
+def shareable_training(training: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The training record as the card shows it: its commands without local absolute paths."""
+    if not training:
+        return training
+    return {**training, "command": shareable_command(training.get("command") or ""),
+            "resumed_with": [shareable_command(c) for c in training.get("resumed_with") or []]}
+
+
+_WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
+
+
+def shareable_command(command: str) -> str:
+    """``command`` with each absolute path (alone, after ``NAME=`` or after ``--option=``) cut to
+    ``.../`` and its last two parts: a card is shared, and a path on one machine says nothing
+    elsewhere but its owner's folder names. Relative paths stay as given."""
+    try:
+        tokens = shlex.split(command)
+    except ValueError:  # unbalanced quotes: not a command this package wrote
+        return command
+    shown = []
+    for token in tokens:
+        head, sep, value = token.partition("=")
+        if not sep or not (token.startswith("-") or ("/" not in head and "\\" not in head)):
+            head, sep, value = "", "", token
+        if value.startswith(("/", "~")) or _WINDOWS_ABSOLUTE.match(value):
+            parts = [p for p in re.split(r"[\\/]+", value) if p]
+            value = "/".join([".../" if len(parts) > 2 else "...", *parts[-2:]]).replace("...//", ".../")
+        shown.append(head + sep + value)
+    return " ".join(shlex.quote(t) for t in shown)
 
 
 def evaluated_framing_check(test: dict[str, Any] | None, test_name: str) -> dict[str, Any] | None:

@@ -216,3 +216,15 @@ def test_the_tutorial_datasets_caveats_appear_only_for_models_trained_on_it():
     assert results["dataset"] == {"type": "my-hospital-2024", "name": "test split", "split": "test"}
     nih_only = render_card(ChestXrayConfig(), {"training": _training_record(["nih-cxr8"])})
     assert "Known source confounding" not in nih_only and "**Check for source confounding:**" in nih_only
+
+
+def test_the_card_shows_the_training_command_without_local_absolute_paths():
+    training = {**_training_record(["kids"]),
+                "command": "accelerate launch train.py --data-dir 'kids=/home/ann/x rays/kaggle/train' "
+                           "--data-dir data/adult-normal --test-dir=/srv/data/test --output-dir /home/ann/runs/v1",
+                "resumed_with": ["python train.py --output-dir /home/ann/runs/v1 --resume"]}
+    card = render_card(ChestXrayConfig(), {"training": training})
+    assert "/home/" not in card and "/srv/" not in card
+    assert ("`accelerate launch train.py --data-dir kids=.../kaggle/train --data-dir data/adult-normal "
+            "--test-dir=.../data/test --output-dir .../runs/v1`") in card
+    assert "`python train.py --output-dir .../runs/v1 --resume`" in card
