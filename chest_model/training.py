@@ -38,7 +38,7 @@ from .atomic import atomic_write_text
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
-                   parse_data_dirs, relative_name, scan_image_folder, scan_sources, stratified_split)
+                   parse_data_dirs, relative_message, relative_name, scan_image_folder, scan_sources, stratified_split)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .errors import ChestModelError
@@ -248,17 +248,21 @@ def decode_data(args: TrainingConfig, folders: dict[str, Any], preprocessor) -> 
         bad += [e for e in errors if e is not None]
         splits[name] = Split(images[keep], [folder.labels[i] for i in keep], [folder.sources[i] for i in keep],
                              folder.source_names, [chromas[i] for i in keep], [folder.paths[i] for i in keep])
-    if bad and not args.skip_bad_files:
-        raise DatasetError(f"cannot train, {len(bad)} file(s) cannot be read (use --skip-bad-files to leave them out):\n  - " + "\n  - ".join(bad))
+    # The held-out sets are evaluated after training: their unreadable files are found now, with the others.
+    held_out_bad = [f"{flag}: {error}" for flag, folder in folders.get("held_out", [])
+                    for error in unreadable_held_out(flag, folder, preprocessor)]
+    if (bad or held_out_bad) and not args.skip_bad_files:
+        raise DatasetError(f"cannot train, {len(bad) + len(held_out_bad)} file(s) cannot be read (use --skip-bad-files to "
+                           "leave them out):\n  - " + "\n  - ".join(bad + held_out_bad))
     for message in bad:
         logger.warning("skipped: %s", message)
+    for message in held_out_bad:
+        logger.warning("left out of its evaluation: %s", message)
     for name, split in splits.items():  # the files left out may have been a whole class's
         empty = [c for i, c in enumerate(folders[name].class_names) if i not in split.labels]
         if empty:
             raise DatasetError(f"cannot train: no readable {name} image of class(es) {empty} is left "
                                f"({len(bad)} unreadable file(s) left out)")
-    for flag, folder in folders.get("held_out", []):
-        check_some_readable(flag, folder, preprocessor)
     logger.info("decoded %d images in %.1f s", sum(len(s.labels) for s in splits.values()), time.perf_counter() - start)
     if "val" not in splits:
         pool = splits["train"]
@@ -295,16 +299,19 @@ def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[
     return strata, tally_by_stratum(data.train.group_names(class_names), strata, [1] * len(strata))
 
 
-def check_some_readable(flag: str, folder, preprocessor) -> None:
-    """A held-out set is evaluated after training; one with no readable file is found now, not then."""
+def unreadable_held_out(flag: str, folder, preprocessor) -> list[str]:
+    """Each file of a held-out set that cannot be decoded, by name and problem; a set with no readable
+    file at all stops the run now (it could not be evaluated after training)."""
+    errors = []
     for path in folder.paths:
         try:
             preprocessor.load(path)
-            return
-        except ImageLoadError:
-            continue
-    raise DatasetError(f"{flag}: none of the {len(folder.paths)} image files in {folder.root} can be read, so it "
-                       "could not be evaluated after training; fix or remove it")
+        except ImageLoadError as err:
+            errors.append(relative_message(str(err), path, folder.root))
+    if errors and len(errors) == len(folder.paths):
+        raise DatasetError(f"{flag}: none of the {len(folder.paths)} image files in {folder.root} can be read, so it "
+                           "could not be evaluated after training; fix or remove it")
+    return errors
 
 
 def build_model(args: TrainingConfig, config: ChestXrayConfig):
@@ -775,6 +782,8 @@ def evaluate_held_out(run: Run, model) -> tuple[dict[str, Any] | None, dict[str,
                     _figure(test_metrics["audit"]["metadata_baseline_accuracy"]))
         for message in test_metrics["unreadable_files"]:
             logger.warning("test file left out: %s", message)
+        # what was evaluated, for the card's data table: unreadable files left out (--skip-bad-files)
+        run.record["data_counts"]["test"] = {name: row["support"] for name, row in test_metrics["per_class"].items()}
     for name, path in _named(args.external_dir):
         external[name] = evaluate_external(model, path, name=name, training_images=trained_on)
         logger.info("external %s: %s", name, external[name]["summary"])

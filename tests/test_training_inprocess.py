@@ -270,6 +270,28 @@ def test_a_held_out_set_with_no_readable_file_is_refused_before_training(tmp_pat
     assert not [r for r in caplog.records if r.getMessage().startswith("epoch")]
 
 
+def test_unreadable_test_files_are_listed_before_training_and_the_card_counts_what_was_evaluated(
+        tmp_path, clean_accelerate, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="chest_model.training")
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    test = make_class_folders(tmp_path / "test", per_class=3, size=40, seed=7)
+    (test / "Covid" / "zero.png").write_bytes(b"")
+    (test / "Covid" / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    common = ["--data-dir", str(data), "--test-dir", str(test), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--epochs", "1", "--cpu-threads", "1", "--checkpointing-steps", "none"]
+    assert main([*common, "--output-dir", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "2 file(s) cannot be read" in err
+    assert f"--test-dir {test}: Covid/zero.png: empty file" in err and f"--test-dir {test}: Covid/cut.jpg" in err
+    assert not [r for r in caplog.records if r.getMessage().startswith("epoch")]  # found before training
+
+    run = tmp_path / "run"
+    assert main([*common, "--output-dir", str(run), "--skip-bad-files"]) == 0
+    counts = json.loads((run / "train_config.json").read_text())["data_counts"]["test"]
+    assert counts == {"Normal": 3, "Covid": 3, "Viral Pneumonia": 3}
+    assert "| test | 3 | 3 | 3 | 9 |" in (run / "README.md").read_text()
+
+
 def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
     out = tmp_path / "run"
