@@ -101,6 +101,13 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
     return str(card)
 
 
+UNFINISHED_MARK = "<!-- unfinished-training-run -->"  # written by the template for a run's mid-run save
+
+
+def is_unfinished_run(card: str) -> bool:
+    return UNFINISHED_MARK in card
+
+
 def shareable_training(training: dict[str, Any] | None) -> dict[str, Any] | None:
     """The training record as the card shows it: its commands without local absolute paths."""
     if not training:

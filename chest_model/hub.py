@@ -303,10 +303,25 @@ def load_model(
     stored = {v.dtype for k, v in state.items() if v.is_floating_point() and not k.startswith(BUFFER_PREFIX)}
     model.stored_dtype = stored.pop() if len(stored) == 1 and stored != {torch.float32} else None
     model.to(device)
+    _warn_if_unfinished(folder, name_or_path)
     model.source = str(name_or_path)
     model.folder = str(folder)
     model.revision = download.get("revision")
     return model.eval()
+
+
+def _warn_if_unfinished(folder: Path, name_or_path: str | Path) -> None:
+    """A training run's mid-run save loads (it is the best so far), but must not pass for a finished model."""
+    from .card import is_unfinished_run
+
+    try:
+        card = (folder / CARD_NAME).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return
+    if is_unfinished_run(card):
+        logger.warning("%s: an unfinished training run (the best epoch so far): not calibrated, no out-of-distribution "
+                       "gate, no test evaluation; finish it with its command and --resume-from-checkpoint latest",
+                       name_or_path)
 
 
 def weights_fingerprint(model: ChestXrayClassifier) -> str:

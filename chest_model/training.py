@@ -604,7 +604,8 @@ def run_epochs(run: Run) -> Predictions | None:
                 if run.accelerator.is_main_process and epoch + 1 < run.args.epochs:  # the final save writes the last epoch
                     # The records of an earlier finish (a run extended with more epochs) describe other weights.
                     save_model_folder(run.evaluated_model, run.output_dir, drop_records=True,
-                                      card_context={"training": {**run.record, "best_epoch": epoch + 1}})
+                                      card_context={"training": {**run.record, "best_epoch": epoch + 1,
+                                                                 "in_progress": {"epochs_done": epoch + 1}}})
                 run.accelerator.wait_for_everyone()
             if run.args.checkpointing_steps != "none":
                 checkpoint(run, epoch + 1, 0)

@@ -292,6 +292,37 @@ def test_unreadable_test_files_are_listed_before_training_and_the_card_counts_wh
     assert "| test | 3 | 3 | 3 | 9 |" in (run / "README.md").read_text()
 
 
+def test_a_run_stopped_before_its_end_leaves_a_model_that_says_it_is_unfinished(tmp_path, clean_accelerate, monkeypatch, caplog):
+    import chest_model.training as training
+    from chest_model import ChestXrayClassifier
+
+    best_after = []
+
+    def stop_after_the_epochs(run, model, best_val):  # as Ctrl-C between the last epoch and calibration
+        best_after.append(run.state["best"]["epoch"])
+        raise KeyboardInterrupt
+
+    original = training.calibrate_chosen
+    monkeypatch.setattr(training, "calibrate_chosen", stop_after_the_epochs)
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    run = tmp_path / "run"
+    assert main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "32", "--batch-size", "4",
+                 "--weights", "none", "--epochs", "3", "--cpu-threads", "1", "--checkpointing-steps", "none"]) == 130
+    if best_after == [3]:
+        pytest.skip("the last epoch was the best: only the final save, which never ran, would have written the model")
+    card = (run / "README.md").read_text()
+    assert "**Unfinished training run.** These weights were saved after epoch" in card
+    caplog.set_level(logging.WARNING, logger="chest_model.hub")
+    ChestXrayClassifier.from_pretrained(run)
+    assert any("an unfinished training run" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(training, "calibrate_chosen", original)
+    finished = tmp_path / "finished"
+    assert main(["--data-dir", str(data), "--output-dir", str(finished), "--image-size", "32", "--batch-size", "4",
+                 "--weights", "none", "--epochs", "1", "--cpu-threads", "1", "--checkpointing-steps", "none"]) == 0
+    assert "Unfinished training run" not in (finished / "README.md").read_text()
+
+
 def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
     out = tmp_path / "run"
