@@ -78,10 +78,16 @@ def relative_message(message: str, path: str | Path, root: str | Path) -> str:
     return relative_name(path, root) + message[len(str(path)):] if message.startswith(str(path)) else message
 
 
+SPLIT_FOLDER_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+
+
 def split_data_spec(spec: str) -> tuple[str | None, str]:
-    """``NAME=PATH`` -> (NAME, PATH); a bare PATH (which may itself hold "=") -> (None, PATH)."""
+    """``NAME=PATH`` -> (NAME, PATH); a bare PATH (which may itself hold "=") -> (None, PATH): a spec
+    that is itself an existing path, where its PATH part is not, is that path."""
     name, sep, path = spec.partition("=")
     if not sep or not name or "/" in name or os.sep in name:
+        return None, spec
+    if Path(spec).exists() and not Path(path).exists():
         return None, spec
     return name, path
 
@@ -93,6 +99,9 @@ def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
         if spec.startswith("="):
             raise DatasetError(f"{spec!r}: empty NAME before '='; write NAME=PATH, or the PATH alone")
         name, path = split_data_spec(spec)
+        if name is not None and Path(spec).exists():
+            raise DatasetError(f"{spec!r}: is a folder, and also reads as NAME=PATH ({name!r} = {path}); say which: "
+                               f"'data={spec}' for the folder {spec}, or '{name}=./{path}' for {path}")
         if name is None and "=" in spec and not Path(spec).exists():
             raise DatasetError(f"{spec!r}: no such folder; as NAME=PATH, a NAME cannot contain '/' (it names the "
                                "set's report folder)")
@@ -116,6 +125,20 @@ def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
     return pairs
 
 
+def folders_shared_with_training(sources: list[tuple[str, Path]], others: list[tuple[str, Path]]) -> list[str]:
+    """A validation, test or external folder that is a training folder, or lies inside one or around
+    one, would score training images as unseen: one problem line for each."""
+    problems = []
+    for flag, path in others:
+        real = Path(os.path.realpath(path))
+        for name, folder in sources:
+            trained = Path(os.path.realpath(folder))
+            if real == trained or trained in real.parents or real in trained.parents:
+                problems.append(f"{flag} {path}: shares files with the training data {name!r} ({folder}): its "
+                                "images would be scored as unseen; give a folder of other images")
+    return problems
+
+
 def _is_dicom_by_content(path: Path) -> bool:
     try:
         with open(path, "rb") as handle:
@@ -127,8 +150,10 @@ def _is_dicom_by_content(path: Path) -> bool:
 
 def is_image_file(path: Path) -> bool:
     """Known image extensions in any case, plus DICOM files recognised by content (they often have none)."""
-    if path.name.startswith(".") or not path.is_file():
+    if path.name.startswith("."):
         return False
+    if not path.is_file():  # a broken link with an image's name is listed, so that decoding names it
+        return path.is_symlink() and not path.exists() and path.suffix.lower() in IMAGE_EXTENSIONS
     return path.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom_by_content(path)
 
 
@@ -163,10 +188,17 @@ def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool
     present = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     extra = [name for name in present if name not in class_names]
     if extra:
-        problems.append(
-            f"{root}: class folder(s) {extra} do not match the model's classes {list(class_names)} "
-            "(rename them to those names; a model of other classes is trained with train.py --class-names)"
-        )
+        by_case = {c.casefold(): c for c in class_names}
+        split_folders = [n for n in extra if n.casefold() in SPLIT_FOLDER_NAMES and (root / n).is_dir()
+                         and any((root / n / c).is_dir() for c in class_names)]
+        if split_folders:
+            hint = (f"it holds split folders, each with class folders: pass one of them, e.g. "
+                    f"{root / split_folders[0]}")
+        elif all(n.casefold() in by_case for n in extra):
+            hint = "only the letter case differs: rename " + ", ".join(f"{n!r} to {by_case[n.casefold()]!r}" for n in extra)
+        else:
+            hint = "rename them to those names; a model of other classes is trained with train.py --class-names"
+        problems.append(f"{root}: class folder(s) {extra} do not match the model's classes {list(class_names)} ({hint})")
     loose = [p for p in root.iterdir() if p.is_file() and is_image_file(p)]
     if loose:
         logger.warning("%s: %d image(s) lie directly in the data folder, outside every class folder, and are left out",

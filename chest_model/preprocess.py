@@ -126,7 +126,8 @@ def _read_bytes(source: Any, label: str) -> bytes:
                 raise ImageLoadError(f"{label}: is a directory, not an image file")
             data = path.read_bytes()
         except FileNotFoundError:
-            raise ImageLoadError(f"{label}: no such file") from None
+            broken = " (a symbolic link to a file that is not there)" if path.is_symlink() else ""
+            raise ImageLoadError(f"{label}: no such file{broken}") from None
         except OSError as err:  # no permission, a name too long...
             raise ImageLoadError(f"{label}: cannot read file ({err.strerror or err})") from None
     elif isinstance(source, (bytes, bytearray, memoryview)):

@@ -38,6 +38,7 @@ from .atomic import atomic_write_text
 from .calibrate import calibrate
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
+                   folders_shared_with_training,
                    parse_data_dirs, relative_message, relative_name, scan_image_folder, scan_sources, stratified_split)
 from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
@@ -213,6 +214,9 @@ def scan_data(args: TrainingConfig, sources, class_names: list[str]) -> dict[str
     """Every folder of the run, scanned; all problems reported together before any decoding."""
     folders, problems = {}, []
     folders["train"], problems = scan_sources(sources, class_names)
+    held_out = [(f"--{split}-dir", getattr(args, f"{split}_dir")) for split in ("val", "test") if getattr(args, f"{split}_dir")]
+    problems += folders_shared_with_training(sources, held_out + [(f"--external-dir {name}", path)
+                                                                  for name, path in _named(args.external_dir)])
     for split in ("val", "test"):
         path = getattr(args, f"{split}_dir")
         if path:

@@ -1,6 +1,7 @@
 """Class-folder discovery across several sources, the source-stratified split and balanced sampling."""
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -303,3 +304,38 @@ def test_device_overlays_only_brighten_every_channel_alike_and_replay_with_the_s
     assert len({o.sum().item() for o in outputs}) > 15  # every draw is different
     halves = [not torch.equal(RandomDevices(p=0.5)(grey), grey) for _ in range(200)]
     assert 0.35 < sum(halves) / len(halves) < 0.65
+
+
+def test_a_folder_whose_name_holds_an_equals_sign_is_that_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_class_folders(tmp_path / "eq=dir" / "train", per_class=1, size=40)
+    assert parse_data_dirs(["eq=dir/train"]) == [("eq=dir", Path("eq=dir/train"))]
+    make_class_folders(tmp_path / "dir" / "train", per_class=1, size=40)  # now it also reads as NAME=PATH
+    with pytest.raises(DatasetError, match=r"'eq=dir/train': is a folder, and also reads as NAME=PATH .*'data=eq=dir/train'"):
+        parse_data_dirs(["eq=dir/train"])
+    assert parse_data_dirs(["data=eq=dir/train"]) == [("data", Path("eq=dir/train"))]
+
+
+def test_a_broken_link_among_the_images_is_listed_so_that_decoding_names_it(tmp_path):
+    root = make_class_folders(tmp_path / "data", per_class=1, size=40)
+    (root / "Normal" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    folder, problems = scan_image_folder(root, CLASS_NAMES)
+    assert not problems and root / "Normal" / "gone.png" in folder.paths
+    from chest_model import ImageLoadError, load_image
+
+    with pytest.raises(ImageLoadError, match="gone.png: no such file .a symbolic link to a file that is not there."):
+        load_image(root / "Normal" / "gone.png", name="gone.png")
+
+
+def test_the_advice_for_mismatched_class_folders_fits_the_mistake(tmp_path):
+    root = tmp_path / "dataset"
+    make_class_folders(root / "train", per_class=1, size=40)
+    make_class_folders(root / "test", per_class=1, size=40)
+    _, problems = scan_image_folder(root, CLASS_NAMES)
+    assert f"it holds split folders, each with class folders: pass one of them, e.g. {root / 'test'}" in problems[0]
+    lower = tmp_path / "lower"
+    for name in CLASS_NAMES:
+        make_class_folders(lower, per_class=1, size=40, class_names=[name])
+        (lower / name).rename(lower / name.lower())
+    _, problems = scan_image_folder(lower, CLASS_NAMES)
+    assert "only the letter case differs: rename 'covid' to 'Covid', 'normal' to 'Normal'" in problems[0]

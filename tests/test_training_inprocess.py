@@ -323,6 +323,20 @@ def test_a_run_stopped_before_its_end_leaves_a_model_that_says_it_is_unfinished(
     assert "Unfinished training run" not in (finished / "README.md").read_text()
 
 
+def test_a_held_out_folder_that_is_training_data_is_refused_before_anything_is_decoded(tmp_path, clean_accelerate, capsys):
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    adults = make_class_folders(tmp_path / "data" / "Normal" / "adults", per_class=2, size=40, seed=7, class_names=["Normal"])
+    status = main(["--data-dir", str(data), "--val-dir", str(data), "--test-dir", f"{data}/../data",
+                   "--external-dir", f"inside={adults.parent}", "--output-dir", str(tmp_path / "run"),
+                   "--image-size", "32", "--weights", "none", "--epochs", "1"])
+    assert status == 2
+    err = capsys.readouterr().err
+    for flag in ("--val-dir", "--test-dir", "--external-dir inside"):
+        assert f"{flag} " in err and "shares files with the training data 'data'" in err, flag
+    assert err.count("shares files with the training data") == 3
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
     out = tmp_path / "run"
