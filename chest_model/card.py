@@ -43,13 +43,15 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
     # weights were trained on something else: sources that are all other known collections, or
     # classes other than the tutorial's. A folder named DATA may well be that dataset: when in doubt, warn.
     kaggle_reference = tutorial_data_possible(sources, config.class_names)
-    test_name = context.get("test_dataset_name") or (REFERENCE_TEST_NAME if kaggle_reference else "test split")
+    # Named as that dataset only where a source is known to be it; otherwise its caveats come as "if".
+    kaggle_known = any(collection_for(s) is REFERENCE_COLLECTION for s in sources)
+    test_name = context.get("test_dataset_name") or (REFERENCE_TEST_NAME if kaggle_known else "test split")
     eval_results = None
     if test:
         eval_results = [
             EvalResult(
                 task_type="image-classification",
-                dataset_type=DATASET_ID if kaggle_reference else _slug(sources[0] if sources else "test split"),
+                dataset_type=DATASET_ID if kaggle_known else _slug(sources[0] if sources else "test split"),
                 dataset_name=test_name,
                 dataset_split="test",
                 metric_type=metric,
@@ -92,6 +94,7 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         test_metrics=test,
         test_dataset_name=test_name,
         kaggle_reference=kaggle_reference,
+        kaggle_known=kaggle_known,
         external_metrics=context.get("external_metrics"),
         external_note=context.get("external_note"),
         ood_report=context.get("ood_report"),

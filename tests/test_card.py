@@ -203,8 +203,13 @@ def test_the_tutorial_datasets_caveats_appear_only_for_models_trained_on_it():
     assert results["dataset"] == {"type": "covid19-image-dataset", "name": "COVID-19 Image Dataset (test split)", "split": "test"}
 
     # A folder name that says nothing, with the tutorial's classes: it may be that dataset, so the caveats stay.
+    # It is not named as that dataset, though: the caveats say "if", and the model-index names the source.
     unnamed = render_card(ChestXrayConfig(), {"training": _training_record(["DATA"]), "test_metrics": metrics})
-    assert "**Known source confounding:**" in unnamed and "children only" in unnamed
+    assert "**Known source confounding, if it is that dataset:**" in unnamed and "children only (if the data is that dataset)" in unnamed
+    assert "This package cannot tell from the source's name whether these images are the tutorial's data" in unnamed
+    assert "The reference data is" not in unnamed and "small public dataset" not in unnamed
+    assert _front_matter(unnamed)["model-index"][0]["results"][0]["dataset"] == {"type": "data", "name": "test split", "split": "test"}
+    assert "small public dataset" in kaggle
     assert "Known source confounding" in render_card(ChestXrayConfig())  # nothing recorded: warn
 
     # Other classes, or only other known collections: the general warning, with the audit's own figure.
