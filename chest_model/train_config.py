@@ -107,6 +107,25 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     return config
 
 
+def tracker(text: str) -> str:
+    """An argparse type for --report-to: 'none', 'all', or one of accelerate's trackers, installed."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    name = text.strip().lower()
+    installed = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
+    if name == "none":
+        return name
+    if name == "all":
+        if not installed:
+            raise argparse.ArgumentTypeError("'all': no tracker is installed (e.g. pip install tensorboard)")
+        return name
+    if name not in LOGGER_TYPE_TO_CLASS:
+        raise argparse.ArgumentTypeError(f"unknown tracker {text!r}; choose none, all or one of {', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    if name not in installed:
+        raise argparse.ArgumentTypeError(f"{name} is not installed (pip install {name}); installed: {', '.join(installed) or 'none'}")
+    return name
+
+
 def whole_number(minimum: int, meaning: str = ""):
     """An argparse type: an integer of at least ``minimum``."""
     def parse(text: str) -> int:
@@ -239,5 +258,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="start over in an --output-dir that holds an earlier run's checkpoints (they are deleted)")
     run.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="upload the final model folder to this Hub repo")
     run.add_argument("--hub-private", action="store_true", help="create the --push-to-hub repo as private")
-    run.add_argument("--report-to", default="none", help="accelerate trackers: none, all, tensorboard, wandb, ...")
+    run.add_argument("--report-to", default="none", type=tracker,
+                     help="an accelerate tracker to log to: none, all (every one installed), tensorboard, wandb, mlflow, ...")
     return p

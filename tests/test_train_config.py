@@ -76,3 +76,16 @@ def test_a_value_that_cannot_train_is_refused_before_any_work(capsys, flag, valu
 def test_checkpointing_steps_keep_their_words_and_numbers():
     parse = lambda value: parse_config(["--data-dir", "d", "--output-dir", "o", "--checkpointing-steps", value])
     assert [parse(v).checkpointing_steps for v in ("epoch", "none", "25")] == ["epoch", "none", "25"]
+
+
+@pytest.mark.parametrize("value, says", [("bogus", "unknown tracker 'bogus'; choose none, all or one of aim, "),
+                                         ("wandb", "wandb is not installed (pip install wandb); installed: tensorboard")])
+def test_a_tracker_that_cannot_log_is_refused_before_any_work(capsys, value, says):
+    from accelerate.tracking import get_available_trackers
+
+    if value == "wandb" and [str(getattr(t, "value", t)) for t in get_available_trackers()] != ["tensorboard"]:
+        pytest.skip("this test expects tensorboard, and only it, among the trackers installed (the dev extras)")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--data-dir", "d", "--output-dir", "o", "--report-to", value])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    assert parse_config(["--data-dir", "d", "--output-dir", "o", "--report-to", "TensorBoard"]).report_to == "tensorboard"
