@@ -68,6 +68,25 @@ def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np
     return index, distances[np.arange(len(queries)), index]
 
 
+def copies_across_labels(hashes: np.ndarray, labels: Sequence[int], *, max_distance: int = MAX_DISTANCE,
+                         chunk: int = 1024) -> list[tuple[int, int, int]]:
+    """``(i, j, distance)`` for each pair ``i < j`` of images that are one film by their hashes and carry
+    different labels: an image filed under two classes. Compared a block of rows at a time, so that a
+    large dataset never holds its whole distance matrix."""
+    bits = np.asarray(hashes, dtype=bool).astype(np.int32)
+    labels = np.asarray(labels)
+    ones = bits.sum(1)
+    pairs = []
+    for start in range(0, len(bits), chunk):
+        distances = ones[start:start + chunk, None] + ones[None, :] - 2 * (bits[start:start + chunk] @ bits.T)
+        rows, cols = np.nonzero(distances <= max_distance)
+        for row, col in zip(rows, cols):
+            i, j = start + int(row), int(col)
+            if i < j and labels[i] != labels[j]:
+                pairs.append((i, j, int(distances[row, col])))
+    return pairs
+
+
 def copies_by_class(copied: np.ndarray, labels: Sequence[int], class_names: Sequence[str]) -> dict[str, dict[str, int]]:
     """``{class: {"copies": k, "n": n}}`` over the classes present."""
     copied, labels = np.asarray(copied, dtype=bool), np.asarray(labels)

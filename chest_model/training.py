@@ -40,7 +40,7 @@ from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig
 from .data import (BalancedSampler, CachedImageDataset, DatasetError, build_train_augmentation, decode_folder,
                    folders_shared_with_training,
                    parse_data_dirs, relative_message, relative_name, scan_image_folder, scan_sources, stratified_split)
-from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_by_class, nearest
+from .duplicates import MAX_DISTANCE, cached_image_hashes, copies_across_labels, copies_by_class, nearest
 from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_logits, train_one_epoch, unlearned_groups
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
@@ -103,6 +103,8 @@ def train(args: TrainingConfig, command: str) -> int:
         data = dataclasses.replace(decode_data(args, folders, model.preprocessor), files=files)
         clear_for_overwrite(args, accelerator)
         run = prepare_run(args, accelerator, model, data, command)
+        if accelerator.is_main_process:
+            run.record["label_conflicts"] = label_conflicts(data, class_names, sources)
         best_val = run_epochs(run)
         model, best_val = chosen_model(run, best_val)
         if accelerator.is_main_process:
@@ -533,6 +535,24 @@ def split_files(split: Split, sources: list[tuple[str, Path]]) -> list[tuple[str
     roots = dict(sources)
     return [(f"{name}/{relative_name(path, roots[name])}", path)
             for path, name in zip(split.paths, (split.source_names[s] for s in split.sources), strict=True)]
+
+
+def label_conflicts(data: TrainingData, class_names: list[str], sources: list[tuple[str, Path]]) -> list[dict[str, Any]]:
+    """Images of the training folders (training and validation splits) filed under two classes: the
+    same film by its hash (duplicates.py), so one of its labels is wrong. Named in the log and the record."""
+    labels = [*data.train.labels, *data.val.labels]
+    roots = dict(sources)
+    names = [f"{split.source_names[s]}/{relative_name(path, roots.get(split.source_names[s], Path(path).parent))}"
+             for split in (data.train, data.val) for path, s in zip(split.paths, split.sources)]
+    hashes = np.concatenate([cached_image_hashes(data.train.images), cached_image_hashes(data.val.images)])
+    found = [{"files": [names[i], names[j]], "classes": [class_names[labels[i]], class_names[labels[j]]], "distance": d}
+             for i, j, d in copies_across_labels(hashes, labels)]
+    if found:
+        shown = "; ".join(f"{a['files'][0]} ({a['classes'][0]}) = {a['files'][1]} ({a['classes'][1]})" for a in found[:10])
+        logger.warning("%d pair(s) of training images are one film filed under two classes, so one label of each is "
+                       "wrong: %s%s", len(found), shown, f"; and {len(found) - 10} more (train_config.json lists them)"
+                       if len(found) > 10 else "")
+    return found
 
 
 def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, Any]:

@@ -180,3 +180,19 @@ def test_an_external_set_says_how_many_of_its_images_the_model_was_trained_on(tm
     assert copies["pairs"] == [{"file": "Normal/covid.jpeg", "train_file": "src/Covid/resaved.png", "distance": copies["pairs"][0]["distance"]}]
     assert "copies of training images: 1 of 2 (Normal 1 of 2)" in external_summary(result)
     assert "train_copies" not in evaluate_external(tiny_model, external)
+
+
+def test_copies_across_labels_finds_each_cross_class_pair_once_block_by_block():
+    import numpy as np
+
+    from chest_model.duplicates import HASH_BITS, copies_across_labels
+
+    rng = np.random.default_rng(1)
+    hashes = rng.random((7, HASH_BITS)) < 0.5  # distinct films lie about 128 bits apart
+    hashes[4] = hashes[0]
+    hashes[5] = hashes[1]
+    hashes[5, :10] ^= True  # a re-encoded copy: 10 bits off
+    hashes[6] = hashes[2]   # the same film under the same label: not a conflict
+    labels = [0, 0, 1, 2, 1, 1, 1]
+    for chunk in (1, 3, 1024):
+        assert copies_across_labels(hashes, labels, chunk=chunk) == [(0, 4, 0), (1, 5, 10)]

@@ -337,6 +337,31 @@ def test_a_held_out_folder_that_is_training_data_is_refused_before_anything_is_d
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_one_film_filed_under_two_classes_is_named_with_both_files(tmp_path, clean_accelerate, caplog):
+    import cv2
+
+    caplog.set_level(logging.WARNING, logger="chest_model.training")
+    data, rng = tmp_path / "data", np.random.default_rng(0)
+    for name in ("Normal", "Covid", "Viral Pneumonia"):  # films unlike each other at low frequencies, as real ones are
+        (data / name).mkdir(parents=True)
+        for i in range(6):
+            film = cv2.GaussianBlur(rng.random((64, 64)), (0, 0), 4)
+            cv2.imwrite(str(data / name / f"{i}.png"), np.uint8(255 * (film - film.min()) / np.ptp(film)))
+    normal = sorted((data / "Normal").iterdir())[:2]
+    for i, film in enumerate(normal):
+        shutil.copy(film, data / "Covid" / f"copy{i}{film.suffix}")
+    run = tmp_path / "run"
+    assert main(["--data-dir", str(data), "--output-dir", str(run), "--image-size", "64", "--batch-size", "4",
+                 "--weights", "none", "--epochs", "1", "--cpu-threads", "1", "--checkpointing-steps", "none"]) == 0
+    conflicts = json.loads((run / "train_config.json").read_text())["label_conflicts"]
+    assert sorted(tuple(sorted(c["files"])) for c in conflicts) == sorted(
+        tuple(sorted([f"data/Normal/{film.name}", f"data/Covid/copy{i}{film.suffix}"])) for i, film in enumerate(normal))
+    assert all(sorted(c["classes"]) == ["Covid", "Normal"] for c in conflicts)
+    warning = next(r.getMessage() for r in caplog.records if "filed under two classes" in r.getMessage())
+    assert warning.startswith("2 pair(s) of training images are one film filed under two classes")
+    assert f"data/Covid/copy0{normal[0].suffix} (Covid)" in warning
+
+
 def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
     out = tmp_path / "run"
