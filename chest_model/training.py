@@ -103,8 +103,6 @@ def train(args: TrainingConfig, command: str) -> int:
         data = dataclasses.replace(decode_data(args, folders, model.preprocessor), files=files)
         clear_for_overwrite(args, accelerator)
         run = prepare_run(args, accelerator, model, data, command)
-        if accelerator.is_main_process:
-            run.record["label_conflicts"] = label_conflicts(data, class_names, sources)
         best_val = run_epochs(run)
         model, best_val = chosen_model(run, best_val)
         if accelerator.is_main_process:
@@ -121,7 +119,7 @@ def make_accelerator(args: TrainingConfig):
     # The other processes wait at a barrier while rank 0 evaluates, saves and uploads the final model;
     # torch's default timeout (10 minutes with NCCL) would kill a run whose upload or test set takes longer.
     state = PartialState(cpu=not torch.accelerator.is_available(), timeout=FINAL_WORK_TIMEOUT)
-    precision = resolve_precision(args.mixed_precision, state.device)
+    precision = resolve_precision(args.mixed_precision, state.device, resumed=resumed_precision(args))
     if state.num_processes > 1:  # all processes train in one precision: rank 0's (possibly timed) choice
         precision = broadcast_object_list([precision], from_process=0)[0]
     accelerator = Accelerator(
@@ -163,11 +161,16 @@ def memory_format_of(accelerator) -> torch.memory_format:
     return preferred_memory_format(accelerator.device, accelerator.precision_choice.precision)
 
 
-def resolve_precision(requested: str, device):
-    """The run's precision: what was asked for (here or through `accelerate launch`), else the fast one."""
+def resolve_precision(requested: str, device, resumed: str | None = None):
+    """The run's precision: what was asked for (here or through `accelerate launch`), else the one the
+    resumed checkpoint trained in, else the fast one."""
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # accelerate's default, "no", counts as not asked
     if requested == "auto" and launcher != "no":
         requested = launcher
+    if requested == "auto" and resumed in ("bf16", "fp32"):
+        # Not timed again: on a busy machine the timing can come out the other way, and a run that
+        # changes precision halfway no longer matches the same run uninterrupted.
+        return PrecisionChoice(resumed, f"auto: {resumed}, as the checkpoint being resumed was trained", resumed == "bf16")
     if requested == "fp16":
         return PrecisionChoice("fp16", "asked for fp16", False)
     return choose_precision(device, requested)
@@ -416,6 +419,7 @@ def prepare_run(args: TrainingConfig, accelerator, model, data: TrainingData, co
     run = Run(args, accelerator, model, preprocessor, optimizer, scheduler, train_set, train_loader, val_loader, data,
               class_weights, record, {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "history": [], "best": None,
                                         "recipe": {**args.recipe(), "num_processes": accelerator.num_processes},
+                                        "precision": accelerator.precision_choice.precision,
                                         "data": data.files,
                                         "commands": [command]}, select,
               memory_format, logit_offset, ema)
@@ -507,6 +511,17 @@ def check_same_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any
         "another --output-dir")
 
 
+def resumed_precision(args: TrainingConfig) -> str | None:
+    """The precision the checkpoint to resume was trained in, where it says (None: no checkpoint, or older)."""
+    if not args.resume_from_checkpoint:
+        return None
+    try:
+        path = ckpt.resolve_checkpoint(args.resume_from_checkpoint, Path(args.output_dir) / "checkpoints", quiet=True)
+        return None if path is None else ckpt.verify_checkpoint(path, checksums=False).get("precision")
+    except ChestModelError:  # the resume itself reports it, in its place
+        return None
+
+
 def check_resume_data(args: TrainingConfig, files: dict[str, Any]) -> None:
     """The files (data_fingerprint) checked against the checkpoint to resume."""
     if not args.resume_from_checkpoint:
@@ -537,37 +552,44 @@ def split_files(split: Split, sources: list[tuple[str, Path]]) -> list[tuple[str
             for path, name in zip(split.paths, (split.source_names[s] for s in split.sources), strict=True)]
 
 
-def label_conflicts(data: TrainingData, class_names: list[str], sources: list[tuple[str, Path]]) -> list[dict[str, Any]]:
-    """Images of the training folders (training and validation splits) filed under two classes: the
-    same film by its hash (duplicates.py), so one of its labels is wrong. Named in the log and the record."""
-    labels = [*data.train.labels, *data.val.labels]
-    roots = dict(sources)
-    names = [f"{split.source_names[s]}/{relative_name(path, roots.get(split.source_names[s], Path(path).parent))}"
-             for split in (data.train, data.val) for path, s in zip(split.paths, split.sources)]
-    hashes = np.concatenate([cached_image_hashes(data.train.images), cached_image_hashes(data.val.images)])
-    found = [{"files": [names[i], names[j]], "classes": [class_names[labels[i]], class_names[labels[j]]], "distance": d}
-             for i, j, d in copies_across_labels(hashes, labels)]
-    if found:
-        shown = "; ".join(f"{a['files'][0]} ({a['classes'][0]}) = {a['files'][1]} ({a['classes'][1]})" for a in found[:10])
-        logger.warning("%d pair(s) of training images are one film filed under two classes, so one label of each is "
-                       "wrong: %s%s", len(found), shown, f"; and {len(found) - 10} more (train_config.json lists them)"
-                       if len(found) > 10 else "")
-    return found
-
-
-def validation_copies(data: TrainingData, class_names: list[str]) -> dict[str, Any]:
+def validation_copies(data: TrainingData, class_names: list[str], hashes: tuple | None = None) -> dict[str, Any]:
     """Validation images that are copies of a training image (the same film; duplicates.py), per class.
 
     The split is left as it is (the recorded command keeps meaning the same split): the count is
-    logged and recorded so that the card can say how far validation flatters the model.
+    logged and recorded so that the card can say how far validation flatters the model. ``hashes``:
+    the (training, validation) hashes where they are already computed.
     """
-    _, distance = nearest(cached_image_hashes(data.val.images), cached_image_hashes(data.train.images))
+    train_hashes, val_hashes = hashes or (cached_image_hashes(data.train.images), cached_image_hashes(data.val.images))
+    _, distance = nearest(val_hashes, train_hashes)
     copied = distance <= MAX_DISTANCE
     result = {"n": int(copied.sum()), "of": len(copied), "by_class": copies_by_class(copied, data.val.labels, class_names)}
     if result["n"]:
         logger.warning("%d of %d validation images are copies of a training image (the same film): validation figures "
                        "count them, and overstate what the model does on new patients", result["n"], result["of"])
     return result
+
+
+def label_conflicts(args: TrainingConfig, data: TrainingData, class_names: list[str], hashes: tuple) -> list[dict[str, Any]]:
+    """Films of the training folders (both splits) filed under two classes, by the copies audit's hash: one
+    of the two labels is wrong. Both files are named in the log and the record."""
+    labels = [*data.train.labels, *data.val.labels]
+    names = [*_shown_names(data.train, _named(args.data_dir)),
+             *_shown_names(data.val, [(data.val.source_names[0], Path(args.val_dir))] if args.val_dir else _named(args.data_dir))]
+    conflicts = [{"files": [names[i], names[j]], "classes": [class_names[labels[i]], class_names[labels[j]]], "distance": d}
+                 for i, j, d in copies_across_labels(np.concatenate(hashes), labels)]
+    if conflicts:
+        shown = "; ".join(f"{c['files'][0]} ({c['classes'][0]}) = {c['files'][1]} ({c['classes'][1]})" for c in conflicts[:10])
+        logger.warning("%d pair(s) of images in the training folders look like one film (the copies audit's hash) filed "
+                       "under two classes: check their labels: %s%s", len(conflicts), shown,
+                       f"; and {len(conflicts) - 10} more (train_config.json lists them)" if len(conflicts) > 10 else "")
+    return conflicts
+
+
+def _shown_names(split: Split, roots: list[tuple[str, Path]]) -> list[str]:
+    """``SOURCE/CLASS/file`` for each image of a split, relative to the folder it was listed from."""
+    folders = dict(roots)
+    return [f"{split.source_names[s]}/{relative_name(path, folders.get(split.source_names[s], Path(path).parent))}"
+            for path, s in zip(split.paths, split.sources)]
 
 
 FINAL_WORK_TIMEOUT = datetime.timedelta(hours=2)  # the process group's collective timeout
@@ -778,7 +800,10 @@ def calibrate_chosen(run: Run, model, val_pass: Predictions) -> dict[str, Any]:
     record["temperature"] = model.config.temperature
     record["training_seconds"] = sum(row["seconds"] for row in run.state["history"])  # epochs only, validation excluded
     record["unlearned_groups"] = unlearned_groups(val_metrics["by_source"])
-    record["val_copies_of_train"] = validation_copies(run.data, run.class_names)  # after training, not in its start-up
+    # The copies audit, after training rather than in its start-up: one hash per image for both checks.
+    hashes = cached_image_hashes(run.data.train.images), cached_image_hashes(run.data.val.images)
+    record["val_copies_of_train"] = validation_copies(run.data, run.class_names, hashes)
+    record["label_conflicts"] = label_conflicts(args, run.data, run.class_names, hashes)
     for group in record["unlearned_groups"]:
         logger.warning("the chosen model has not learned %s: do not use it as is; try another --seed, more --epochs "
                        "or a lower --lr", group)

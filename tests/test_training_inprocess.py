@@ -358,8 +358,30 @@ def test_one_film_filed_under_two_classes_is_named_with_both_files(tmp_path, cle
         tuple(sorted([f"data/Normal/{film.name}", f"data/Covid/copy{i}{film.suffix}"])) for i, film in enumerate(normal))
     assert all(sorted(c["classes"]) == ["Covid", "Normal"] for c in conflicts)
     warning = next(r.getMessage() for r in caplog.records if "filed under two classes" in r.getMessage())
-    assert warning.startswith("2 pair(s) of training images are one film filed under two classes")
+    assert warning.startswith("2 pair(s) of images in the training folders look like one film (the copies audit's hash) "
+                              "filed under two classes: check their labels")
     assert f"data/Covid/copy0{normal[0].suffix} (Covid)" in warning
+
+
+def test_a_resumed_auto_run_keeps_the_precision_its_checkpoint_was_trained_in(tmp_path, clean_accelerate, monkeypatch, caplog):
+    import chest_model.training as training
+    from chest_model.precision import PrecisionChoice
+
+    caplog.set_level(logging.INFO, logger="chest_model.training")
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    common = ["--data-dir", str(data), "--output-dir", str(tmp_path / "run"), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1"]
+    monkeypatch.setattr(training, "choose_precision", lambda device, requested: PrecisionChoice("fp32", "timed: fp32", False))
+    assert main([*common, "--epochs", "1"]) == 0
+
+    def timed_the_other_way(device, requested):  # a busy machine timing the matmul differently
+        raise AssertionError("a resumed run must not time the precision again")
+
+    monkeypatch.setattr(training, "choose_precision", timed_the_other_way)
+    caplog.clear()
+    assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 0
+    assert any("auto: fp32, as the checkpoint being resumed was trained" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["mixed_precision"] == "no"
 
 
 def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
