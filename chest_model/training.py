@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, set_seed
+from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 
@@ -45,7 +46,7 @@ from .engine import Predictions, grouped_metrics, metrics_from_logits, predict_l
 from .errors import ChestModelError
 from .evaluation import evaluate_external, evaluate_model, hash_training_files
 from .feature_ood import BUFFER_PREFIX
-from .hub import HubUploadError, save_model_folder
+from .hub import WEIGHTS_NAME, HubUploadError, save_model_folder
 from .model import ChestXrayClassifier
 from .precision import PrecisionChoice, choose_precision, preferred_memory_format
 from .preprocess import ImageLoadError
@@ -485,8 +486,14 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
 
 def data_fingerprint(folders: dict[str, Any]) -> dict[str, Any]:
     """Which files the training folders (and --val-dir) hold, by absolute path and size, as a digest."""
+    def size(path) -> int:
+        try:
+            return os.path.getsize(path)
+        except OSError:  # a broken link: decoding names it (and --skip-bad-files leaves it out)
+            return -1
+
     def digest(folder) -> dict[str, Any]:
-        entries = sorted(f"{os.path.abspath(p)}\t{os.path.getsize(p)}" for p in folder.paths)
+        entries = sorted(f"{os.path.abspath(p)}\t{size(p)}" for p in folder.paths)
         return {"n": len(entries), "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
     return {split: digest(folders[split]) for split in ("train", "val") if split in folders}
 
@@ -780,10 +787,12 @@ def chosen_model(run: Run, best_val: Predictions | None) -> tuple[ChestXrayClass
     # Without accelerate's autocast wrapper: the final evaluation measures the model as saved (fp32).
     model = accelerator.unwrap_model(run.model, keep_fp32_wrapper=False) if run.ema is None else run.ema.module
     if run.state["best"]["epoch"] != run.args.epochs:  # the best weights are the ones saved at that epoch
-        saved = ChestXrayClassifier.from_pretrained(run.output_dir).state_dict()
+        # Read as a file, not loaded as a model: this mid-run save is marked unfinished, rightly, for users.
+        saved = load_file(str(run.output_dir / WEIGHTS_NAME))
         # A finished run extended with more epochs saved its model with the fitted feature statistics;
         # they are fitted again below, for the model being trained has none.
-        model.load_state_dict({k: v for k, v in saved.items() if not k.startswith(BUFFER_PREFIX)})
+        held = model.state_dict()
+        model.load_state_dict({k: v.to(held[k].dtype) for k, v in saved.items() if not k.startswith(BUFFER_PREFIX)})
     if best_val is None:  # the best epoch was before a resume; every process takes part in this pass
         best_val = predict_logits(accelerator, model, run.val_loader, run.preprocessor, desc="calibrate", block_summaries=True)
     return model.eval(), best_val
