@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,12 +313,15 @@ def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[
 def unreadable_held_out(flag: str, folder, preprocessor) -> list[str]:
     """Each file of a held-out set that cannot be decoded, by name and problem; a set with no readable
     file at all stops the run now (it could not be evaluated after training)."""
-    errors = []
-    for path in folder.paths:
+    def problem(path) -> str | None:
         try:
             preprocessor.load(path)
         except ImageLoadError as err:
-            errors.append(relative_message(str(err), path, folder.root))
+            return relative_message(str(err), path, folder.root)
+        return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # as the training files are decoded: OpenCV frees the GIL
+        errors = [e for e in pool.map(problem, folder.paths) if e is not None]
     if errors and len(errors) == len(folder.paths):
         raise DatasetError(f"{flag}: none of the {len(folder.paths)} image files in {folder.root} can be read, so it "
                            "could not be evaluated after training; fix or remove it")
@@ -541,9 +545,15 @@ def check_resume_data(args: TrainingConfig, files: dict[str, Any]) -> None:
 def rebuild_split(record: dict, preprocessor) -> tuple[TrainingData, list[tuple[str, Path]]]:
     """A run's training and validation split, rebuilt from its recorded command as this module builds it
     (same folders, seed, fraction and stratification), checked against the counts it recorded."""
-    args = parse_config(shlex.split(record["command"].split("train.py", 1)[1]))
+    argv = shlex.split(record["command"].split("train.py", 1)[1])
+    # Logging is not part of the split, and a tracker the run used may not be installed here.
+    argv = [a for i, a in enumerate(argv) if a != "--report-to" and (i == 0 or argv[i - 1] != "--report-to")
+            and not a.startswith("--report-to=")]
+    args = parse_config(argv)
     sources = parse_data_dirs(args.data_dir)
-    data = decode_data(args, scan_data(args, sources, record["class_names"]), preprocessor)
+    folders = scan_data(args, sources, record["class_names"])
+    folders["held_out"] = []  # not part of the split: its files are not read
+    data = decode_data(args, folders, preprocessor)
     for split in ("train", "val"):
         if getattr(data, split).counts(record["class_names"]) != record["data_counts"][split]:
             raise DatasetError(f"the rebuilt {split} split does not match the run's record; is the data the same?")
@@ -839,8 +849,6 @@ def evaluate_held_out(run: Run, model) -> tuple[dict[str, Any] | None, dict[str,
         logger.info("test (best epoch %d): accuracy %.3f macro-F1 %.3f on %d images; metadata-only baseline %s",
                     run.state["best"]["epoch"], test_metrics["accuracy"], test_metrics["macro_f1"], test_metrics["n"],
                     _figure(test_metrics["audit"]["metadata_baseline_accuracy"]))
-        for message in test_metrics["unreadable_files"]:
-            logger.warning("test file left out: %s", message)
         # what was evaluated, for the card's data table: unreadable files left out (--skip-bad-files)
         run.record["data_counts"]["test"] = {name: row["support"] for name, row in test_metrics["per_class"].items()}
     for name, path in _named(args.external_dir):

@@ -47,3 +47,16 @@ def test_the_table_is_built_on_the_runs_own_validation_split(run, clean_accelera
 def test_a_class_the_run_lacks_is_refused(run, clean_accelerate):
     with pytest.raises(SystemExit, match="'Flu' is not one of the run's classes: Normal, Covid, Viral Pneumonia"):
         points.main([str(run), "--label", "Flu"])
+
+
+def test_the_split_rebuilds_whatever_its_run_logged_to_or_was_tested_on(run, clean_accelerate, tmp_path):
+    from chest_model import ChestXrayClassifier
+    from chest_model.training import rebuild_split
+    from helpers import make_class_folders
+
+    test = make_class_folders(tmp_path / "test", per_class=1, size=40)
+    (test / "Covid" / "broken.png").write_bytes(b"not an image")  # the test split is not part of the split rebuilt
+    record = json.loads((run / "train_config.json").read_text())
+    record["command"] += f" --report-to wandb --test-dir {test}"  # a tracker this machine may not have
+    data, _ = rebuild_split(record, ChestXrayClassifier.from_pretrained(run).preprocessor)
+    assert data.val.counts(record["class_names"]) == record["data_counts"]["val"]
