@@ -123,23 +123,31 @@ _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")
 
 
 def shareable_command(command: str) -> str:
-    """``command`` with each absolute path (alone, after ``NAME=`` or after ``--option=``) cut to
-    ``.../`` and its last two parts: a card is shared, and a path on one machine says nothing
-    elsewhere but its owner's folder names. Relative paths stay as given."""
+    """``command`` with each absolute path (alone, after ``NAME=``, after ``--option=``, or both) cut to
+    ``.../`` and its last two parts: a card is shared, and a path on one machine says nothing elsewhere
+    but its owner's folder names. Relative paths stay as given."""
     try:
         tokens = shlex.split(command)
     except ValueError:  # unbalanced quotes: not a command this package wrote
         return command
-    shown = []
-    for token in tokens:
-        head, sep, value = token.partition("=")
-        if not sep or not (token.startswith("-") or ("/" not in head and "\\" not in head)):
-            head, sep, value = "", "", token
-        if value.startswith(("/", "~")) or _WINDOWS_ABSOLUTE.match(value):
-            parts = [p for p in re.split(r"[\\/]+", value) if p]
-            value = "/".join([".../" if len(parts) > 2 else "...", *parts[-2:]]).replace("...//", ".../")
-        shown.append(head + sep + value)
-    return " ".join(shlex.quote(t) for t in shown)
+    return " ".join(shlex.quote(_shareable_token(t)) for t in tokens)
+
+
+def _shareable_token(token: str) -> str:
+    head, sep, value = token.partition("=")
+    if sep and (token.startswith("-") or not re.search(r"[\\/]", head)):  # --option=VALUE or NAME=PATH
+        return head + sep + _shareable_token(value) if token.startswith("-") else head + sep + _shareable_path(value)
+    return _shareable_path(token)
+
+
+def _shareable_path(value: str) -> str:
+    if not (value.startswith(("/", "~")) or _WINDOWS_ABSOLUTE.match(value)):
+        return value
+    parts = [p for p in re.split(r"[\\/]+", value) if p and p != "~" and not _WINDOWS_DRIVE.match(p)]
+    return "/".join([".../" if len(parts) > 2 else "...", *parts[-2:]]).replace("...//", ".../") if parts else "..."
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:$")
 
 
 def evaluated_framing_check(test: dict[str, Any] | None, test_name: str) -> dict[str, Any] | None:

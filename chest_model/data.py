@@ -100,8 +100,9 @@ def parse_data_dirs(specs: list[str]) -> list[tuple[str, Path]]:
             raise DatasetError(f"{spec!r}: empty NAME before '='; write NAME=PATH, or the PATH alone")
         name, path = split_data_spec(spec)
         if name is not None and Path(spec).exists():
+            other = path if os.path.isabs(path) else os.path.join(".", path)
             raise DatasetError(f"{spec!r}: is a folder, and also reads as NAME=PATH ({name!r} = {path}); say which: "
-                               f"'data={spec}' for the folder {spec}, or '{name}=./{path}' for {path}")
+                               f"'data={spec}' for the folder {spec}, or '{name}={other}' for {path}")
         if name is None and "=" in spec and not Path(spec).exists():
             raise DatasetError(f"{spec!r}: no such folder; as NAME=PATH, a NAME cannot contain '/' (it names the "
                                "set's report folder)")
@@ -189,8 +190,9 @@ def scan_image_folder(root: str | Path, class_names: list[str], *, partial: bool
     extra = [name for name in present if name not in class_names]
     if extra:
         by_case = {c.casefold(): c for c in class_names}
-        split_folders = [n for n in extra if n.casefold() in SPLIT_FOLDER_NAMES and (root / n).is_dir()
-                         and any((root / n / c).is_dir() for c in class_names)]
+        split_folders = sorted((n for n in extra if n.casefold() in SPLIT_FOLDER_NAMES and (root / n).is_dir()
+                                and any((root / n / c).is_dir() for c in class_names)),
+                               key=lambda n: not n.casefold().startswith("train"))  # the training folder first
         if split_folders:
             hint = (f"it holds split folders, each with class folders: pass one of them, e.g. "
                     f"{root / split_folders[0]}")

@@ -98,11 +98,13 @@ def _display(ds, pixels: np.ndarray, label: str, error: type[Exception]) -> np.n
     elif any(_present(ds, name) is not None for name in (*rescale, "ModalityLUTSequence")):
         image = _scale_to_uint8(apply_modality_lut(pixels, ds).astype(np.float64))
     else:
-        # Raw detector values, scaled by the bits they use, as a 16-bit PNG's are: files often declare
-        # 16 stored bits for 12-bit data, which scaled by the declared depth shows almost black.
+        # Raw detector values, scaled by the stored bit depth. A file that declares its whole container
+        # (16 stored of 16 allocated) often holds 12-bit data, which scaled by 16 bits shows almost
+        # black: there, as for a 16-bit PNG, the bits its values use. A smaller declared depth is trusted.
         bits = int(_present(ds, "BitsStored") or pixels.dtype.itemsize * 8)
         signed = int(_present(ds, "PixelRepresentation") or 0)
-        if not signed and pixels.size:
+        whole_container = bits >= int(_present(ds, "BitsAllocated") or pixels.dtype.itemsize * 8)
+        if whole_container and not signed and pixels.size:
             bits = min(bits, max(8, int(pixels.max()).bit_length()))
         low = -(1 << (bits - 1)) if signed else 0
         image = np.rint((pixels.astype(np.float64) - low) * (255.0 / ((1 << bits) - 1))).clip(0, 255).astype(np.uint8)

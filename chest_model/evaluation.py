@@ -384,7 +384,7 @@ def unreadable_lines(errors: list[str]) -> list[str]:
 
 def copies_lines(copies: dict[str, Any] | None) -> list[str]:
     if copies is None:
-        return ["copies of training images: not checked (no training images to compare with: pass --train-dir)"]
+        return ["copies of training images: not checked (no readable training image to compare with; --train-dir names the training folders)"]
     by_class = ", ".join(f"{name} {row['copies']} of {row['n']}" for name, row in copies["by_class"].items())
     lines = [f"copies of training images: {copies['n']} of {copies['of']} ({by_class})"]
     if copies["n"] and copies["accuracy_without"] is not None:

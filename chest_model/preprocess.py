@@ -75,7 +75,7 @@ def load_image(source: ImageSource, *, name: str | None = None, min_size: int | 
         except (OSError, ValueError, AssertionError) as err:  # a lazily opened file that is truncated, or already closed
             if isinstance(err, ImageLoadError):
                 raise
-            raise ImageLoadError(f"{label}: the PIL image cannot be read ({err or 'its file is already closed'})") from None
+            raise ImageLoadError(f"{label}: the PIL image cannot be read ({str(err) or 'its file is already closed'})") from None
     data = _read_bytes(source, label)
     return _finish(_decode_bytes(data, label, min_size), label)
 

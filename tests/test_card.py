@@ -233,3 +233,7 @@ def test_the_card_shows_the_training_command_without_local_absolute_paths():
     assert ("`accelerate launch train.py --data-dir kids=.../kaggle/train --data-dir data/adult-normal "
             "--test-dir=.../data/test --output-dir .../runs/v1`") in card
     assert "`python train.py --output-dir .../runs/v1 --resume`" in card
+    from chest_model.card import shareable_command
+
+    assert (shareable_command("python train.py --data-dir=kids=/home/ann/data/kids --output-dir / --lr=0.1 --out=~/r/v1")
+            == "python train.py --data-dir=kids=.../data/kids --output-dir ... --lr=0.1 --out=.../r/v1")

@@ -332,7 +332,7 @@ def test_the_advice_for_mismatched_class_folders_fits_the_mistake(tmp_path):
     make_class_folders(root / "train", per_class=1, size=40)
     make_class_folders(root / "test", per_class=1, size=40)
     _, problems = scan_image_folder(root, CLASS_NAMES)
-    assert f"it holds split folders, each with class folders: pass one of them, e.g. {root / 'test'}" in problems[0]
+    assert f"it holds split folders, each with class folders: pass one of them, e.g. {root / 'train'}" in problems[0]
     lower = tmp_path / "lower"
     for name in CLASS_NAMES:
         make_class_folders(lower, per_class=1, size=40, class_names=[name])

@@ -126,6 +126,10 @@ def test_twelve_bit_data_declared_as_sixteen_stored_bits_is_shown_as_twelve_bit_
     declared_16 = load_image(_with(dicom_bytes(RAMP), BitsStored=16, HighBit=15))
     np.testing.assert_array_equal(declared_16, declared_12)
     assert declared_16.max() > 200
+    # A depth below the container is the header's word: one brighter pixel does not rescale the film.
+    dark, bright = RAMP.copy() // 2, RAMP.copy() // 2
+    bright[0, 0] = 2048  # 2047 -> 2048: one more bit used, still 12 declared
+    np.testing.assert_array_equal(load_image(dicom_bytes(dark))[1:], load_image(dicom_bytes(bright))[1:])
 
 
 def test_float_pixel_data_is_named_not_called_missing():

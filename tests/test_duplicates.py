@@ -97,7 +97,7 @@ def test_without_readable_training_images_the_audit_says_not_checked_and_a_wrong
     (tmp_path / "data" / "train" / "Covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     metrics = evaluate_model(tiny_model, test, n_bootstrap=20)
     assert "train_copies" not in metrics["audit"]
-    assert "copies of training images: not checked (no training images to compare with: pass --train-dir)" in summary(metrics)
+    assert "copies of training images: not checked (no readable training image to compare with; --train-dir names the training folders)" in summary(metrics)
     tiny_model.save_pretrained(tmp_path / "model")
     missing = tmp_path / "no-such-folder"
     status = cli_main(["evaluate", "--model", str(tmp_path / "model"), "--data-dir", str(test), "--train-dir", str(missing)])
@@ -115,7 +115,7 @@ def test_image_hash_takes_grey_rgb_and_rgba_alike_and_refuses_what_it_would_misr
         image_hash(grey.astype(np.uint16) * 257)
     with pytest.raises(ValueError, match="shape"):
         image_hash(np.zeros((4, 8, 8, 3), np.uint8))
-    assert copies_lines(None) == ["copies of training images: not checked (no training images to compare with: pass --train-dir)"]
+    assert copies_lines(None) == ["copies of training images: not checked (no readable training image to compare with; --train-dir names the training folders)"]
 
 
 def test_training_cached_images_hash_as_their_files_do():

@@ -83,7 +83,7 @@ def test_a_pil_image_whose_file_is_closed_is_an_image_load_error(tmp_path):
     path = write_image(tmp_path / "film.png", synthetic_xray(64, 64))
     with Image.open(path) as image:
         pass  # closed before it was ever loaded
-    with pytest.raises(ImageLoadError, match="the PIL image cannot be read"):
+    with pytest.raises(ImageLoadError, match=r"the PIL image cannot be read \((?!\)).+\)"):  # says why
         load_image(image)
 
 
