@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -107,16 +108,17 @@ class DemoService:
         self._decoded: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
 
-    def load(self, path: str | None, *, full_size: bool = False) -> np.ndarray:
+    def load(self, path: str | None, *, shown_min_side: int | None = None) -> np.ndarray:
         """The upload decoded as RGB uint8 (read-only: requests for the same file share it), as the model
-        reads it, or with ``full_size`` at the file's own resolution, to show it."""
+        reads it, or, to show it, with its shorter side at ``shown_min_side`` or more (a JPEG's reduced
+        decode, else the file's own size)."""
         import gradio as gr
 
         if not path:
             raise gr.Error("Upload a chest X-ray first (JPEG, PNG or DICOM).", print_exception=False)
         try:
             stat = os.stat(path)
-            key = (path, stat.st_size, stat.st_mtime_ns, full_size)
+            key = (path, stat.st_size, stat.st_mtime_ns, shown_min_side)
         except FileNotFoundError:  # Gradio serves only its own uploads: this one was swept from its cache
             raise gr.Error("This upload is no longer on the server (uploads are kept for an hour); upload the "
                            "file again.", title="Upload expired", print_exception=False) from None
@@ -127,8 +129,10 @@ class DemoService:
                 self._decoded.move_to_end(key)
                 return self._decoded[key]
         try:
-            decode = load_image if full_size else self.model.preprocessor.load
-            image = decode(path, name=Path(path).name)
+            if shown_min_side is None:
+                image = self.model.preprocessor.load(path, name=Path(path).name)
+            else:
+                image = load_image(path, name=Path(path).name, min_size=shown_min_side)
         except ImageLoadError as err:
             raise gr.Error(str(err), title="Cannot read this file", print_exception=False) from None
         image.flags.writeable = False
@@ -156,17 +160,20 @@ class DemoService:
         return overlay(image, heatmap, opacity), state
 
     def film_to_show(self, path: str, decoded: np.ndarray) -> np.ndarray:
-        """The film for the page at its own resolution: the model's decode where that is the file's
-        size; a JPEG the model read at reduced scale (its input is far smaller) is decoded again in full."""
+        """The film for the page at its own resolution, up to :data:`DISPLAY_SIDE`: the model's decode
+        where that is the file's size; a JPEG the model read at reduced scale (its input is far smaller)
+        is decoded again, at the smallest DCT scale that still fills the page's size."""
         try:
             with open(path, "rb") as file:
                 if sniff_format(file.read(4)) != "JPEG":
                     return decoded
-            if max(header_size(path, "JPEG", Path(path).name)) <= max(decoded.shape[:2]):
+            width, height = header_size(path, "JPEG", Path(path).name)
+            if max(width, height) <= max(decoded.shape[:2]):
                 return decoded
-        except (OSError, ImageLoadError):
+            # long side / scale >= DISPLAY_SIDE  <=>  short side / scale >= this
+            return self.load(path, shown_min_side=math.ceil(DISPLAY_SIDE * min(width, height) / max(width, height)))
+        except (OSError, ImageLoadError, gr_error()):
             return decoded  # the model's decode read it; show that
-        return self.load(path, full_size=True)
 
     @staticmethod
     def reblend(state: dict[str, Any] | None, opacity: float):
@@ -176,6 +183,12 @@ class DemoService:
 
     def model_panel(self) -> str:
         return model_panel_markdown(self.model, self.model_ref, self.revision)
+
+
+def gr_error() -> type[Exception]:
+    import gradio as gr
+
+    return gr.Error
 
 
 PREDICTED = "Predicted class"

@@ -337,6 +337,11 @@ def test_a_jpeg_the_model_reads_at_reduced_scale_is_shown_at_its_own_size(tiny_m
     assert picture.shape[:2] == state["image"].shape[:2] == state["heatmap"].shape == (1000, 800)
     shown = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
     assert abs(state["image"].astype(int) - shown).mean() < 1  # the file itself, not an upscaled copy
+    tall = tmp_path / "tall.jpg"  # larger than the page: decoded at half scale, then shrunk to its size
+    cv2.imwrite(str(tall), synthetic_xray(4800, 2400, seed=4))
+    picture, state = service.explain(str(tall), "Predicted class", 0.45)
+    assert picture.shape[:2] == state["heatmap"].shape == (2048, 1024)
+    assert [key[3] for key in service._decoded if key[0] == str(tall)] == [None, 1024]  # model's decode, page's decode
 
 
 def test_every_model_pass_shares_one_concurrency_limit(tiny_model):
