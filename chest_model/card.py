@@ -115,8 +115,9 @@ def shareable_training(training: dict[str, Any] | None) -> dict[str, Any] | None
     """The training record as the card shows it: its commands without local absolute paths."""
     if not training:
         return training
-    return {**training, "command": shareable_command(training.get("command") or ""),
-            "resumed_with": [shareable_command(c) for c in training.get("resumed_with") or []]}
+    commands = [training.get("command") or "", *(training.get("resumed_with") or [])]
+    shown = [shareable_command(c) for c in commands]
+    return {**training, "command": shown[0], "resumed_with": shown[1:], "paths_shortened": shown != commands}
 
 
 _WINDOWS_ABSOLUTE = re.compile(r"^[A-Za-z]:[\\/]|^\\\\")

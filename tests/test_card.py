@@ -229,7 +229,9 @@ def test_the_card_shows_the_training_command_without_local_absolute_paths():
                            "--data-dir data/adult-normal --test-dir=/srv/data/test --output-dir /home/ann/runs/v1",
                 "resumed_with": ["python train.py --output-dir /home/ann/runs/v1 --resume"]}
     card = render_card(ChestXrayConfig(), {"training": training})
-    assert "/home/" not in card and "/srv/" not in card
+    assert "/home/" not in card and "/srv/" not in card and "absolute ones shortened" in card
+    relative = render_card(ChestXrayConfig(), {"training": _training_record(["kids"])})
+    assert "absolute ones shortened" not in relative  # said only where it happened
     assert ("`accelerate launch train.py --data-dir kids=.../kaggle/train --data-dir data/adult-normal "
             "--test-dir=.../data/test --output-dir .../runs/v1`") in card
     assert "`python train.py --output-dir .../runs/v1 --resume`" in card
