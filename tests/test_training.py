@@ -69,7 +69,11 @@ def test_outputs_of_a_run_with_a_test_dir(data, tmp_path):
     assert copies["searched"] == "the training split" and copies["n_train"] == 17 and copies["of"] == 12
     assert copies["pairs"] and all(pair["train_file"].startswith(record["sources"][0] + "/") for pair in copies["pairs"])  # SOURCE/CLASS/FILE
     card = (out / "README.md").read_text()
-    assert record["command"] in card and f"{metrics['accuracy']:.3f}" in card
+    from chest_model.card import shareable_command
+
+    # the card shows the recorded command, its absolute paths shortened (train_config.json keeps them)
+    assert shareable_command(record["command"]) in card and str(out) not in card and str(data) not in card
+    assert f"{metrics['accuracy']:.3f}" in card
     assert "| test | 4 | 4 | 4 | 12 |" in card
     model = ChestXrayClassifier.from_pretrained(out)
     assert model.config.image_size == 32 and model.config.temperature == pytest.approx(record["temperature"])

@@ -109,7 +109,9 @@ def test_a_finished_run_extended_with_more_epochs_keeps_its_best_epoch_and_finis
     (resumed,) = record["resumed_with"]
     assert "--epochs 2 --resume-from-checkpoint latest" in resumed
     card = (out / "README.md").read_text()
-    assert f"`{record['command']}`" in card and f"- Resumed with: `{resumed}`" in card
+    from chest_model.card import shareable_command
+
+    assert f"`{shareable_command(record['command'])}`" in card and f"- Resumed with: `{shareable_command(resumed)}`" in card
     assert [row["epoch"] for row in json.loads((out / "history.json").read_text())] == [1, 2]
     again = ChestXrayClassifier.from_pretrained(out).state_dict()
     assert again.keys() == first.keys()
