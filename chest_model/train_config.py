@@ -109,12 +109,12 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
 
 def tracker(text: str) -> str:
     """An argparse type for --report-to: 'none', 'all', or one of accelerate's trackers, installed."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
-
     name = text.strip().lower()
-    installed = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
     if name == "none":
         return name
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    installed = sorted(str(getattr(t, "value", t)) for t in get_available_trackers())
     if name == "all":
         if not installed:
             raise argparse.ArgumentTypeError("'all': no tracker is installed (e.g. pip install tensorboard)")
