@@ -26,6 +26,7 @@ class GracefulStop:
     def __init__(self):
         self.signum = 0
         self.previous = {}
+        self.pid = os.getpid()
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -33,6 +34,11 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a data-loader worker, forked with this handler: the trainer speaks for it
+            if signum == signal.SIGTERM:  # how the loader ends its workers: end as it expects
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         if self.signum:  # the first signal names the stop (Ctrl-C reaches a launched run as SIGINT, then SIGTERM)
             return
         self.signum = signum
