@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -101,6 +102,28 @@ def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
         return []
     found = [p for p in checkpoints_dir.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file()]
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+SUPERSEDED = "superseded"  # inside checkpoints/: later checkpoints of a timeline a resume branched from
+
+
+def set_aside_later(checkpoints_dir: Path, resumed: Path) -> list[Path]:
+    """Move the checkpoints later than ``resumed`` (a resume from an older one abandons them) into
+    ``checkpoints/superseded/``: kept, but no longer ``latest``, and never pruned in place of the new
+    timeline's. Returns where they went."""
+    match = _NAME.match(Path(resumed).name)
+    if match is None or Path(resumed).parent.resolve() != Path(checkpoints_dir).resolve():
+        return []
+    later = [p for p in list_checkpoints(checkpoints_dir) if int(_NAME.match(p.name).group(1)) > int(match.group(1))]
+    moved = []
+    for checkpoint in later:
+        target = Path(checkpoints_dir) / SUPERSEDED / checkpoint.name
+        if target.exists():  # set aside before, by another branch: keep both
+            target = target.with_name(f"{checkpoint.name}.{os.getpid()}")
+        target.parent.mkdir(exist_ok=True)
+        os.replace(checkpoint, target)
+        moved.append(target)
+    return moved
 
 
 def resolve_checkpoint(spec: str, checkpoints_dir: Path, *, quiet: bool = False) -> Path | None:

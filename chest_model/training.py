@@ -99,7 +99,7 @@ def train(args: TrainingConfig, command: str) -> int:
                                  contrast=args.contrast)
         sources = parse_data_dirs(args.data_dir)
         folders = scan_data(args, sources, class_names)
-        files = data_fingerprint(folders)
+        files = data_fingerprint(folders, args.metadata)
         check_resume_data(args, files)  # before decoding
         model = build_model(args, config)  # fail fast on missing weights, before spending time decoding
         data = dataclasses.replace(decode_data(args, folders, model.preprocessor), files=files)
@@ -488,8 +488,9 @@ def run_record(args, accelerator, data: TrainingData, class_names: list[str], co
     }
 
 
-def data_fingerprint(folders: dict[str, Any]) -> dict[str, Any]:
-    """Which files the training folders (and --val-dir) hold, by absolute path and size, as a digest."""
+def data_fingerprint(folders: dict[str, Any], metadata: list[str] | None = None) -> dict[str, Any]:
+    """Which files the training folders (and --val-dir) hold, by absolute path and size, as a digest; and
+    the --metadata CSVs' contents (they decide what --balance-by draws)."""
     def size(path) -> int:
         try:
             return os.path.getsize(path)
@@ -499,7 +500,13 @@ def data_fingerprint(folders: dict[str, Any]) -> dict[str, Any]:
     def digest(folder) -> dict[str, Any]:
         entries = sorted(f"{os.path.abspath(p)}\t{size(p)}" for p in folder.paths)
         return {"n": len(entries), "sha256": hashlib.sha256("\n".join(entries).encode()).hexdigest()}
-    return {split: digest(folders[split]) for split in ("train", "val") if split in folders}
+    found = {split: digest(folders[split]) for split in ("train", "val") if split in folders}
+    if metadata:
+        contents = hashlib.sha256()
+        for csv in metadata:
+            contents.update(Path(csv).read_bytes() + b"\0")
+        found["metadata"] = {"n": len(metadata), "sha256": contents.hexdigest()}
+    return found
 
 
 def check_same_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -507,13 +514,17 @@ def check_same_data(path: Path, saved: dict[str, Any] | None, now: dict[str, Any
     without --val-dir, redraw the validation split with images already trained on in it."""
     if saved is None or saved == now:  # a checkpoint from before files were recorded passes
         return
-    flags = {"train": "--data-dir", "val": "--val-dir"}
+    flags = {"train": "--data-dir", "val": "--val-dir", "metadata": "--metadata"}
     changes = []
-    for split in sorted(set(saved) | set(now)):
+    # Only what the checkpoint recorded: one from before the CSVs were recorded is not refused for them.
+    for split in sorted(set(saved) | (set(now) - {"metadata"})):
         before, after = saved.get(split, {"n": 0}), now.get(split, {"n": 0})
         if before != after:
             changes.append(f"{flags[split]}: {before['n']} files, now {after['n']}" if before["n"] != after["n"]
+                           else f"{flags[split]}: the CSVs' contents changed" if split == "metadata"
                            else f"{flags[split]}: as many files, but not the same ones, or not the same sizes")
+    if not changes:
+        return
     redraw = "" if "val" in now else (", and other files would redraw the validation split with images "
                                       "already trained on in it")
     raise ckpt.CheckpointError(
@@ -629,7 +640,14 @@ def resume(run: Run) -> None:
     # The run's record names the command that started it, and each that resumed it.
     state["commands"] = [*state.get("commands", []), run.record["command"]]
     run.record["command"], run.record["resumed_with"] = state["commands"][0], state["commands"][1:]
+    # The precision this run trains in from here (asked for, or kept from the checkpoint by `auto`).
+    state["precision"] = run.accelerator.precision_choice.precision
     run.state = state
+    if run.accelerator.is_main_process:
+        for moved in ckpt.set_aside_later(checkpoints_dir, path):
+            logger.warning("%s: a checkpoint after the one resumed from, of the run this resume abandons: set aside, "
+                           "so that 'latest' means this run's own", moved)
+    run.accelerator.wait_for_everyone()
     run.accelerator.load_state(str(path))
     # The scheduler and the moving average are kept by this module, not accelerate (see checkpoints.py).
     schedule = state.pop(SCHEDULER_STATE, None) or ckpt.legacy_state(path, 0)

@@ -239,3 +239,11 @@ def test_the_card_shows_the_training_command_without_local_absolute_paths():
 
     assert (shareable_command("python train.py --data-dir=kids=/home/ann/data/kids --output-dir / --lr=0.1 --out=~/r/v1")
             == "python train.py --data-dir=kids=.../data/kids --output-dir ... --lr=0.1 --out=.../r/v1")
+
+
+def test_the_card_says_where_validation_came_from():
+    drawn = render_card(ChestXrayConfig(), {"training": _training_record(["kids", "adults"])})
+    assert "The validation split is drawn from every source, stratified by class and source." in drawn
+    given = render_card(ChestXrayConfig(), {"training": {**_training_record(["kids", "adults"]), "val_dir": "/data/val"}})
+    assert "Validation is a separate folder (`--val-dir`), not drawn from the training sources." in given
+    assert "drawn from every source" not in given

@@ -400,6 +400,40 @@ def test_a_broken_link_among_the_training_images_is_named_like_any_unreadable_fi
     assert main([*common, "--output-dir", str(tmp_path / "run"), "--skip-bad-files"]) == 0
 
 
+def test_a_resume_from_an_older_checkpoint_sets_the_abandoned_later_ones_aside(tmp_path, clean_accelerate, caplog):
+    from chest_model.checkpoints import list_checkpoints
+
+    data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
+    out = tmp_path / "run"
+    common = ["--data-dir", str(data), "--output-dir", str(out), "--image-size", "32", "--batch-size", "4",
+              "--weights", "none", "--cpu-threads", "1", "--epochs", "3", "--checkpointing-steps", "epoch",
+              "--checkpoints-total-limit", "5"]
+    assert main(common) == 0
+    first, second, third = list_checkpoints(out / "checkpoints")
+    caplog.set_level(logging.WARNING, logger="chest_model.training")
+    assert main([*common, "--resume-from-checkpoint", str(first)]) == 0
+    # the later checkpoints of the abandoned timeline are kept, aside; 'latest' is this run's own
+    assert sorted(p.name for p in (out / "checkpoints" / "superseded").iterdir()) == [second.name, third.name]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [first.name, second.name, third.name]
+    assert sum("set aside, so that 'latest' means this run's own" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_resume_names_a_changed_metadata_csv(tmp_path, clean_accelerate, capsys):
+    kids = make_class_folders(tmp_path / "kids", per_class=4, size=40, seed=6)
+    adults = make_class_folders(tmp_path / "adults", per_class=6, size=40, seed=7, class_names=["Normal"])
+    manifest = tmp_path / "manifest.csv"
+    films = sorted(p.name for p in (adults / "Normal").iterdir())
+    manifest.write_text("file,view\n" + "".join(f"Normal/{f},{'AP' if i % 2 else 'PA'}\n" for i, f in enumerate(films)))
+    common = ["--data-dir", f"kids={kids}", "--data-dir", f"adults={adults}", "--output-dir", str(tmp_path / "run"),
+              "--image-size", "32", "--batch-size", "4", "--weights", "none", "--cpu-threads", "1",
+              "--sampling", "within-source", "--balance-by", "view", "--metadata", str(manifest)]
+    assert main([*common, "--epochs", "1"]) == 0
+    manifest.write_text(manifest.read_text().replace(",AP", ",PA"))  # every film PA now: other draws
+    capsys.readouterr()
+    assert main([*common, "--epochs", "2", "--resume-from-checkpoint", "latest"]) == 2
+    assert "--metadata: the CSVs' contents changed" in capsys.readouterr().err
+
+
 def test_overwrite_keeps_the_earlier_run_when_the_new_command_has_a_data_mistake(tmp_path, clean_accelerate, capsys):
     data = make_class_folders(tmp_path / "data", per_class=4, size=40, seed=6)
     out = tmp_path / "run"
