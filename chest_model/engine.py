@@ -96,9 +96,22 @@ def train_one_epoch(
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            loss_sum += loss.detach().double() * labels.numel()
-            correct += (logits.argmax(dim=1) == labels).sum()
-            seen += labels.numel()
+            hits = logits.argmax(dim=1) == labels
+            state = accelerator.gradient_state
+            if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
+                # accelerate fills the last global batch with repeats of the first samples: its real
+                # samples are counted once, on the main process (the others add nothing).
+                each = F.cross_entropy(logits.float() if offset is None else logits.float() + offset, labels,
+                                       weight=weights, reduction="none")
+                hits, each = accelerator.gather_for_metrics((hits, each))
+                if accelerator.is_main_process:
+                    loss_sum += each.double().sum()
+                    correct += hits.sum()
+                    seen += hits.numel()
+            else:
+                loss_sum += loss.detach().double() * labels.numel()
+                correct += hits.sum()
+                seen += labels.numel()
         step += 1
         loss_value = loss.item()
         progress.set_postfix(loss=f"{loss_value:.4f}")

@@ -748,7 +748,7 @@ def one_epoch(run: Run, epoch: int, stop: GracefulStop) -> tuple[dict[str, Any],
                               desc=f"epoch {epoch + 1} val", block_summaries=True)
     val = validation_metrics(run, val_pass.logits, val_pass.labels)
     row = {
-        "epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+        "epoch": epoch + 1, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "train_images": stats["n"],
         "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
         "val_group_recall": val["group_recall"], "val_by_source": val["by_source"],
         "lr": run.scheduler.get_last_lr()[0], "seconds": stats["seconds"], "images_per_s": stats["images_per_s"],

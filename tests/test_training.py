@@ -96,6 +96,8 @@ def test_two_processes_on_cpu_count_every_validation_sample_once(data, tmp_path)
     assert metrics["n"] == 12
     card = (out / "README.md").read_text()
     assert "on 9 images" in card  # validation: exactly the 9 files, no padding duplicates
+    # training figures too: the last global batch's repeats are not counted (21 images, global batch 8)
+    assert [row["train_images"] for row in json.loads((out / "history.json").read_text())] == [sum(record["data_counts"]["train"].values())]
 
 
 def test_sync_bn_over_cpu_processes_is_refused_before_any_work(data, tmp_path):
