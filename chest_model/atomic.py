@@ -250,16 +250,34 @@ def file_above(path: Path) -> Path | None:
     return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
 
 
-def check_writable_file(path: str | Path) -> Path:
+def check_writable_file(path: str | Path, *, inputs: tuple = (), input_folders: tuple = ()) -> Path:
     """``path`` as a file to write: not a folder, not below a file, in a folder that can be written
-    (or made). Checked before long work."""
+    (or made); never one of the command's ``inputs``, nor inside its ``input_folders`` (a mistyped
+    output would destroy what the command reads). Checked before long work."""
+    if str(path).endswith(("/", os.sep)):
+        raise NotAFolderError(f"{path}: names a folder; give a file name to write")
     path = Path(path)
     if path.is_dir():
         raise NotAFolderError(f"{path}: is a folder; give a file name to write")
+    check_not_an_input(path, inputs=inputs, input_folders=input_folders)
     if (blocking := file_above(path)) is not None:
         raise NotAFolderError(f"{path}: {blocking} is a file, so no file can be written below it")
     _check_can_write_in(path.parent, path)
     return path
+
+
+def check_not_an_input(path: str | Path, *, inputs: tuple = (), input_folders: tuple = ()) -> None:
+    """Refuse an output that is one of the command's input files, or lies inside one of its input folders."""
+    real = Path(os.path.realpath(path))
+    for source in inputs:
+        if Path(os.path.realpath(source)) == real:
+            raise NotAFolderError(f"{path}: is an input of this command ({source}); writing there would destroy it: "
+                                  "choose another output")
+    for folder in input_folders:
+        top = Path(os.path.realpath(folder))
+        if real == top or top in real.parents:
+            raise NotAFolderError(f"{path}: lies inside {folder}, which this command reads; writing there would "
+                                  "change or destroy it: choose an output outside it")
 
 
 def check_writable_folder(path: str | Path) -> Path:

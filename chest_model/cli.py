@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -107,9 +108,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .hub import weights_fingerprint
     from .subgroups import SubgroupError, read_subgroup_table
 
-    if args.output_dir:  # where the results go is checked before any work, not after the last set
-        check_writable_folder(args.output_dir)
     sets = parse_data_dirs(args.data_dir)
+    reports = [name for name, _ in sets if Path(name).suffix.lower() in (".json", ".csv", ".png", ".md", ".txt")]
+    if reports:  # each set's report is a folder of that name beside the files the evaluation writes
+        raise DatasetError(f"set name(s) {reports} look like the report files of --output-dir; name each set with a "
+                           "word, e.g. test=PATH")
+    if args.output_dir:  # where the results go is checked before any work, not after the last set, never in a data folder
+        from .atomic import check_not_an_input
+
+        check_writable_folder(args.output_dir)
+        check_not_an_input(args.output_dir, input_folders=tuple(path for _, path in sets)
+                           + tuple(path for _, path in parse_data_dirs(args.train_dir or [])))
     subgroups = None
     if args.subgroups or args.subgroup_by:
         if not args.subgroups:
@@ -187,16 +196,17 @@ def run_space(args: argparse.Namespace) -> int:
 
 
 def run_card(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text
+    from .atomic import atomic_write_text, check_writable_file
     from .card import card_context_from_folder, render_card
     from .config import ChestXrayConfig
 
     folder = Path(args.model)
+    output = Path(args.output) if args.output else folder / "README.md"
+    check_writable_file(output, inputs=(folder / "config.json", folder / "model.safetensors", args.metrics))
     config = ChestXrayConfig.load(folder / "config.json")
     context = card_context_from_folder(folder)
     context["test_metrics"] = _read_metrics(args.metrics)
     _check_measured_this_model(args.metrics, context["test_metrics"], folder)
-    output = Path(args.output) if args.output else folder / "README.md"
     atomic_write_text(output, render_card(config, context))
     print(f"wrote {output}")
     return 0
@@ -206,11 +216,15 @@ def run_predict(args: argparse.Namespace) -> int:
     from .atomic import check_writable_file, check_writable_folder
     from .batch_predict import csv_columns, predict_inputs, predict_to_csv
 
-    # Where the results go is checked before any work, not after the last file.
+    # Where the results go is checked before any work, not after the last file, and is never an input.
+    from .atomic import check_not_an_input
+
+    given_folders = tuple(f for f in args.files if os.path.isdir(f))
     if args.csv:
-        check_writable_file(args.csv)
+        check_writable_file(args.csv, inputs=tuple(args.files), input_folders=given_folders)
     if args.gradcam_dir:
         check_writable_folder(args.gradcam_dir)
+        check_not_an_input(args.gradcam_dir, inputs=tuple(args.files), input_folders=given_folders)
     model = _load_model(args)
     if args.csv:
         csv_columns(model.class_names)
@@ -253,9 +267,9 @@ def _check_measured_this_model(path: str, metrics: dict, folder: Path) -> None:
 
     measured = metrics.get("model_fingerprint")
     if measured is None:
-        print(f"warning: {path} does not record which model it measured (written before metrics.json carried "
-              "model_fingerprint); check that it is this model's", file=sys.stderr)
-        return
+        raise ConfigError(f"{path}: does not record which model it measured (no model_fingerprint: not a metrics.json "
+                          f"of `chest-model evaluate`, or one from before it recorded it); measure this model with "
+                          f"`chest-model evaluate --model {folder} --data-dir ...`")
     if measured != weights_fingerprint(ChestXrayClassifier.from_pretrained(folder)):
         raise ConfigError(f"{path}: measured another model than {folder} (its model_fingerprint differs); "
                           f"measure this one with `chest-model evaluate --model {folder} --data-dir ...`")
@@ -275,6 +289,9 @@ def _read_metrics(path: str) -> dict:
     if "predicted_share" in metrics:
         raise ConfigError(f"{path}: holds a set with only some classes (shares predicted as each class); a card "
                           "reports a test split with every class")
+    missing = [key for key in ("n", "accuracy", "macro_f1", "per_class") if key not in metrics]
+    if missing:
+        raise ConfigError(f"{path}: not a metrics.json of `chest-model evaluate` (it lacks {', '.join(missing)})")
     return metrics
 
 

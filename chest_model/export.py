@@ -55,7 +55,8 @@ def export_onnx(model, output: str | Path) -> Path:
     from .atomic import atomic_write_bytes, check_writable_file
     from .model import eval_mode
 
-    output = check_writable_file(output)  # before the export, which takes seconds
+    # before the export, which takes seconds; never into the model's own folder (its weights, its config)
+    output = check_writable_file(output, input_folders=(model.folder,) if getattr(model, "folder", None) else ())
     onnx = _require_onnx()
     size = model.config.image_size
     weights = next(model.parameters())

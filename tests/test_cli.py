@@ -374,3 +374,49 @@ def test_json_output_writes_a_probability_that_is_not_a_number_as_null(capsys):
     _report(argparse.Namespace(json=True), "a.png", result=result)
     line = capsys.readouterr().out
     assert "NaN" not in line and json.loads(line)["probabilities"] == {"Normal": None, "Covid": 0.5}
+
+
+def test_no_output_is_written_over_what_the_command_reads(saved_model, tmp_path, capsys):
+    weights = (saved_model / "model.safetensors").read_bytes()
+    image = write_image(tmp_path / "films" / "x.png", synthetic_xray(64, 64))
+    before = image.read_bytes()
+    cases = [
+        (["export", "--model", str(saved_model), "--output", str(saved_model / "model.safetensors")],
+         f"lies inside {saved_model}, which this command reads"),
+        (["predict", "--model", str(saved_model), str(image), "--csv", str(image)], "is an input of this command"),
+        (["predict", "--model", str(saved_model), str(image.parent), "--csv", str(image.parent / "out.csv")],
+         "which this command reads"),
+        (["card", "--model", str(saved_model), "--metrics", str(saved_model / "config.json"),
+          "--output", str(saved_model / "config.json")], "is an input of this command"),
+        (["evaluate", "--model", str(saved_model), "--data-dir", str(tmp_path / "films"),
+          "--output-dir", str(tmp_path / "films" / "Normal")], "which this command reads"),
+        (["export", "--model", str(saved_model), "--output", str(tmp_path / "newdir") + "/"], "names a folder"),
+    ]
+    for argv, says in cases:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert (saved_model / "model.safetensors").read_bytes() == weights and image.read_bytes() == before
+    assert not (tmp_path / "newdir").exists()
+
+
+def test_a_card_takes_only_this_models_evaluate_metrics(saved_model, tmp_path, capsys):
+    (tmp_path / "val.json").write_text(json.dumps({"n": 9, "accuracy": 0.9, "macro_f1": 0.9, "per_class": {}}))
+    (tmp_path / "other.json").write_text(json.dumps({"model_fingerprint": "x", "summary": "not metrics"}))
+    for name, says in (("val.json", "does not record which model it measured"),
+                       ("other.json", "not a metrics.json of `chest-model evaluate` (it lacks n, accuracy, macro_f1, per_class)")):
+        capsys.readouterr()
+        assert main(["card", "--model", str(saved_model), "--metrics", str(tmp_path / name),
+                     "--output", str(tmp_path / "card.md")]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "card.md").exists()
+
+
+def test_a_set_named_like_a_report_file_is_refused_before_any_work(saved_model, tmp_path, capsys):
+    folder = tmp_path / "test"
+    for name in ("Normal", "Covid", "Viral Pneumonia"):
+        write_image(folder / name / "a.png", synthetic_xray(64, 64))
+    assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"metrics.json={folder}",
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    assert "set name(s) ['metrics.json'] look like the report files" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
