@@ -84,7 +84,16 @@ def example_files(examples_dir: Path | None) -> list[Path]:
     """The images the page offers as examples (and a Space copies): the folder's own, not its notes or hidden files."""
     if not examples_dir or not Path(examples_dir).is_dir():
         return []
-    return sorted(p for p in Path(examples_dir).iterdir() if is_image_file(p))
+    return sorted(p for p in Path(examples_dir).iterdir() if is_image_file(p) and _holds_an_image(p))
+
+
+def _holds_an_image(path: Path) -> bool:
+    """By content, not name: a page must not offer a text file called .png as an example X-ray."""
+    try:
+        with open(path, "rb") as file:
+            return sniff_format(file.read(132)) is not None
+    except OSError:
+        return False
 
 
 class DemoService:

@@ -227,8 +227,12 @@ def test_the_tutorial_datasets_caveat_is_shown_only_for_a_model_that_may_come_fr
 def test_only_the_example_folders_images_are_offered(tmp_path):
     from chest_model.demo import example_files
 
-    for name in ("b.jpeg", "A.PNG", "README.md", ".DS_Store", "._b.jpeg"):
+    from helpers import synthetic_xray, write_image
+
+    for name in ("README.md", ".DS_Store", "._b.jpeg", "notes.png"):  # notes.png: text under an image's name
         (tmp_path / name).write_bytes(b"x")
+    write_image(tmp_path / "b.jpeg", synthetic_xray(64, 64))
+    write_image(tmp_path / "A.PNG", synthetic_xray(64, 64))
     (tmp_path / "sub").mkdir()
     assert [p.name for p in example_files(tmp_path)] == ["A.PNG", "b.jpeg"]
     assert example_files(tmp_path / "missing") == [] and example_files(None) == []
