@@ -39,12 +39,33 @@ class SubgroupTable:
 
     def row_for(self, image: str | Path) -> dict[str, str] | None:
         """The row describing ``image``: the longest tail of its path that the CSVs list."""
+        key = self.key_for(image)
+        return None if key is None else self.rows[key]
+
+    def key_for(self, image: str | Path) -> str | None:
         parts = Path(image).parts
         for start in range(len(parts)):
-            row = self.rows.get(PurePosixPath(*parts[start:]).as_posix())
-            if row is not None:
-                return row
+            key = PurePosixPath(*parts[start:]).as_posix()
+            if key in self.rows:
+                return key
         return None
+
+    def rows_for(self, images: Sequence[str | Path]) -> list[dict[str, str] | None]:
+        """Each image's row; a row that describes several of the images (a bare file name that several
+        class folders share, as in the tutorial's dataset) is a SubgroupError naming them."""
+        keys = [self.key_for(image) for image in images]
+        shared: dict[str, list[str]] = {}
+        for key, image in zip(keys, images):
+            if key is not None:
+                shared.setdefault(key, []).append(Path(image).as_posix())
+        shared = {key: found for key, found in shared.items() if len(found) > 1}
+        if shared:
+            key, found = next(iter(shared.items()))
+            tails = ", ".join("/".join(Path(f).parts[-2:]) for f in found[:3])
+            raise SubgroupError(f"{', '.join(map(str, self.paths))}: {len(shared)} row(s) describe several images at once, "
+                                f"e.g. {key!r} describes {len(found)} ({tails}); give each 'file' enough of its path "
+                                "to name one image (e.g. Normal/0101.jpeg)")
+        return [None if key is None else self.rows[key] for key in keys]
 
 
 def read_subgroup_table(paths: Sequence[str | Path], columns: Sequence[str]) -> SubgroupTable:
@@ -97,7 +118,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def subgroup_figures(table: SubgroupTable, files: Sequence[str | Path], labels: np.ndarray, probabilities: np.ndarray,
                      uncertain: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     """Per column, per value: how many images, how they were called (per true class too), accuracy, uncertain rate."""
-    rows = [table.row_for(f) for f in files]
+    rows = table.rows_for(files)
     predicted = np.asarray(probabilities).argmax(axis=1)
     labels, uncertain = np.asarray(labels), np.asarray(uncertain, dtype=bool)
     report: dict[str, Any] = {"csv": [p.name for p in table.paths], "not_listed": sum(r is None for r in rows), "columns": {}}

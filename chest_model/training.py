@@ -301,7 +301,10 @@ def sampling_strata(args: TrainingConfig, data: TrainingData, class_names: list[
     images of each value every sampling group holds, for the log and the run's record."""
     if not args.balance_by:
         return None, {}
-    rows = [data.metadata.row_for(path) for path in data.train.paths]
+    try:
+        rows = data.metadata.rows_for(data.train.paths)
+    except SubgroupError as err:
+        raise DatasetError(f"--metadata: {err}") from None
     if all(row is None for row in rows):
         raise DatasetError(f"--balance-by {args.balance_by}: none of the {len(rows)} training images is listed in "
                            f"{', '.join(args.metadata)} (its 'file' column must hold each image's path or its last parts, "

@@ -97,3 +97,13 @@ def test_a_missing_or_binary_csv_is_an_error_naming_it(tmp_path):
 def test_semicolons_tabs_and_spaces_after_commas_are_read(tmp_path, text):
     table = read_subgroup_table([write(tmp_path / "m.csv", text)], ["view"])
     assert table.row_for("/d/Normal/a.png") == {"view": "AP"}
+
+
+def test_a_row_that_describes_several_evaluated_images_is_refused_naming_them(tmp_path):
+    # The tutorial's dataset repeats file names across class folders: a bare name cannot say which film it describes.
+    table = read_subgroup_table([write(tmp_path / "m.csv", "file,site\n0101.jpeg,A\nNormal/0102.jpeg,B\n")], ["site"])
+    files = ["test/Covid/0101.jpeg", "test/Normal/0101.jpeg", "test/Normal/0102.jpeg", "test/Covid/0102.jpeg"]
+    with pytest.raises(SubgroupError, match=r"1 row\(s\) describe several images at once, e.g. '0101.jpeg' describes 2 "
+                                            r"\(Covid/0101.jpeg, Normal/0101.jpeg\)"):
+        table.rows_for(files)
+    assert table.rows_for(files[2:]) == [{"site": "B"}, None]  # Normal/0102.jpeg names one film
