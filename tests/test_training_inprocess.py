@@ -423,7 +423,7 @@ def test_a_resume_names_a_changed_metadata_csv(tmp_path, clean_accelerate, capsy
     adults = make_class_folders(tmp_path / "adults", per_class=6, size=40, seed=7, class_names=["Normal"])
     manifest = tmp_path / "manifest.csv"
     films = sorted(p.name for p in (adults / "Normal").iterdir())
-    manifest.write_text("file,view\n" + "".join(f"Normal/{f},{'AP' if i % 2 else 'PA'}\n" for i, f in enumerate(films)))
+    manifest.write_text("file,view\n" + "".join(f"adults/Normal/{f},{'AP' if i % 2 else 'PA'}\n" for i, f in enumerate(films)))
     common = ["--data-dir", f"kids={kids}", "--data-dir", f"adults={adults}", "--output-dir", str(tmp_path / "run"),
               "--image-size", "32", "--batch-size", "4", "--weights", "none", "--cpu-threads", "1",
               "--sampling", "within-source", "--balance-by", "view", "--metadata", str(manifest)]
