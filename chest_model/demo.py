@@ -172,6 +172,8 @@ class DemoService:
         """The film for the page at its own resolution, up to :data:`DISPLAY_SIDE`: the model's decode
         where that is the file's size; a JPEG the model read at reduced scale (its input is far smaller)
         is decoded again, at the smallest DCT scale that still fills the page's size."""
+        import gradio as gr
+
         try:
             with open(path, "rb") as file:
                 if sniff_format(file.read(4)) != "JPEG":
@@ -181,7 +183,7 @@ class DemoService:
                 return decoded
             # long side / scale >= DISPLAY_SIDE  <=>  short side / scale >= this
             return self.load(path, shown_min_side=math.ceil(DISPLAY_SIDE * min(width, height) / max(width, height)))
-        except (OSError, ImageLoadError, gr_error()):
+        except (OSError, ImageLoadError, gr.Error):
             return decoded  # the model's decode read it; show that
 
     @staticmethod
@@ -192,12 +194,6 @@ class DemoService:
 
     def model_panel(self) -> str:
         return model_panel_markdown(self.model, self.model_ref, self.revision)
-
-
-def gr_error() -> type[Exception]:
-    import gradio as gr
-
-    return gr.Error
 
 
 PREDICTED = "Predicted class"

@@ -578,8 +578,8 @@ def split_files(split: Split, sources: list[tuple[str, Path]]) -> list[tuple[str
     """``(SOURCE/relative path, path)`` of each image of a split, as the copies audit names them."""
     if len(split.paths) != len(split.labels):
         raise ValueError(f"a split of {len(split.labels)} images holds {len(split.paths)} paths")
-    roots = dict(sources)
-    return [(f"{name}/{relative_name(path, roots[name])}", path)
+    roots = dict(sources)  # a --val-dir split's source may be none of them: its files are then named bare
+    return [(f"{name}/{relative_name(path, roots.get(name, Path(path).parent))}", path)
             for path, name in zip(split.paths, (split.source_names[s] for s in split.sources), strict=True)]
 
 
@@ -604,8 +604,9 @@ def label_conflicts(args: TrainingConfig, data: TrainingData, class_names: list[
     """Films of the training folders (both splits) filed under two classes, by the copies audit's hash: one
     of the two labels is wrong. Both files are named in the log and the record."""
     labels = [*data.train.labels, *data.val.labels]
-    names = [*_shown_names(data.train, _named(args.data_dir)),
-             *_shown_names(data.val, [(data.val.source_names[0], Path(args.val_dir))] if args.val_dir else _named(args.data_dir))]
+    val_roots = [(data.val.source_names[0], Path(args.val_dir))] if args.val_dir else _named(args.data_dir)
+    names = [name for split, roots in ((data.train, _named(args.data_dir)), (data.val, val_roots))
+             for name, _ in split_files(split, roots)]
     conflicts = [{"files": [names[i], names[j]], "classes": [class_names[labels[i]], class_names[labels[j]]], "distance": d}
                  for i, j, d in copies_across_labels(np.concatenate(hashes), labels)]
     if conflicts:
@@ -614,13 +615,6 @@ def label_conflicts(args: TrainingConfig, data: TrainingData, class_names: list[
                        "under two classes: check their labels: %s%s", len(conflicts), shown,
                        f"; and {len(conflicts) - 10} more (train_config.json lists them)" if len(conflicts) > 10 else "")
     return conflicts
-
-
-def _shown_names(split: Split, roots: list[tuple[str, Path]]) -> list[str]:
-    """``SOURCE/CLASS/file`` for each image of a split, relative to the folder it was listed from."""
-    folders = dict(roots)
-    return [f"{split.source_names[s]}/{relative_name(path, folders.get(split.source_names[s], Path(path).parent))}"
-            for path, s in zip(split.paths, split.sources)]
 
 
 FINAL_WORK_TIMEOUT = datetime.timedelta(hours=2)  # the process group's collective timeout
