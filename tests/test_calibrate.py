@@ -26,3 +26,31 @@ def test_temperature_is_fitted_from_logits_in_any_precision_and_with_a_graph_att
     plain = fit_temperature(logits.detach(), labels)
     assert fit_temperature(logits, labels) == pytest.approx(plain, rel=1e-5)
     assert fit_temperature(logits.detach().bfloat16(), labels) == pytest.approx(plain, rel=0.05)
+
+
+def test_calibrate_stores_the_temperature_and_every_threshold_in_the_model(tiny_model):
+    """What training saves: the fitted values must reach the model's config, not just the returned metrics."""
+    from types import SimpleNamespace
+
+    from chest_model.calibrate import calibrate
+    from chest_model.engine import Predictions
+    from chest_model.model import calibrated_probabilities
+    from chest_model.ood import fit_max_chroma_values, fit_min_confidence
+
+    torch.manual_seed(0)
+    n = 120
+    true_logits = torch.randn(n, 3) * 2
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    logits = true_logits * 3.0  # overconfident: the fitted temperature is far from 1
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
+    chromas = [0.001 * i for i in range(n)]
+    val = SimpleNamespace(images=images, chroma=chromas)
+    metrics = calibrate(tiny_model, Predictions(logits, labels), val, images)
+
+    config = tiny_model.config
+    assert config.temperature == pytest.approx(fit_temperature(logits, labels)) and config.temperature > 2
+    top = calibrated_probabilities(logits, config.temperature).max(dim=1).values.tolist()
+    assert config.min_confidence == pytest.approx(fit_min_confidence(top)) and config.min_confidence > 0
+    assert config.max_chroma == pytest.approx(fit_max_chroma_values(chromas)) and config.max_chroma > 0.08
+    assert metrics["ece"] < metrics["ece_before_calibration"]
+    assert config.feature_threshold == metrics["feature_gate"]["threshold"] < float("inf")

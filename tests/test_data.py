@@ -339,3 +339,34 @@ def test_the_advice_for_mismatched_class_folders_fits_the_mistake(tmp_path):
         (lower / name).rename(lower / name.lower())
     _, problems = scan_image_folder(lower, CLASS_NAMES)
     assert "only the letter case differs: rename 'covid' to 'Covid', 'normal' to 'Normal'" in problems[0]
+
+
+def test_colour_is_measured_on_the_decoded_film_before_contrast_normalisation_greys_it(tmp_path):
+    """The colour limit is fitted on these values: measured after ``standardize``/``equalize`` they would all be 0."""
+    import cv2
+
+    from chest_model import ChestXrayConfig
+    from chest_model.data import decode_folder
+    from chest_model.ood import chroma
+    from chest_model.preprocess import Preprocessor, load_image
+
+    gray = synthetic_xray(96, 96, seed=3)
+    tinted = np.dstack([gray, np.clip(gray.astype(int) + 40, 0, 255).astype(np.uint8), gray])  # RGB, green cast
+    path = tmp_path / "tinted.png"
+    cv2.imwrite(str(path), cv2.cvtColor(tinted, cv2.COLOR_RGB2BGR))
+    for contrast in ("standardize", "equalize"):
+        preprocessor = Preprocessor(ChestXrayConfig(image_size=32, contrast=contrast))
+        images, errors, chromas = decode_folder([path], preprocessor, num_threads=1)
+        assert errors == [None]
+        assert chromas[0] == pytest.approx(chroma(load_image(path))) and chromas[0] > 0.1
+        assert int(images[0].max(dim=0).values.sub(images[0].min(dim=0).values).max()) == 0  # the cached film is grey
+
+
+@pytest.mark.parametrize("labels, fraction", [
+    ([0] * 5 + [1], 0.2),        # a class with one image cannot be in both parts
+    ([0] * 3 + [1] * 3, 0.9),    # validation would leave training without a class
+    ([0] * 10 + [1] * 10, 1.5),  # not a fraction
+])
+def test_a_split_that_cannot_be_made_is_refused_with_the_fix(labels, fraction):
+    with pytest.raises(DatasetError, match="add images or pass --val-dir"):
+        stratified_split(labels, fraction, 0)

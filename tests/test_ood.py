@@ -1,6 +1,7 @@
 """Out-of-distribution flags: generated non-X-rays are flagged; X-rays are not."""
 import cv2
 import numpy as np
+import pytest
 
 from chest_model.ood import chroma, fit_max_chroma_values, fit_min_confidence, image_flags
 from helpers import synthetic_xray
@@ -35,3 +36,17 @@ def test_thresholds_fitted_on_validation_data():
     assert not any(image_flags(im, limit) for im in tinted)
     assert all(image_flags(im, limit) for im in non_xrays()[:4])
     assert fit_min_confidence([0.9] * 98 + [0.5, 0.4]) < 0.9
+
+
+def test_min_confidence_is_the_validation_2nd_percentile_capped_at_one_half():
+    low = [0.35 + 0.005 * i for i in range(100)]  # every value below 0.85; 2nd percentile 0.3599
+    assert fit_min_confidence(low) == pytest.approx(np.quantile(low, 0.02))
+    assert fit_min_confidence([0.99] * 100) == 0.5  # a model sure of every validation image still flags below 0.5
+    assert fit_min_confidence([]) == 0.0
+
+
+def test_colour_limit_is_a_quarter_above_the_validation_99th_percentile_with_a_floor():
+    values = [0.1 + 0.001 * i for i in range(101)]
+    assert fit_max_chroma_values(values) == pytest.approx(1.25 * np.quantile(values, 0.99))
+    assert fit_max_chroma_values([0.0] * 50) == 0.08  # grey validation films: the default limit, not zero
+    assert fit_max_chroma_values([]) == 0.08
