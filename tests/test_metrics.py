@@ -55,13 +55,16 @@ def test_perfectly_calibrated_toy_model_has_ece_near_zero():
 def test_roc_auc_and_bootstrap_intervals():
     labels, probs = from_confusion([[9, 1, 0], [0, 10, 0], [1, 0, 9]])
     m = classification_metrics(labels, probs, NAMES)
-    assert 0.5 < m["roc_auc"]["macro"] <= 1
+    # One-vs-rest with tied scores counted half. Class A: 9 of its 10 films score 0.8; of the 20 others,
+    # one (a C film called A) scores 0.8 and 19 score 0.1, so (9*19 + 9/2 + 19/2) / 200 = 0.925.
+    assert m["roc_auc"]["per_class"] == pytest.approx({"A": 0.925, "B": 0.975, "C": 0.95})
+    assert m["roc_auc"]["macro"] == pytest.approx(0.95)
     ci = bootstrap_ci(labels, probs, NAMES, n_resamples=300)
     assert ci["accuracy"][0] < m["accuracy"] < ci["accuracy"][1] or ci["accuracy"][1] == pytest.approx(m["accuracy"], abs=0.05)
     assert 0 < ci["accuracy"][1] - ci["accuracy"][0] < 0.4  # 30 images: a wide but finite interval
 
 
-def test_metrics_are_over_samples_not_batches():
+def test_accuracy_is_the_share_of_images_answered_right():
     labels = np.array([0] * 9 + [1])
     probs = np.zeros((10, 3))
     probs[np.arange(10), [0] * 9 + [0]] = 1

@@ -168,7 +168,7 @@ def test_reduced_jpeg_decode_keeps_at_least_min_size(tmp_path):
     full = load_image(tmp_path / "big.jpg")
     reduced = load_image(tmp_path / "big.jpg", min_size=224)
     assert full.shape[:2] == (2000, 1600)
-    assert reduced.shape[:2] == (250, 200) or min(reduced.shape[:2]) >= 224
+    assert reduced.shape[:2] == (500, 400)  # 1/4, the smallest DCT scale that keeps 224 px (1/8 would give 250x200)
     assert min(reduced.shape[:2]) >= 224 and reduced.shape[0] < full.shape[0]
     pre = Preprocessor(ChestXrayConfig(image_size=224))
     a, b = pre(full), pre(reduced)
@@ -341,3 +341,18 @@ def test_a_pil_image_opened_from_a_file_is_read_as_that_file(tmp_path):
     loaded = Image.open(jpeg)
     loaded.load()
     np.testing.assert_array_equal(load_image(loaded, min_size=128), load_image(np.asarray(loaded)))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_colour_files_decode_as_rgb_like_every_other_input(tmp_path, suffix):
+    """Arrays and PIL images are read as RGB; a file must come out the same way round, not as OpenCV's BGR."""
+    rgb = np.zeros((96, 96, 3), np.uint8)
+    rgb[..., 0] = 220  # red
+    rgb[..., 2] = 30
+    path = tmp_path / f"red{suffix}"
+    Image.fromarray(rgb).save(path, quality=95)  # PNG ignores the quality
+    from_file = load_image(path)
+    assert from_file[..., 0].mean() > 180 and from_file[..., 2].mean() < 70
+    with open(path, "rb") as handle:
+        assert np.abs(load_image(handle).astype(int) - from_file).max() == 0
+    assert np.abs(load_image(Image.open(path)).astype(int) - from_file).max() <= 3  # PIL's decoder, not OpenCV's
