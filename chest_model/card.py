@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .citations import REFERENCE_COLLECTION, cited_sources, collection_for
 from .config import DEFAULT_CLASS_NAMES, ChestXrayConfig, read_json
+from .preprocess import contrast_step
 
 DATASET_ID = "covid19-image-dataset"
 REFERENCE_TEST_NAME = "COVID-19 Image Dataset (test split)"
@@ -89,6 +90,7 @@ def render_card(config: ChestXrayConfig, context: dict[str, Any] | None = None) 
         base_model=base_model(config),
         citations=cited_sources(sources, external_sources(context)),
         config=config.to_dict(),
+        contrast_step=contrast_step(config.contrast),
         training=shareable_training(context.get("training")),
         val_metrics=context.get("val_metrics"),
         test_metrics=test,

@@ -23,7 +23,7 @@ from .explain import explain_image, overlay
 from .hub import CARD_NAME
 from .metrics import called_as
 from .model import ChestXrayClassifier
-from .preprocess import ImageLoadError, header_size, load_image, sniff_format
+from .preprocess import ImageLoadError, contrast_step, header_size, load_image, sniff_format
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def short_caveat(metadata_accuracy: float | None, unseen_normals_called_covid: f
                if cropped_normals_called_covid is not None else "")
     missed = (f" On its test split it called {covid_called_normal[0]} of the {covid_called_normal[1]} Covid films Normal: "
               "a Normal answer does not rule Covid out." if covid_called_normal and covid_called_normal[0] else "")
-    return (f"⚠️ On the public dataset behind this model, file size and source alone predict the class {figure}, so a "
-            f"high score may reflect the image's source rather than the lungs.{unseen}{cropped}{missed} See *About this model*.")
+    return (f"⚠️ On the public dataset behind this model, the files' size, shape and format alone, without a pixel, "
+            f"predict the class {figure}, so a high score may reflect the image's source rather than the lungs.{unseen}{cropped}{missed} See *About this model*.")
 
 
 # For a model the card cannot tie to the tutorial's dataset (chest_model.card.tutorial_data_possible).
@@ -317,7 +317,8 @@ def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: s
     lines = [
         f"**Model:** `{display_name(model_ref)}`" + (f" @ `{revision}`" if revision else ""),
         f"**Classes:** {', '.join(config.class_names)}  ",
-        f"**Input:** {config.image_size}×{config.image_size} px, backbone `{config.backbone}`, initialised from: {config.backbone_init}",
+        f"**Input:** {config.image_size}×{config.image_size} px" + (f", {step}" if (step := contrast_step(config.contrast)) else "")
+        + f"; backbone `{config.backbone}`, initialised from: {config.backbone_init}",
         "",
     ]
     card = _read_card(model)

@@ -352,6 +352,18 @@ STANDARD_MEAN = 128.0
 STANDARD_STD = 48.0
 
 
+def contrast_step(mode: str) -> str:
+    """The per-image contrast step in words (empty for "none"), for the card and the demo: whoever
+    feeds the model from another program must apply it, or the model sees images it never trained on."""
+    return {
+        "none": "",
+        "standardize": f"converted to grey and each image's grey levels standardised to mean {STANDARD_MEAN:g} and "
+                       f"standard deviation {STANDARD_STD:g} (of 255)",
+        "clahe": f"converted to grey and locally equalised (CLAHE, clip limit {CLAHE_CLIP:g}, {CLAHE_TILES}×{CLAHE_TILES} tiles)",
+        "equalize": "converted to grey and each image's grey-level histogram equalised",
+    }[mode]
+
+
 class Preprocessor:
     """Resize and normalize RGB uint8 images exactly as the model expects, from its config.
 

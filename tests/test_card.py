@@ -1,5 +1,6 @@
 """The model card template and its rendering."""
 
+import pytest
 import yaml
 
 from chest_model import ChestXrayConfig
@@ -247,3 +248,15 @@ def test_the_card_says_where_validation_came_from():
     given = render_card(ChestXrayConfig(), {"training": {**_training_record(["kids", "adults"]), "val_dir": "/data/val"}})
     assert "Validation is a separate folder (`--val-dir`), not drawn from the training sources." in given
     assert "drawn from every source" not in given
+
+
+@pytest.mark.parametrize("contrast, step", [
+    ("equalize", "grey-level histogram equalised"), ("standardize", "standardised to mean 128 and standard deviation 48"),
+    ("clahe", "CLAHE, clip limit 2, 8×8 tiles"),
+])
+def test_the_input_row_names_the_contrast_step_a_reimplementation_must_apply(contrast, step):
+    row = next(line for line in render_card(ChestXrayConfig(image_size=128, contrast=contrast)).splitlines()
+               if line.startswith("| Input |"))
+    assert step in row and f"`contrast: {contrast}`" in row and "normalized with mean" in row
+    plain = next(line for line in render_card(ChestXrayConfig(image_size=128)).splitlines() if line.startswith("| Input |"))
+    assert plain == ("| Input | 128×128 RGB, normalized with mean [0.485, 0.456, 0.406] and std [0.229, 0.224, 0.225] |")

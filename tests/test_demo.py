@@ -229,6 +229,17 @@ def test_the_tutorial_datasets_caveat_is_shown_only_for_a_model_that_may_come_fr
     assert "children's" not in panel("other") and GENERIC_CAVEAT in panel("other")
 
 
+def test_the_model_panel_names_the_models_contrast_step(tmp_path):
+    from chest_model import ChestXrayClassifier
+    from chest_model.demo import model_panel_markdown
+
+    ChestXrayClassifier(image_size=64, hidden_size=16, contrast="equalize").save_pretrained(tmp_path / "eq")
+    ChestXrayClassifier(image_size=64, hidden_size=16).save_pretrained(tmp_path / "plain")
+    panel = lambda name: model_panel_markdown(ChestXrayClassifier.from_pretrained(tmp_path / name), name, None)  # noqa: E731
+    assert "**Input:** 64×64 px, converted to grey and each image's grey-level histogram equalised; backbone" in panel("eq")
+    assert "**Input:** 64×64 px; backbone" in panel("plain")
+
+
 def test_only_the_example_folders_images_are_offered(tmp_path):
     from chest_model.demo import example_files
 
