@@ -402,7 +402,7 @@ def left_out_text(external: dict) -> str:
 def caution_sentence(metrics: dict) -> str:
     """What a user should not read into an answer, from the measured figures: how often a model trained the same way
     calls unseen adult normals Covid, and how many test Covid films this one calls Normal."""
-    sentence = (" The previous starter model, trained on the tutorial's data alone, called nearly every normal adult "
+    sentence = (" The first starter model, trained on the tutorial's data alone, called nearly every normal adult "
                 "X-ray Covid; this one has seen adult normals")
     external = metrics.get("external", {}).values()
     shares, sources = [row["predicted_share"]["Covid"] for row in external], {row["source"] for row in external}
