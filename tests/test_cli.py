@@ -40,6 +40,10 @@ def test_predict_json_reports_each_file_and_fails_for_bad_ones(saved_model, tmp_
         if not record.get("error"):
             assert set(record["probabilities"]) == {"Normal", "Covid", "Viral Pneumonia"}
             assert abs(sum(record["probabilities"].values()) - 1) < 1e-4
+            # the same keys as the CSV, the Python API and the demo's API
+            assert set(record) == {"file", "label", "probabilities", "uncertain", "reasons"}
+            top = max(record["probabilities"], key=record["probabilities"].get)
+            assert record["label"] == ("uncertain" if record["uncertain"] else top)
 
 
 def test_predict_text_output_and_success_status(saved_model):

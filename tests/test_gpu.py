@@ -127,8 +127,8 @@ def test_chest_model_predict_runs_on_the_gpu_when_asked(tmp_path, gated_model_pa
                                 env={**os.environ, "NVIDIA_TF32_OVERRIDE": "0"})  # true fp32 in that process too
         assert result.returncode == 0, result.stderr
         outputs[device] = json.loads(result.stdout)
-    assert outputs["cpu"]["prediction"] != "uncertain"
-    assert outputs["cuda"]["prediction"] == outputs["cpu"]["prediction"]
+    assert outputs["cpu"]["uncertain"] is False
+    assert outputs["cuda"]["label"] == outputs["cpu"]["label"] and outputs["cuda"]["uncertain"] is False
     for name, p in outputs["cpu"]["probabilities"].items():
         assert abs(outputs["cuda"]["probabilities"][name] - p) < 1e-4
 
