@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
@@ -75,7 +76,8 @@ def predict_files(model, files: Sequence[Path], *, batch_size: int = 16, gradcam
             results = model.analyze([image for _, image in decoded], batch_size=batch_size)
             for (index, image), result in zip(decoded, results):
                 records[index].update(result)
-                if gradcam_dir:
+                # A model whose output is not a number has nothing to explain; its record says why.
+                if gradcam_dir and all(math.isfinite(p) for p in result["probabilities"].values()):
                     save_gradcam(model, image, gradcam_path(gradcam_dir, root, chunk[index]), name=str(chunk[index]))
         if progress is not None:
             progress(len(chunk))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .data import is_image_file
-from .explain import explain_image, overlay
+from .explain import ExplainError, explain_image, overlay
 from .hub import CARD_NAME
 from .metrics import called_as
 from .model import ChestXrayClassifier
@@ -161,9 +161,14 @@ class DemoService:
     def explain(self, path: str | None, target: str, opacity: float, predicted: str | None = None):
         """Grad-CAM overlay and the state to re-blend it. For "Predicted class" the map explains
         ``predicted``, the class the label shows, where the page has it (an API call has not)."""
+        import gradio as gr
+
         chosen = (predicted if predicted in self.model.class_names else None) if target in (None, "", PREDICTED) else target
         decoded = self.load(path)
-        result = explain_image(self.model, decoded, chosen)
+        try:
+            result = explain_image(self.model, decoded, chosen)
+        except ExplainError as err:
+            raise gr.Error(str(err), title="No heat map", print_exception=False) from None
         image, heatmap = display_size(self.film_to_show(path, decoded), result.heatmap)
         state = {"image": image, "heatmap": heatmap, "target": result.target_class}
         return overlay(image, heatmap, opacity), state
@@ -226,6 +231,18 @@ def label_value(prediction):
 
     ranked = sorted(prediction.items(), key=lambda item: item[1], reverse=True)
     return LabelData(label=UNCERTAIN, confidences=[LabelConfidence(label=k, confidence=v) for k, v in ranked])
+
+
+HEAT_TITLE = "Where the model looked (Grad-CAM)"
+
+
+def heat_title(state: dict[str, Any] | None):
+    """The heat map's title names the class it explains: for an input flagged Uncertain, or a class
+    picked in the dropdown, that is not the label shown above it."""
+    import gradio as gr
+
+    target = (state or {}).get("target")
+    return gr.Image(label=f"Where the model looked for {target} (Grad-CAM)" if target else HEAT_TITLE)
 
 
 def clear_results():
@@ -387,7 +404,7 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
                 warning = gr.Markdown(elem_id="ood-warning")
                 label = gr.Label(label="Class probabilities", elem_id="probabilities")
                 accept_label_data(label)
-                heat = gr.Image(label="Where the model looked (Grad-CAM)", type="numpy", interactive=False, elem_id="gradcam")
+                heat = gr.Image(label=HEAT_TITLE, type="numpy", interactive=False, elem_id="gradcam")
                 gr.Markdown("_The heat map shows which regions raised the chosen class's score. It is not a diagnosis; "
                             "bright areas outside the lungs (labels, borders, devices) suggest a shortcut._")
         with gr.Accordion("About this model", open=True):
@@ -407,10 +424,12 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
             concurrency_id=MODEL_PASSES).success(
             lambda text: text, pending_warning, warning, api_visibility="private", queue=False).success(
             service.explain, [upload, target, opacity, predicted], [heat, state], api_name="explain",
-            concurrency_id=MODEL_PASSES)
+            concurrency_id=MODEL_PASSES).success(
+            heat_title, state, heat, api_visibility="private", queue=False)
         target.change(require_upload, upload, None, api_visibility="private", queue=False).success(
             service.explain, [upload, target, opacity, predicted], [heat, state], api_visibility="private",
-            concurrency_id=MODEL_PASSES)
+            concurrency_id=MODEL_PASSES).success(
+            heat_title, state, heat, api_visibility="private", queue=False)
         opacity.release(service.reblend, [state, opacity], heat, api_visibility="private", queue=False)
     return demo
 

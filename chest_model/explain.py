@@ -23,6 +23,10 @@ class TargetClassError(ChestModelError, ValueError):
     """A class to explain that the model does not have."""
 
 
+class ExplainError(ChestModelError, ValueError):
+    """No heat map can be drawn: the model's output for the image is not a number (broken weights)."""
+
+
 @dataclass
 class Explanation:
     image: np.ndarray            # the decoded RGB uint8 image (reduced-size decode for big JPEGs)
@@ -49,11 +53,17 @@ def gradcam(model: ChestXrayClassifier, pixel_values: torch.Tensor, target: int 
             (grads,) = torch.autograd.grad(logits[0, index], activation)
     finally:
         handle.remove()
+    if not torch.isfinite(logits).all():
+        # ReLU's backward pass turns NaN gradients into zeros: the map would look sound for an answer that is not.
+        raise ExplainError("the model's output for this image is not a number, so there is nothing to explain")
     weights = grads[0].mean(dim=(1, 2))
-    cam = torch.relu((weights[:, None, None] * activation[0]).sum(dim=0)).detach()
-    peak = cam.max()
-    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
-    return cam.float().cpu().numpy(), logits.detach(), index
+    cam = torch.relu((weights[:, None, None] * activation[0]).sum(dim=0)).detach().float()
+    # Scaled from its lowest to its highest value, as Grad-CAM maps are usually drawn. A map with no
+    # spread (the score does not depend on where anything is) is all zeros, not all "hottest".
+    low, high = cam.min(), cam.max()
+    spread = high - low
+    cam = (cam - low) / spread if spread > 1e-6 * max(float(high), 1e-12) else torch.zeros_like(cam)
+    return cam.cpu().numpy(), logits.detach(), index
 
 
 def explain_image(model: ChestXrayClassifier, source: ImageSource, target_class: str | None = None, *, name: str | None = None) -> Explanation:

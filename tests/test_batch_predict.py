@@ -5,6 +5,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 
 from chest_model.batch_predict import (
     ColumnClashError,
@@ -73,6 +74,15 @@ def test_gradcam_overlays_mirror_the_input_folders(tiny_model, scans, tmp_path):
         # the image as the model decoded it: a large JPEG is decoded at reduced scale, no smaller than the input size
         assert overlay is not None and overlay.shape[:2] == tiny_model.preprocessor.load(source).shape[:2]
     assert cv2.imread(str(first)).shape[:2] == (80, 72)
+
+
+def test_a_model_that_outputs_nan_writes_no_overlay_and_still_reports_every_file(tiny_model, scans, tmp_path):
+    with torch.no_grad():
+        tiny_model.head[-1].bias[0] = float("nan")
+    out = tmp_path / "cams"
+    records = list(predict_files(tiny_model, [scans["first"], scans["second"]], gradcam_dir=out))
+    assert [r["error"] for r in records] == [None, None] and all(r["uncertain"] for r in records)
+    assert not out.exists() or not any(out.rglob("*.png"))
 
 
 def test_predict_inputs_lists_the_inputs_problems_first(tiny_model, scans):

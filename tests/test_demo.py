@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from gradio_client.exceptions import AppError
 
 from helpers import EXAMPLES, STARTER
@@ -114,6 +115,8 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
             top = page.wait_for_selector("#probabilities h2", timeout=60_000)
             assert top.inner_text().strip() == expected
             page.wait_for_selector("#gradcam img", timeout=60_000)
+            page.wait_for_function("([name]) => document.querySelector('#gradcam').innerText.includes("
+                                   "`Where the model looked for ${name}`)", arg=[expected], timeout=30_000)
             assert page.inner_text("#ood-warning").strip() == ""
             if (STARTER / "metrics.json").exists():  # the shortcut caveat carries the model's own measured figure
                 shipped = json.loads((STARTER / "metrics.json").read_text())
@@ -127,6 +130,8 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
             page.get_by_role("option", name=other).click()
             page.wait_for_function("([before]) => document.querySelector('#gradcam img') && "
                                    "document.querySelector('#gradcam img').src !== before", arg=[before], timeout=60_000)
+            page.wait_for_function("([name]) => document.querySelector('#gradcam').innerText.includes("
+                                   "`Where the model looked for ${name}`)", arg=[other], timeout=30_000)
             page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
 
             # A photograph, in a fresh page: the label says "Uncertain" and the page says why.
@@ -227,6 +232,21 @@ def test_the_tutorial_datasets_caveat_is_shown_only_for_a_model_that_may_come_fr
     panel = lambda name: model_panel_markdown(ChestXrayClassifier.from_pretrained(tmp_path / name), name, None)  # noqa: E731
     assert "children's" in panel("unrecorded") and GENERIC_CAVEAT not in panel("unrecorded")
     assert "children's" not in panel("other") and GENERIC_CAVEAT in panel("other")
+
+
+def test_a_model_that_outputs_nan_gets_an_error_instead_of_a_heat_map(tiny_model, tmp_path):
+    import gradio as gr
+
+    from chest_model.demo import DemoService, heat_title
+    from helpers import synthetic_xray, write_image
+
+    path = write_image(tmp_path / "film.png", synthetic_xray(80, 64))
+    with torch.no_grad():
+        tiny_model.head[-1].bias[0] = float("nan")
+    with pytest.raises(gr.Error, match="not a number"):
+        DemoService(tiny_model, "tiny").explain(str(path), "Predicted class", 0.45)
+    assert heat_title({"target": "Covid"}).label == "Where the model looked for Covid (Grad-CAM)"
+    assert heat_title(None).label == "Where the model looked (Grad-CAM)"
 
 
 def test_the_model_panel_names_the_models_contrast_step(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chest_model import ChestXrayClassifier, ChestXrayConfig
-from chest_model.explain import explain_image, gradcam, overlay
+from chest_model.explain import ExplainError, explain_image, gradcam, overlay
 from helpers import synthetic_xray
 
 
@@ -70,8 +70,8 @@ def test_cam_layer_is_the_last_relu_before_the_final_pool(backbone):
     finally:
         handle.remove()
     expected = torch.relu((grads[0].mean(dim=(1, 2))[:, None, None] * captured["activation"][0]).sum(dim=0)).detach()
-    assert expected.max() > 0  # a non-trivial map, so the comparison below can fail
-    expected = (expected / expected.max()).numpy()
+    assert expected.max() > expected.min()  # a non-trivial map, so the comparison below can fail
+    expected = ((expected - expected.min()) / (expected.max() - expected.min())).numpy()
     cam, _, index = gradcam(model, x, target=1)
     assert index == 1 and cam.shape == expected.shape == (2, 2)
     np.testing.assert_allclose(cam, expected, rtol=1e-5, atol=1e-6)
@@ -112,3 +112,68 @@ def test_explain_works_on_a_model_whose_weights_are_frozen(tiny_model):
     finally:
         tiny_model.requires_grad_(True)
     np.testing.assert_allclose(frozen.heatmap, expected.heatmap, atol=1e-6)
+
+
+def block_detector(image_size: int = 64) -> ChestXrayClassifier:
+    """A model whose Covid score is the mean brightness of the red channel after normalisation: its map
+    must sit on the bright block of a dark film, wherever the film puts it."""
+    model = ChestXrayClassifier(ChestXrayConfig(image_size=image_size, hidden_size=4)).eval()
+    with torch.no_grad():
+        for m in model.features:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                m.bias.zero_()
+                m.weight[0, 0, 1, 1] = 1.0
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.reset_parameters()
+        model.head[2].weight.zero_(); model.head[2].bias.zero_(); model.head[2].weight[0, 0] = 1.0
+        model.head[5].weight.zero_(); model.head[5].bias.zero_(); model.head[5].weight[1, 0] = 1.0
+    return model
+
+
+def film_with_block(height: int, width: int, top: float, left: float) -> np.ndarray:
+    """A dark film with one bright block whose centre is at (top + 0.1, left + 0.1) of its height and width."""
+    film = np.full((height, width), 20, np.uint8)
+    film[int(top * height) : int((top + 0.2) * height), int(left * width) : int((left + 0.2) * width)] = 240
+    return film
+
+
+def centre_of_heat(heatmap: np.ndarray) -> tuple[float, float]:
+    """Where the map's weight lies, as fractions of the film's height and width (a coarse map's
+    argmax sits anywhere on its hottest cell; its centre of mass does not)."""
+    rows, cols = np.indices(heatmap.shape)
+    total = heatmap.sum()
+    return float((heatmap * (rows + 0.5)).sum() / total / heatmap.shape[0]), float((heatmap * (cols + 0.5)).sum() / total / heatmap.shape[1])
+
+
+@pytest.mark.parametrize("height, width", [(300, 200), (200, 300)])
+def test_the_map_lands_on_the_film_where_the_evidence_is(height, width):
+    """The input is a square stretch of a film of another shape: the map must be stretched back, not
+    transposed, flipped or letterboxed."""
+    model = block_detector(128)
+    result = explain_image(model, film_with_block(height, width, top=0.6, left=0.1), "Covid")
+    assert result.heatmap.shape == (height, width)
+    y, x = centre_of_heat(result.heatmap)
+    assert abs(y - 0.7) < 0.08 and abs(x - 0.2) < 0.08, (y, x)
+
+
+def test_a_map_with_no_spread_is_drawn_cold_not_hot():
+    """A score that does not depend on where anything is: every cell the same. Scaled by its peak alone
+    it would be drawn as the hottest colour everywhere."""
+    model = block_detector()
+    with torch.no_grad():
+        for m in model.features:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.zero_()
+                m.bias.fill_(1.0)  # every activation the same, whatever the image
+    cam, logits, _ = gradcam(model, model.preprocessor(np.dstack([synthetic_xray(90, 70)] * 3)).unsqueeze(0), target=1)
+    assert logits[0, 1] > 0 and cam.shape == (4, 4)  # the score is positive, and the same from every cell
+    assert explain_image(model, synthetic_xray(90, 70), "Covid").heatmap.max() == 0.0
+
+
+def test_a_model_that_outputs_nan_gets_no_map():
+    model = block_detector()
+    with torch.no_grad():
+        model.head[5].weight[0, 0] = float("nan")
+    with pytest.raises(ExplainError, match="not a number"):
+        explain_image(model, film_with_block(120, 100, 0.2, 0.2))
