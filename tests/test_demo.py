@@ -363,6 +363,25 @@ def test_the_heat_map_of_a_very_long_film_is_shrunk_for_the_page(tiny_model, tmp
     assert state["heatmap"].shape == picture.shape[:2] and state["image"].shape == picture.shape
 
 
+@pytest.mark.parametrize("height, width", [(300, 200), (4800, 2400)])  # the second: read at reduced scale, shown at 2048
+def test_the_pages_heat_map_lands_where_the_evidence_is_on_an_exif_rotated_jpeg(tmp_path, height, width):
+    import numpy as np
+    from PIL import Image
+
+    from chest_model.demo import DemoService
+    from helpers import block_detector, centre_of_heat, film_with_block
+
+    shown = film_with_block(height, width, top=0.6, left=0.1)  # the film as a viewer shows it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter, to be turned clockwise for display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(np.ascontiguousarray(np.rot90(shown))).save(path, quality=95, exif=exif.tobytes())
+    picture, state = DemoService(block_detector(128), "block").explain(str(path), "Covid", 0.45)
+    assert state["image"].shape[0] > state["image"].shape[1]  # upright, as the viewer shows it
+    y, x = centre_of_heat(state["heatmap"])
+    assert abs(y - 0.7) < 0.08 and abs(x - 0.2) < 0.08, (y, x)
+
+
 def test_a_jpeg_the_model_reads_at_reduced_scale_is_shown_at_its_own_size(tiny_model, tmp_path):
     import cv2
 

@@ -5,7 +5,7 @@ import torch
 
 from chest_model import ChestXrayClassifier, ChestXrayConfig
 from chest_model.explain import ExplainError, explain_image, gradcam, overlay
-from helpers import synthetic_xray
+from helpers import block_detector, centre_of_heat, film_with_block, synthetic_xray
 
 
 def test_explanation_shapes_and_ranges(tiny_model):
@@ -112,38 +112,6 @@ def test_explain_works_on_a_model_whose_weights_are_frozen(tiny_model):
     finally:
         tiny_model.requires_grad_(True)
     np.testing.assert_allclose(frozen.heatmap, expected.heatmap, atol=1e-6)
-
-
-def block_detector(image_size: int = 64) -> ChestXrayClassifier:
-    """A model whose Covid score is the mean brightness of the red channel after normalisation: its map
-    must sit on the bright block of a dark film, wherever the film puts it."""
-    model = ChestXrayClassifier(ChestXrayConfig(image_size=image_size, hidden_size=4)).eval()
-    with torch.no_grad():
-        for m in model.features:
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.zero_()
-                m.bias.zero_()
-                m.weight[0, 0, 1, 1] = 1.0
-            elif isinstance(m, torch.nn.BatchNorm2d):
-                m.reset_parameters()
-        model.head[2].weight.zero_(); model.head[2].bias.zero_(); model.head[2].weight[0, 0] = 1.0
-        model.head[5].weight.zero_(); model.head[5].bias.zero_(); model.head[5].weight[1, 0] = 1.0
-    return model
-
-
-def film_with_block(height: int, width: int, top: float, left: float) -> np.ndarray:
-    """A dark film with one bright block whose centre is at (top + 0.1, left + 0.1) of its height and width."""
-    film = np.full((height, width), 20, np.uint8)
-    film[int(top * height) : int((top + 0.2) * height), int(left * width) : int((left + 0.2) * width)] = 240
-    return film
-
-
-def centre_of_heat(heatmap: np.ndarray) -> tuple[float, float]:
-    """Where the map's weight lies, as fractions of the film's height and width (a coarse map's
-    argmax sits anywhere on its hottest cell; its centre of mass does not)."""
-    rows, cols = np.indices(heatmap.shape)
-    total = heatmap.sum()
-    return float((heatmap * (rows + 0.5)).sum() / total / heatmap.shape[0]), float((heatmap * (cols + 0.5)).sum() / total / heatmap.shape[1])
 
 
 @pytest.mark.parametrize("height, width", [(300, 200), (200, 300)])
