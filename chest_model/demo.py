@@ -242,12 +242,14 @@ def heat_title(state: dict[str, Any] | None):
     import gradio as gr
 
     target = (state or {}).get("target")
-    return gr.Image(label=f"Where the model looked for {target} (Grad-CAM)" if target else HEAT_TITLE)
+    return gr.update(label=f"Where the model looked for {target} (Grad-CAM)" if target else HEAT_TITLE)
 
 
 def clear_results():
-    """Empty label, warning, heat map and states: what the page shows before a file's results arrive."""
-    return None, "", None, None, None, None
+    """Empty label, warning, heat map (and its title) and states: what the page shows before a file's results arrive."""
+    import gradio as gr
+
+    return None, "", gr.update(value=None, label=HEAT_TITLE), None, None, None
 
 
 def require_upload(path: str | None) -> None:

@@ -245,8 +245,16 @@ def test_a_model_that_outputs_nan_gets_an_error_instead_of_a_heat_map(tiny_model
         tiny_model.head[-1].bias[0] = float("nan")
     with pytest.raises(gr.Error, match="not a number"):
         DemoService(tiny_model, "tiny").explain(str(path), "Predicted class", 0.45)
-    assert heat_title({"target": "Covid"}).label == "Where the model looked for Covid (Grad-CAM)"
-    assert heat_title(None).label == "Where the model looked (Grad-CAM)"
+    assert heat_title({"target": "Covid"}) == {"__type__": "update", "label": "Where the model looked for Covid (Grad-CAM)"}
+    assert heat_title(None)["label"] == "Where the model looked (Grad-CAM)"
+
+
+def test_a_new_upload_clears_the_last_heat_map_and_its_title():
+    from chest_model.demo import HEAT_TITLE, clear_results
+
+    label, warning, heat, *states = clear_results()
+    assert label is None and warning == "" and states == [None, None, None]
+    assert heat == {"__type__": "update", "value": None, "label": HEAT_TITLE}
 
 
 def test_the_model_panel_names_the_models_contrast_step(tmp_path):
