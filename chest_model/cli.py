@@ -298,7 +298,7 @@ def _read_metrics(path: str) -> dict:
 def _report(args: argparse.Namespace, path: str, *, result: dict | None = None, error: str | None = None) -> None:
     if args.json:
         record = {"file": path, "error": error} if error else {
-            "file": path, "label": result["label"],  # the key the CSV, the Python API and the demo's API use
+            "file": path, "label": result["label"],  # as the CSV's column and Prediction.label name it
             # JSON has no NaN: a broken model's non-numbers are written as null (its reasons say why)
             "probabilities": {k: p if math.isfinite(p) else None for k, p in result["probabilities"].items()},
             "uncertain": result["uncertain"], "reasons": result["reasons"]}

@@ -331,13 +331,17 @@ def _card_context(model: ChestXrayClassifier) -> dict:
     return _folder_json(model, "card_context.json") or {}
 
 
+def input_description(config) -> str:
+    step = contrast_step(config.contrast)
+    return f"{config.image_size}×{config.image_size} px" + (f", {step}" if step else "")
+
+
 def model_panel_markdown(model: ChestXrayClassifier, model_ref: str, revision: str | None) -> str:
     config = model.config
     lines = [
         f"**Model:** `{display_name(model_ref)}`" + (f" @ `{revision}`" if revision else ""),
         f"**Classes:** {', '.join(config.class_names)}  ",
-        f"**Input:** {config.image_size}×{config.image_size} px" + (f", {step}" if (step := contrast_step(config.contrast)) else "")
-        + f"; backbone `{config.backbone}`, initialised from: {config.backbone_init}",
+        f"**Input:** {input_description(config)}; backbone `{config.backbone}`, initialised from: {config.backbone_init}",
         "",
     ]
     card = _read_card(model)
@@ -407,8 +411,9 @@ def build_demo(model: ChestXrayClassifier, model_ref: str, *, revision: str | No
                 label = gr.Label(label="Class probabilities", elem_id="probabilities")
                 accept_label_data(label)
                 heat = gr.Image(label=HEAT_TITLE, type="numpy", interactive=False, elem_id="gradcam")
-                gr.Markdown("_The heat map shows which regions raised the chosen class's score. It is not a diagnosis; "
-                            "bright areas outside the lungs (labels, borders, devices) suggest a shortcut._")
+                gr.Markdown("_The heat map shows which regions raised the chosen class's score most, relative to the "
+                            "rest of the film (cold regions may have raised it too). It is not a diagnosis; bright areas "
+                            "outside the lungs (labels, borders, devices) suggest a shortcut._")
         with gr.Accordion("About this model", open=True):
             gr.Markdown(service.model_panel(), elem_id="model-panel")
         state, pending_warning, predicted = gr.State(), gr.State(), gr.State()

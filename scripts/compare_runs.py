@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---:|---:|---|---|---|")
     for run in args.runs:
         print(row(run, args.label))
+    if not any(args.label in json.loads((run / "val_metrics.json").read_text()).get("per_class", {}) for run in args.runs):
+        print(f"warning: no run has a class named {args.label!r}; pass --label with one of its classes", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_temperature_is_fitted_from_logits_in_any_precision_and_with_a_graph_att
     assert fit_temperature(logits.detach().bfloat16(), labels) == pytest.approx(plain, rel=0.05)
 
 
-def test_calibrate_stores_the_temperature_and_every_threshold_in_the_model(tiny_model):
+def test_calibrate_stores_the_temperature_and_every_threshold_in_the_model(tiny_model, tmp_path):
     """What training saves: the fitted values must reach the model's config, not just the returned metrics."""
     from types import SimpleNamespace
 
@@ -54,3 +54,10 @@ def test_calibrate_stores_the_temperature_and_every_threshold_in_the_model(tiny_
     assert config.max_chroma == pytest.approx(fit_max_chroma_values(chromas)) and config.max_chroma > 0.08
     assert metrics["ece"] < metrics["ece_before_calibration"]
     assert config.feature_threshold == metrics["feature_gate"]["threshold"] < float("inf")
+
+    from chest_model import ChestXrayClassifier
+
+    tiny_model.save_pretrained(tmp_path / "model")  # what training writes is what a user loads
+    loaded = ChestXrayClassifier.from_pretrained(tmp_path / "model").config
+    for key in ("temperature", "min_confidence", "max_chroma", "feature_threshold"):
+        assert getattr(loaded, key) == pytest.approx(getattr(config, key)), key

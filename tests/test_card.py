@@ -259,4 +259,5 @@ def test_the_input_row_names_the_contrast_step_a_reimplementation_must_apply(con
                if line.startswith("| Input |"))
     assert step in row and f"`contrast: {contrast}`" in row and "normalized with mean" in row
     plain = next(line for line in render_card(ChestXrayConfig(image_size=128)).splitlines() if line.startswith("| Input |"))
-    assert plain == ("| Input | 128×128 RGB, normalized with mean [0.485, 0.456, 0.406] and std [0.229, 0.224, 0.225] |")
+    assert plain == ("| Input | 128×128 RGB: resized (area averaging when shrinking, bilinear when enlarging), "
+                     "normalized with mean [0.485, 0.456, 0.406] and std [0.229, 0.224, 0.225] |")

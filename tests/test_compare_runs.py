@@ -50,3 +50,6 @@ def test_other_class_names_are_reported_by_the_label_asked(tmp_path, capsys):
     assert "test accuracy / pneumonia recall / flagged" in out
     assert "rsna: 50% called pneumonia" in out and "0.812 / 0.750 / 1 of 16" in out
     assert "n/a" in compare_runs.row(run)  # the default label, Covid, is not one of this run's classes
+    assert capsys.readouterr().err == ""
+    compare_runs.main([str(run), "--label", "Pneumonia"])  # a misspelt class: every cell n/a, and a warning
+    assert "no run has a class named 'Pneumonia'" in capsys.readouterr().err

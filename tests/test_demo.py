@@ -148,6 +148,7 @@ def test_drag_and_drop_in_a_real_browser(server, client, tmp_path):
             # then gets an error naming it, and no other file's label, warning or heat map stays on the page.
             page.click("#xray-upload button[aria-label=Clear]")
             page.wait_for_function("!document.querySelector('#gradcam img')", timeout=30_000)
+            page.wait_for_function("!document.querySelector('#gradcam').innerText.includes('looked for')", timeout=30_000)
             assert page.inner_text("#ood-warning").strip() == "" and page.query_selector("#probabilities h2") is None
             page.wait_for_timeout(1000)
             assert page.query_selector_all("[data-testid=toast-body]") == []
@@ -237,7 +238,7 @@ def test_the_tutorial_datasets_caveat_is_shown_only_for_a_model_that_may_come_fr
 def test_a_model_that_outputs_nan_gets_an_error_instead_of_a_heat_map(tiny_model, tmp_path):
     import gradio as gr
 
-    from chest_model.demo import DemoService, heat_title
+    from chest_model.demo import DemoService
     from helpers import synthetic_xray, write_image
 
     path = write_image(tmp_path / "film.png", synthetic_xray(80, 64))
@@ -245,6 +246,11 @@ def test_a_model_that_outputs_nan_gets_an_error_instead_of_a_heat_map(tiny_model
         tiny_model.head[-1].bias[0] = float("nan")
     with pytest.raises(gr.Error, match="not a number"):
         DemoService(tiny_model, "tiny").explain(str(path), "Predicted class", 0.45)
+
+
+def test_the_heat_maps_title_names_the_class_it_explains():
+    from chest_model.demo import heat_title
+
     assert heat_title({"target": "Covid"}) == {"__type__": "update", "label": "Where the model looked for Covid (Grad-CAM)"}
     assert heat_title(None)["label"] == "Where the model looked (Grad-CAM)"
 
