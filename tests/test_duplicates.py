@@ -42,6 +42,9 @@ def test_nearest_is_the_hamming_distance_to_the_closest_reference():
     index, distance = nearest(queries, references)
     brute = (queries[:, None, :] != references[None, :, :]).sum(-1)
     assert (distance == brute.min(1)).all() and (brute[np.arange(7), index] == distance).all()
+    assert distance.dtype.kind == "i"
+    in_blocks = nearest(queries, references, chunk=3)  # a block of queries at a time: the same answers
+    assert (in_blocks[0] == index).all() and (in_blocks[1] == distance).all()
     index, distance = nearest(queries, references[:0])
     assert len(index) == 7 and (distance > MAX_DISTANCE).all()  # nothing to copy from: no copies
 
