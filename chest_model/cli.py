@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text, check_writable_folder
-    from .data import DatasetError, parse_data_dirs, scan_image_folder
+    from .data import DatasetError, folders_shared_with_training, parse_data_dirs, scan_image_folder
     from .evaluation import (evaluate_external, evaluate_model, external_summary, folder_files, hash_training_files,
                              remove_figures, remove_stale_evaluation, summary)
     from .hub import weights_fingerprint
@@ -133,6 +133,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.train_dir:
         train_sources = parse_data_dirs(args.train_dir)
         problems = [p for name, path in train_sources for p in scan_image_folder(path, model.class_names, partial=True, name=name)[1]]
+        # A set inside (or around) the training data would fit the metadata baseline on the images it scores.
+        problems += folders_shared_with_training(train_sources, [(f"set {name!r}", path) for name, path in sets])
         if problems:
             raise DatasetError("cannot use --train-dir:\n  - " + "\n  - ".join(problems))
         # Hashed once for every evaluated set.

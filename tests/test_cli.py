@@ -297,6 +297,17 @@ def test_a_device_that_is_not_here_is_refused_before_the_model_loads(tmp_path):
     assert result.returncode == 2 and "no such CUDA GPU here" in result.stderr and "no-model" not in result.stderr
 
 
+def test_evaluate_refuses_a_set_that_is_its_own_training_data(saved_model, tmp_path, capsys):
+    """The metadata baseline would be fitted on the images it scores, and every image counted a copy."""
+    from helpers import make_class_folders
+
+    data = make_class_folders(tmp_path / "data", per_class=2, size=40, seed=1)
+    for train in (data, tmp_path):  # the same folder, or one around it
+        assert main(["evaluate", "--model", str(saved_model), "--data-dir", f"test={data}", "--train-dir", str(train)]) == 2
+        error = capsys.readouterr().err
+        assert f"set 'test' {data}: shares files with the training data" in error and "Accuracy" not in error
+
+
 def test_evaluate_checks_its_output_and_every_set_before_the_first_pass(saved_model, tmp_path, capsys):
     from helpers import make_class_folders
 
