@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .atomic import atomic_write_text, check_writable_folder
+    from .atomic import atomic_write_text, check_not_an_input, check_writable_folder
     from .data import DatasetError, folders_shared_with_training, parse_data_dirs, scan_image_folder
     from .evaluation import (evaluate_external, evaluate_model, external_summary, folder_files, hash_training_files,
                              remove_figures, remove_stale_evaluation, summary)
@@ -109,16 +109,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .subgroups import SubgroupError, read_subgroup_table
 
     sets = parse_data_dirs(args.data_dir)
+    train_sources = parse_data_dirs(args.train_dir or [])
     reports = [name for name, _ in sets if Path(name).suffix.lower() in (".json", ".csv", ".png", ".md", ".txt")]
     if reports:  # each set's report is a folder of that name beside the files the evaluation writes
         raise DatasetError(f"set name(s) {reports} look like the report files of --output-dir; name each set with a "
                            "word, e.g. test=PATH")
     if args.output_dir:  # where the results go is checked before any work, not after the last set, never in a data folder
-        from .atomic import check_not_an_input
-
         check_writable_folder(args.output_dir)
-        check_not_an_input(args.output_dir, input_folders=tuple(path for _, path in sets)
-                           + tuple(path for _, path in parse_data_dirs(args.train_dir or [])))
+        check_not_an_input(args.output_dir, input_folders=tuple(path for _, path in [*sets, *train_sources]))
     subgroups = None
     if args.subgroups or args.subgroup_by:
         if not args.subgroups:
@@ -130,8 +128,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if problems:
         raise DatasetError("cannot evaluate:\n  - " + "\n  - ".join(problems))
     train_dir, training_images = None, None
-    if args.train_dir:
-        train_sources = parse_data_dirs(args.train_dir)
+    if train_sources:
         problems = [p for name, path in train_sources for p in scan_image_folder(path, model.class_names, partial=True, name=name)[1]]
         # A set inside (or around) the training data would fit the metadata baseline on the images it scores.
         problems += folders_shared_with_training(train_sources, [(f"set {name!r}", path) for name, path in sets])
@@ -215,12 +212,10 @@ def run_card(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from .atomic import check_writable_file, check_writable_folder
+    from .atomic import check_not_an_input, check_writable_file, check_writable_folder
     from .batch_predict import csv_columns, predict_inputs, predict_to_csv
 
     # Where the results go is checked before any work, not after the last file, and is never an input.
-    from .atomic import check_not_an_input
-
     given_folders = tuple(f for f in args.files if os.path.isdir(f))
     if args.csv:
         check_writable_file(args.csv, inputs=tuple(args.files), input_folders=given_folders)

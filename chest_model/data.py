@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import ChestModelError
-from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, load_image, sniff_format
+from .preprocess import IMAGE_EXTENSIONS, ImageLoadError, Preprocessor, file_format, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -141,12 +141,7 @@ def folders_shared_with_training(sources: list[tuple[str, Path]], others: list[t
 
 
 def _is_dicom_by_content(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-    except OSError:
-        return False
-    return sniff_format(head) == "DICOM"
+    return file_format(path) == "DICOM"
 
 
 def is_image_file(path: Path) -> bool:

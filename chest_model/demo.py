@@ -23,7 +23,7 @@ from .explain import ExplainError, explain_image, overlay
 from .hub import CARD_NAME
 from .metrics import called_as
 from .model import ChestXrayClassifier
-from .preprocess import ImageLoadError, contrast_step, header_size, load_image, sniff_format
+from .preprocess import ImageLoadError, contrast_step, file_format, header_size, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +84,8 @@ def example_files(examples_dir: Path | None) -> list[Path]:
     """The images the page offers as examples (and a Space copies): the folder's own, not its notes or hidden files."""
     if not examples_dir or not Path(examples_dir).is_dir():
         return []
-    return sorted(p for p in Path(examples_dir).iterdir() if is_image_file(p) and _holds_an_image(p))
-
-
-def _holds_an_image(path: Path) -> bool:
-    """By content, not name: a page must not offer a text file called .png as an example X-ray."""
-    try:
-        with open(path, "rb") as file:
-            return sniff_format(file.read(132)) is not None
-    except OSError:
-        return False
+    # By content too, not name alone: a page must not offer a text file called .png as an example X-ray.
+    return sorted(p for p in Path(examples_dir).iterdir() if is_image_file(p) and file_format(p) is not None)
 
 
 class DemoService:
@@ -180,9 +172,8 @@ class DemoService:
         import gradio as gr
 
         try:
-            with open(path, "rb") as file:
-                if sniff_format(file.read(4)) != "JPEG":
-                    return decoded
+            if file_format(path) != "JPEG":
+                return decoded
             width, height = header_size(path, "JPEG", Path(path).name)
             if max(width, height) <= max(decoded.shape[:2]):
                 return decoded

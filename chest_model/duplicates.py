@@ -60,41 +60,43 @@ def cached_image_hashes(images) -> np.ndarray:
     return hash_matrix([image_hash(image.permute(1, 2, 0).numpy()) for image in images])
 
 
-def nearest(queries: np.ndarray, references: np.ndarray, *, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """For each query hash, the index of the closest reference hash and their Hamming distance.
-
-    As in :func:`copies_across_labels`: a float32 matrix product (exact for 256 bits, and BLAS's, where
-    an integer product is numpy's own loop: 2,000 x 20,000 hashes in 0.4 s instead of 7.7 s here), a block of
-    queries at a time, so that a large set never holds its whole distance matrix."""
-    queries, references = np.asarray(queries, dtype=bool), np.asarray(references, dtype=bool)
-    if not len(queries) or not len(references):
-        return np.zeros(len(queries), dtype=np.int64), np.full(len(queries), np.iinfo(np.int64).max)
-    # Hamming distance as a matrix product: bits that differ = ones(a) + ones(b) - 2 * common ones.
-    q, r = queries.astype(np.float32), references.astype(np.float32)
+def hamming_blocks(queries: np.ndarray, references: np.ndarray, chunk: int = 512):
+    """``(start, distances)`` for each block of ``chunk`` query hashes: their Hamming distances to every
+    reference hash, as a float32 matrix product (exact for 256 bits, and BLAS's, where an integer
+    product is numpy's own loop: 2,000 x 20,000 hashes in 0.4 s instead of 7.7 s here). A block at a
+    time, so that a large set never holds its whole distance matrix."""
+    q = np.asarray(queries, dtype=bool).astype(np.float32)
+    r = np.asarray(references, dtype=bool).astype(np.float32)
     r_ones = r.sum(1)
-    index = np.empty(len(q), dtype=np.int64)
-    distance = np.empty(len(q), dtype=np.int64)
     for start in range(0, len(q), chunk):
         block = q[start : start + chunk]
-        distances = block.sum(1)[:, None] + r_ones[None, :] - 2 * (block @ r.T)
-        index[start : start + len(block)] = distances.argmin(axis=1)
-        distance[start : start + len(block)] = np.rint(distances[np.arange(len(block)), index[start : start + len(block)]])
+        # bits that differ = ones(a) + ones(b) - 2 * common ones
+        yield start, block.sum(1)[:, None] + r_ones[None, :] - 2 * (block @ r.T)
+
+
+def nearest(queries: np.ndarray, references: np.ndarray, *, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """For each query hash, the index of the closest reference hash and their Hamming distance."""
+    if not len(queries) or not len(references):
+        return np.zeros(len(queries), dtype=np.int64), np.full(len(queries), np.iinfo(np.int64).max)
+    index = np.empty(len(queries), dtype=np.int64)
+    distance = np.empty(len(queries), dtype=np.int64)
+    for start, distances in hamming_blocks(queries, references, chunk):
+        rows = np.arange(len(distances))
+        index[start : start + len(rows)] = distances.argmin(axis=1)
+        distance[start : start + len(rows)] = np.rint(distances[rows, index[start : start + len(rows)]])
     return index, distance
 
 
 def copies_across_labels(hashes: np.ndarray, labels: Sequence[int], *, max_distance: int = MAX_DISTANCE,
                          chunk: int = 512) -> list[tuple[int, int, int]]:
     """``(i, j, distance)`` for each pair ``i < j`` of images that are one film by their hashes and carry
-    different labels: an image filed under two classes. Hamming distances come from a float32 matrix
-    product (exact for 256 bits; BLAS makes 100,000 images a matter of seconds), a block of rows at a
-    time, so that a large dataset never holds its whole distance matrix."""
-    bits = np.asarray(hashes, dtype=bool).astype(np.float32)
+    different labels: an image filed under two classes (distances by :func:`hamming_blocks`: 100,000
+    images are a matter of seconds)."""
     labels = np.asarray(labels)
-    ones, n = bits.sum(1), len(bits)
+    n = len(labels)
     pairs = []
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        distances = ones[start:stop, None] + ones[None, :] - 2 * (bits[start:stop] @ bits.T)
+    for start, distances in hamming_blocks(hashes, hashes, chunk):
+        stop = start + len(distances)
         near = ((distances <= max_distance) & (labels[start:stop, None] != labels[None, :])
                 & (np.arange(start, stop)[:, None] < np.arange(n)[None, :]))
         pairs += [(start + int(r), int(c), int(distances[r, c])) for r, c in zip(*np.nonzero(near))]

@@ -87,7 +87,8 @@ def train_one_epoch(
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 logits = model(inputs)
-            loss = F.cross_entropy(logits.float() if offset is None else logits.float() + offset, labels, weight=weights)
+            scored = logits.float() if offset is None else logits.float() + offset  # what the loss sees
+            loss = F.cross_entropy(scored, labels, weight=weights)
             _check_finite(accelerator, loss, epoch, step)
             accelerator.backward(loss)
             optimizer.step()
@@ -101,8 +102,7 @@ def train_one_epoch(
             if accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0:
                 # accelerate fills the last global batch with repeats of the first samples: its real
                 # samples are counted once, on the main process (the others add nothing).
-                each = F.cross_entropy(logits.float() if offset is None else logits.float() + offset, labels,
-                                       weight=weights, reduction="none")
+                each = F.cross_entropy(scored, labels, weight=weights, reduction="none")
                 hits, each = accelerator.gather_for_metrics((hits, each))
                 if accelerator.is_main_process:
                     loss_sum += each.double().sum()

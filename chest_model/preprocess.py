@@ -180,6 +180,18 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+SNIFF_BYTES = 132  # enough for every signature above (DICOM's "DICM" ends at byte 132)
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """:func:`sniff_format` of a file's first bytes; None also when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return sniff_format(handle.read(SNIFF_BYTES))
+    except OSError:
+        return None
+
+
 def _what_is_it(data: bytes) -> str:
     """A short guess of what a non-image file is, for the error message."""
     head = data[:512].lstrip().lower()
